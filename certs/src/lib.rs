@@ -1,0 +1,18 @@
+//! Aviary's private PKI: one CA per deployment, mTLS identities carried as SPIFFE URI SANs
+//! (`spiffe://<trust-domain>/edge/<node-id>`, `.../admin/<name>`), the TLS 1.3 configs
+//! every binary uses, and the ed25519 release-signing key pair.
+//!
+//! Architecture invariant: only this crate turns certificates into identities; servers
+//! trust the `Identity` it returns and nothing else about a peer.
+
+mod error;
+mod identity;
+mod pki;
+mod signing;
+mod tls;
+
+pub use error::CertsError;
+pub use identity::{validate_name, Identity};
+pub use pki::{issue_admin, issue_edge, CertPaths, InitOptions, Pki};
+pub use signing::{generate_release_key, ReleaseKeyPaths};
+pub use tls::{client_config, server_config, trust_domain_of, TlsFiles};

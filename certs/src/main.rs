@@ -1,0 +1,85 @@
+//! `aviary-certs`: makes a deployment's PKI (DESIGN.md, "Command lines").
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Makes and extends an Aviary deployment's private PKI.
+#[derive(Parser)]
+#[command(name = "aviary-certs", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Creates the CA, control-plane and admin certificates and the release-signing key.
+    Init {
+        /// Directory to write into (created if missing; an existing PKI is never overwritten).
+        #[arg(long)]
+        dir: PathBuf,
+        /// SPIFFE trust domain of the deployment.
+        #[arg(long, default_value = "aviary.local")]
+        trust_domain: String,
+        /// DNS name or IP of the control plane (repeatable; default 127.0.0.1, localhost, ::1).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+    },
+    /// Issues `edge-ID.pem` / `edge-ID.key` for one gateway.
+    Edge {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The gateway's node id (letters, digits, '.', '_', '-').
+        #[arg(long)]
+        node_id: String,
+    },
+    /// Issues `admin-NAME.pem` / `admin-NAME.key` for one operator.
+    Admin {
+        /// Directory holding ca.pem and ca.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The operator's name.
+        #[arg(long)]
+        name: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Init {
+            dir,
+            trust_domain,
+            sans,
+        } => {
+            let mut opts = aviary_certs::InitOptions {
+                trust_domain,
+                ..Default::default()
+            };
+            if !sans.is_empty() {
+                opts.sans = sans;
+            }
+            aviary_certs::Pki::init(&dir, &opts).map(|pki| {
+                println!(
+                    "wrote CA, control-plane, admin and release-signing keys for {} to {}",
+                    pki.trust_domain,
+                    dir.display()
+                )
+            })
+        }
+        Command::Edge { dir, node_id } => aviary_certs::issue_edge(&dir, &node_id)
+            .map(|p| println!("wrote {} and {}", p.cert.display(), p.key.display())),
+        Command::Admin { dir, name } => aviary_certs::issue_admin(&dir, &name)
+            .map(|p| println!("wrote {} and {}", p.cert.display(), p.key.display())),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("aviary-certs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Minting the deployment CA and the certificates it signs, as PEM files in one directory.
+//!
+//! Layout (DESIGN.md): `ca.pem ca.key control-plane.pem control-plane.key admin.pem
+//! admin.key release-signing.key release-signing.pub`, plus `edge-ID.*` and `admin-NAME.*`.
+//! Keys are written 0600 through a temp file and a rename, so a crash never leaves half a
+//! key behind.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+};
+
+use crate::identity::{spiffe_uris, validate_name};
+use crate::signing::generate_release_key;
+use crate::{CertsError, Identity};
+
+/// Certificates are long-lived on purpose: gateways sit unattended for years; revocation
+/// (RevokeNode) is the control, not expiry.
+const VALIDITY_DAYS: i64 = 3650;
+
+/// Options of `aviary-certs init`.
+#[derive(Clone, Debug)]
+pub struct InitOptions {
+    /// SPIFFE trust domain, e.g. `aviary.local`.
+    pub trust_domain: String,
+    /// DNS names or IP addresses the control plane answers on.
+    pub sans: Vec<String>,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            trust_domain: "aviary.local".to_owned(),
+            sans: vec!["127.0.0.1".into(), "localhost".into(), "::1".into()],
+        }
+    }
+}
+
+/// A certificate and its key on disk.
+#[derive(Clone, Debug)]
+pub struct CertPaths {
+    /// PEM certificate.
+    pub cert: PathBuf,
+    /// PEM PKCS#8 private key (0600).
+    pub key: PathBuf,
+}
+
+/// A PKI directory made by `init`.
+#[derive(Clone, Debug)]
+pub struct Pki {
+    /// The directory holding every file.
+    pub dir: PathBuf,
+    /// Its trust domain.
+    pub trust_domain: String,
+}
+
+impl Pki {
+    /// Creates the CA, the control-plane and default admin certificates and the release
+    /// key in `dir`. Refuses to overwrite an existing PKI.
+    pub fn init(dir: &Path, opts: &InitOptions) -> Result<Pki, CertsError> {
+        validate_trust_domain(&opts.trust_domain)?;
+        std::fs::create_dir_all(dir).map_err(CertsError::io(dir))?;
+        for name in ["ca.pem", "ca.key", "release-signing.key"] {
+            let path = dir.join(name);
+            if path.exists() {
+                return Err(CertsError::Exists { path });
+            }
+        }
+        let td = &opts.trust_domain;
+
+        let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut ca = CertificateParams::default();
+        ca.distinguished_name = dn(&format!("Aviary CA ({td})"));
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        // The CA names its trust domain so `edge`/`admin` can issue without being told it.
+        ca.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into()?)];
+        set_validity(&mut ca);
+        let ca_cert = ca.self_signed(&ca_key)?;
+        write_file(&dir.join("ca.pem"), ca_cert.pem().as_bytes(), 0o644)?;
+        write_file(
+            &dir.join("ca.key"),
+            ca_key.serialize_pem().as_bytes(),
+            0o600,
+        )?;
+        let issuer = Issuer::new(ca, ca_key);
+
+        let mut sans = Vec::new();
+        for san in &opts.sans {
+            sans.push(match san.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(san.as_str().try_into()?),
+            });
+        }
+        issue(
+            dir,
+            "control-plane",
+            &issuer,
+            &Identity::ControlPlane,
+            td,
+            sans,
+            &[ExtendedKeyUsagePurpose::ServerAuth],
+        )?;
+        issue(
+            dir,
+            "admin",
+            &issuer,
+            &Identity::Admin("admin".into()),
+            td,
+            Vec::new(),
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+        )?;
+        generate_release_key(dir)?;
+        Ok(Pki {
+            dir: dir.to_owned(),
+            trust_domain: td.clone(),
+        })
+    }
+
+    /// Opens an existing PKI directory (reads its trust domain from `ca.pem`).
+    pub fn open(dir: &Path) -> Result<Pki, CertsError> {
+        let trust_domain = crate::tls::trust_domain_of(&dir.join("ca.pem"))?;
+        Ok(Pki {
+            dir: dir.to_owned(),
+            trust_domain,
+        })
+    }
+
+    /// `ca.pem`.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The control plane's server certificate.
+    pub fn control_plane(&self) -> CertPaths {
+        paths(&self.dir, "control-plane")
+    }
+
+    /// The default admin certificate made by `init`.
+    pub fn admin(&self) -> CertPaths {
+        paths(&self.dir, "admin")
+    }
+
+    /// The certificate of edge node `id` (after `issue_edge`).
+    pub fn edge(&self, id: &str) -> CertPaths {
+        paths(&self.dir, &format!("edge-{id}"))
+    }
+}
+
+/// `aviary-certs edge`: a client certificate for node `node_id`, signed by the CA in `dir`.
+pub fn issue_edge(dir: &Path, node_id: &str) -> Result<CertPaths, CertsError> {
+    validate_name("node id", node_id)?;
+    let (issuer, td) = load_issuer(dir)?;
+    issue(
+        dir,
+        &format!("edge-{node_id}"),
+        &issuer,
+        &Identity::Edge(node_id.to_owned()),
+        &td,
+        Vec::new(),
+        &[ExtendedKeyUsagePurpose::ClientAuth],
+    )
+}
+
+/// `aviary-certs admin`: a client certificate for operator `name`.
+pub fn issue_admin(dir: &Path, name: &str) -> Result<CertPaths, CertsError> {
+    validate_name("admin name", name)?;
+    let (issuer, td) = load_issuer(dir)?;
+    issue(
+        dir,
+        &format!("admin-{name}"),
+        &issuer,
+        &Identity::Admin(name.to_owned()),
+        &td,
+        Vec::new(),
+        &[ExtendedKeyUsagePurpose::ClientAuth],
+    )
+}
+
+fn load_issuer(dir: &Path) -> Result<(Issuer<'static, KeyPair>, String), CertsError> {
+    let ca_pem_path = dir.join("ca.pem");
+    let ca_pem = std::fs::read_to_string(&ca_pem_path).map_err(CertsError::io(&ca_pem_path))?;
+    let key_path = dir.join("ca.key");
+    let key_pem = std::fs::read_to_string(&key_path).map_err(CertsError::io(&key_path))?;
+    let key = KeyPair::from_pem(&key_pem).map_err(|e| CertsError::Pem {
+        path: key_path,
+        reason: e.to_string(),
+    })?;
+    let td = crate::tls::trust_domain_of(&ca_pem_path)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| CertsError::Pem {
+        path: ca_pem_path,
+        reason: e.to_string(),
+    })?;
+    Ok((issuer, td))
+}
+
+fn issue(
+    dir: &Path,
+    stem: &str,
+    issuer: &Issuer<'_, KeyPair>,
+    identity: &Identity,
+    trust_domain: &str,
+    mut sans: Vec<SanType>,
+    usages: &[ExtendedKeyUsagePurpose],
+) -> Result<CertPaths, CertsError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(&identity.to_string());
+    sans.push(SanType::URI(identity.spiffe_uri(trust_domain).try_into()?));
+    params.subject_alt_names = sans;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = usages.to_vec();
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params);
+    let cert = params.signed_by(&key, issuer)?;
+    let out = paths(dir, stem);
+    write_file(&out.cert, cert.pem().as_bytes(), 0o644)?;
+    write_file(&out.key, key.serialize_pem().as_bytes(), 0o600)?;
+    Ok(out)
+}
+
+fn paths(dir: &Path, stem: &str) -> CertPaths {
+    CertPaths {
+        cert: dir.join(format!("{stem}.pem")),
+        key: dir.join(format!("{stem}.key")),
+    }
+}
+
+fn dn(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Aviary");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn set_validity(params: &mut CertificateParams) {
+    let now = time::OffsetDateTime::now_utc();
+    // An hour of slack for gateways whose clocks run a little behind.
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(VALIDITY_DAYS);
+}
+
+fn validate_trust_domain(td: &str) -> Result<(), CertsError> {
+    let ok = !td.is_empty()
+        && td.len() <= 255
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(CertsError::InvalidName {
+            what: "trust domain",
+            value: td.to_owned(),
+            reason: "use lower-case letters, digits, '.' and '-'",
+        })
+    }
+}
+
+/// Writes `bytes` to `path` with `mode` via a temp file, fsync and rename.
+pub(crate) fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertsError> {
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(CertsError::io(&tmp))?;
+    file.write_all(bytes).map_err(CertsError::io(&tmp))?;
+    file.sync_all().map_err(CertsError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(CertsError::io(path))?;
+    Ok(())
+}
+
+/// The trust domain named by a CA certificate's `spiffe://<td>` URI SAN.
+pub(crate) fn trust_domain_from_der(der: &[u8]) -> Option<String> {
+    spiffe_uris(der).ok()?.into_iter().find_map(|uri| {
+        let rest = uri.strip_prefix("spiffe://")?;
+        Some(rest.split('/').next()?.to_owned())
+    })
+}

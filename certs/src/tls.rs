@@ -1,0 +1,102 @@
+//! rustls configurations shared by every Aviary binary: TLS 1.3 only, ring provider,
+//! client certificates required by servers, ALPN h2.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::pki::trust_domain_from_der;
+use crate::CertsError;
+
+/// The three files one side of an mTLS connection needs.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    /// The deployment CA (`ca.pem`).
+    pub ca: PathBuf,
+    /// This side's certificate.
+    pub cert: PathBuf,
+    /// This side's private key.
+    pub key: PathBuf,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CertsError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if certs.is_empty() {
+        return Err(CertsError::Pem {
+            path: path.to_owned(),
+            reason: "no certificate in file".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, CertsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| pem_error(path, e))
+}
+
+fn pem_error(path: &Path, e: rustls::pki_types::pem::Error) -> CertsError {
+    match e {
+        rustls::pki_types::pem::Error::Io(source) => CertsError::Io {
+            path: path.to_owned(),
+            source,
+        },
+        other => CertsError::Pem {
+            path: path.to_owned(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn roots(ca: &Path) -> Result<RootCertStore, CertsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert)?;
+    }
+    Ok(roots)
+}
+
+/// Server side: TLS 1.3, a client certificate from the deployment CA required.
+pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, CertsError> {
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&files.ca)?), provider())
+            .build()?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Client side: TLS 1.3, trusts only the deployment CA, presents `files.cert`.
+pub fn client_config(files: &TlsFiles) -> Result<ClientConfig, CertsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(&files.ca)?)
+        .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// The trust domain of the deployment whose CA certificate is at `ca_pem`.
+pub fn trust_domain_of(ca_pem: &Path) -> Result<String, CertsError> {
+    let certs = load_certs(ca_pem)?;
+    certs
+        .iter()
+        .find_map(|c| trust_domain_from_der(c.as_ref()))
+        .ok_or_else(|| CertsError::Pem {
+            path: ca_pem.to_owned(),
+            reason: "CA certificate names no spiffe:// trust domain (made by aviary-certs?)".into(),
+        })
+}

@@ -1,0 +1,23 @@
+//! The admin gRPC services. Each handler converts proto requests to domain types, calls
+//! the registry, and converts back; errors map to status codes in `error.rs`.
+
+mod audit;
+mod nodes;
+mod pending;
+
+pub(crate) use audit::AuditApi;
+pub(crate) use nodes::NodesApi;
+pub(crate) use pending::{ReleasesApi, RolloutsApi};
+
+use aviary_certs::Identity;
+use tonic::{Request, Status};
+
+use crate::listener::PeerInfo;
+
+/// The verified caller of a request.
+fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
+    req.extensions()
+        .get::<PeerInfo>()
+        .map(|p| p.identity.clone())
+        .ok_or_else(|| Status::unauthenticated("no verified client identity"))
+}

@@ -1,0 +1,130 @@
+//! `aviary.v1.Nodes`: the registry, manual weights, revocation and the weights watch.
+
+use std::sync::Arc;
+
+use aviary_proto::v1 as pb;
+use pb::nodes_server::Nodes;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+use super::caller;
+use crate::registry::Registry;
+use crate::selector::Selector;
+
+/// Implements `aviary.v1.Nodes`.
+pub(crate) struct NodesApi {
+    registry: Arc<Registry>,
+    shutdown: CancellationToken,
+}
+
+impl NodesApi {
+    /// Serves the nodes of `registry`; watches end at `shutdown`.
+    pub(crate) fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> NodesApi {
+        NodesApi { registry, shutdown }
+    }
+}
+
+#[tonic::async_trait]
+impl Nodes for NodesApi {
+    async fn list_nodes(
+        &self,
+        req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let selector = Selector::parse(&req.get_ref().selector)?;
+        Ok(Response::new(pb::ListNodesResponse {
+            nodes: self.registry.list(&selector),
+        }))
+    }
+
+    async fn get_node(
+        &self,
+        req: Request<pb::GetNodeRequest>,
+    ) -> Result<Response<pb::Node>, Status> {
+        let id = &req.get_ref().node_id;
+        if id.is_empty() {
+            return Err(Status::invalid_argument("node_id is required"));
+        }
+        Ok(Response::new(self.registry.get(id)?))
+    }
+
+    async fn set_weight(
+        &self,
+        req: Request<pb::SetWeightRequest>,
+    ) -> Result<Response<pb::SetWeightResponse>, Status> {
+        let actor = caller(&req)?;
+        let req = req.into_inner();
+        let selector = Selector::parse(&req.selector)?;
+        let (node_ids, event_seq) = self
+            .registry
+            .set_weight(&actor, &req.module, req.weight, selector)
+            .await?;
+        Ok(Response::new(pb::SetWeightResponse {
+            node_ids,
+            event_seq,
+        }))
+    }
+
+    async fn revoke_node(
+        &self,
+        req: Request<pb::RevokeNodeRequest>,
+    ) -> Result<Response<pb::RevokeNodeResponse>, Status> {
+        let actor = caller(&req)?;
+        let req = req.into_inner();
+        if req.node_id.is_empty() {
+            return Err(Status::invalid_argument("node_id is required"));
+        }
+        let reason = if req.reason.is_empty() {
+            "revoked".to_owned()
+        } else {
+            req.reason.chars().take(1024).collect()
+        };
+        let disconnected = self.registry.revoke(&actor, &req.node_id, &reason).await?;
+        Ok(Response::new(pb::RevokeNodeResponse { disconnected }))
+    }
+
+    type WatchWeightsStream = ReceiverStream<Result<pb::NodeWeights, Status>>;
+
+    async fn watch_weights(
+        &self,
+        req: Request<pb::WatchWeightsRequest>,
+    ) -> Result<Response<Self::WatchWeightsStream>, Status> {
+        let selector = Selector::parse(&req.get_ref().selector)?;
+        let registry = self.registry.clone();
+        let shutdown = self.shutdown.clone();
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(async move {
+            // Subscribe before the snapshot so no change falls between the two.
+            let mut updates = registry.subscribe_weights();
+            'snapshot: loop {
+                for w in registry.weights_snapshot(&selector) {
+                    if tx.send(Ok(w)).await.is_err() {
+                        return;
+                    }
+                }
+                loop {
+                    let update = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tx.closed() => return,
+                        u = updates.recv() => u,
+                    };
+                    match update {
+                        Ok(w) => {
+                            let matches = registry
+                                .labels(&w.node_id)
+                                .is_some_and(|l| selector.matches(&l));
+                            if matches && tx.send(Ok(w)).await.is_err() {
+                                return;
+                            }
+                        }
+                        // Too slow to keep up: start over from a fresh snapshot.
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue 'snapshot,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -1,0 +1,148 @@
+//! The one place that decides who may call what: a tower layer in front of every gRPC
+//! service, keyed by the request path and the peer's certificate identity.
+//!
+//! | path prefix                                   | who                        |
+//! |-----------------------------------------------|----------------------------|
+//! | `/aviary.v1.Fleet/`                           | edge certificates          |
+//! | other `/aviary.v1.*/`                         | admin certificates         |
+//! | health, reflection v1alpha and v1             | any authenticated peer     |
+//!
+//! Revoked nodes are refused everywhere. Every refusal is PERMISSION_DENIED and audited.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use aviary_certs::Identity;
+use tonic::codegen::BoxFuture;
+use tower::{Layer, Service};
+
+use crate::audit::NewEvent;
+use crate::listener::PeerInfo;
+use crate::registry::Registry;
+
+/// Installs `Auth` around the router.
+#[derive(Clone)]
+pub(crate) struct AuthLayer {
+    registry: Arc<Registry>,
+}
+
+impl AuthLayer {
+    /// Checks callers against `registry` (for revocations) and audits refusals there.
+    pub(crate) fn new(registry: Arc<Registry>) -> AuthLayer {
+        AuthLayer { registry }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Auth<S> {
+        Auth {
+            inner,
+            registry: self.registry.clone(),
+        }
+    }
+}
+
+/// The authorisation middleware (see the module docs).
+#[derive(Clone)]
+pub(crate) struct Auth<S> {
+    inner: S,
+    registry: Arc<Registry>,
+}
+
+enum Role {
+    Edge,
+    Admin,
+    Anyone,
+}
+
+fn required_role(path: &str) -> Role {
+    if path.starts_with("/aviary.v1.Fleet/") {
+        Role::Edge
+    } else if path.starts_with("/grpc.health.v1.Health/")
+        || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
+        || path.starts_with("/grpc.reflection.v1.ServerReflection/")
+    {
+        Role::Anyone
+    } else {
+        Role::Admin
+    }
+}
+
+/// `Ok` when `identity` may call `path`, else the reason.
+pub(crate) fn authorize(
+    path: &str,
+    identity: &Identity,
+    registry: &Registry,
+) -> Result<(), String> {
+    if let Identity::Edge(id) = identity {
+        if registry.is_revoked(id) {
+            return Err(format!("node {id} is revoked"));
+        }
+    }
+    match (required_role(path), identity) {
+        (Role::Anyone, _) | (Role::Edge, Identity::Edge(_)) | (Role::Admin, Identity::Admin(_)) => {
+            Ok(())
+        }
+        (Role::Edge, other) => Err(format!(
+            "{other} may not open a fleet stream: edge certificates only"
+        )),
+        (Role::Admin, other) => Err(format!(
+            "{other} may not call {path}: admin certificates only"
+        )),
+    }
+}
+
+impl<S, B> Service<http::Request<B>> for Auth<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let path = req.uri().path().to_owned();
+        let (actor, verdict) = match req.extensions().get::<PeerInfo>() {
+            Some(peer) => (
+                peer.identity.to_string(),
+                authorize(&path, &peer.identity, &self.registry),
+            ),
+            // Only reachable if a listener without mTLS were ever wired in: refuse.
+            None => (
+                "unknown".to_owned(),
+                Err("no verified client identity".to_owned()),
+            ),
+        };
+        match verdict {
+            Ok(()) => {
+                // The service that was polled ready is the one that must be called.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                Box::pin(inner.call(req))
+            }
+            Err(reason) => {
+                tracing::info!(%actor, %path, %reason, "call refused");
+                metrics::counter!("aviary_calls_refused_total").increment(1);
+                let registry = self.registry.clone();
+                let event = NewEvent::new(actor, "auth.denied", path, reason.clone());
+                Box::pin(async move {
+                    if let Err(e) = registry.audit(event, false).await {
+                        tracing::warn!(error = %e, "could not audit refused call");
+                    }
+                    Ok(tonic::Status::permission_denied(reason).into_http())
+                })
+            }
+        }
+    }
+}

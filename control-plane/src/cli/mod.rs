@@ -1,0 +1,1 @@
+//! The `aviary` CLI.

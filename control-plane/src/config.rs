@@ -1,0 +1,213 @@
+//! `aviary-control-plane` configuration: flags, or the same keys in a TOML file given by
+//! `--config`; flags win over the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::fleet::FleetSettings;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Command line of `aviary-control-plane` (every flag is also a key of the `--config` file).
+#[derive(Parser, Debug, Default, serde::Deserialize)]
+#[command(name = "aviary-control-plane", version, about = "Aviary control plane")]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Args {
+    /// TOML file with any of these flags as keys (e.g. `listen = "0.0.0.0:7443"`).
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address of the mTLS gRPC port (fleet and admin services).
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Directory of the sled metadata store.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Directory with ca.pem, control-plane.pem and control-plane.key.
+    #[arg(long)]
+    pub certs: Option<PathBuf>,
+    /// Address of the plain-HTTP Prometheus metrics port.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// How long edges keep weights without a control plane before dropping them to 0.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration::option")]
+    pub weight_ttl: Option<Duration>,
+    /// New fleet streams admitted per second.
+    #[arg(long)]
+    pub admission_rate: Option<f64>,
+    /// New fleet streams admitted at once.
+    #[arg(long)]
+    pub admission_burst: Option<f64>,
+    /// Maximum fleet stream age (±10% jitter).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration::option")]
+    pub max_stream_age: Option<Duration>,
+    /// HTTP/2 keepalive interval; a silent peer is dropped within 3 intervals.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration::option")]
+    pub keepalive: Option<Duration>,
+    /// Largest message accepted from a client, in bytes.
+    #[arg(long)]
+    pub max_message_bytes: Option<usize>,
+}
+
+/// Validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// gRPC address.
+    pub listen: SocketAddr,
+    /// sled directory.
+    pub data_dir: PathBuf,
+    /// PKI directory.
+    pub certs: PathBuf,
+    /// Prometheus address.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// TTL sent with weights.
+    pub weight_ttl: Duration,
+    /// Keepalive interval.
+    pub keepalive: Duration,
+    /// Fleet stream settings.
+    pub fleet: FleetSettings,
+}
+
+/// A configuration problem, naming the flag or key (exit status 64).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl Args {
+    /// Reads `--config` (if any) under the flags.
+    pub fn resolve(self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?;
+                toml::from_str::<Args>(&text)
+                    .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?
+            }
+            None => Args::default(),
+        };
+        let weight_ttl = self
+            .weight_ttl
+            .or(file.weight_ttl)
+            .unwrap_or(Duration::from_secs(300));
+        if weight_ttl.as_secs() == 0 || weight_ttl.as_secs() > u32::MAX as u64 {
+            return Err(ConfigError("--weight-ttl must be at least 1s".into()));
+        }
+        let admission_rate = self
+            .admission_rate
+            .or(file.admission_rate)
+            .unwrap_or(2000.0);
+        let admission_burst = self
+            .admission_burst
+            .or(file.admission_burst)
+            .unwrap_or(2000.0);
+        if !(admission_rate > 0.0 && admission_burst >= 1.0) {
+            return Err(ConfigError(
+                "--admission-rate must be > 0 and --admission-burst >= 1".into(),
+            ));
+        }
+        let keepalive = self
+            .keepalive
+            .or(file.keepalive)
+            .unwrap_or(Duration::from_secs(20));
+        if keepalive < Duration::from_millis(100) {
+            return Err(ConfigError("--keepalive must be at least 100ms".into()));
+        }
+        Ok(Config {
+            listen: required(self.listen.or(file.listen), "listen")?,
+            data_dir: required(self.data_dir.or(file.data_dir), "data-dir")?,
+            certs: required(self.certs.or(file.certs), "certs")?,
+            metrics_listen: self.metrics_listen.or(file.metrics_listen),
+            log_format: self.log_format.or(file.log_format).unwrap_or_default(),
+            weight_ttl,
+            keepalive,
+            fleet: FleetSettings {
+                admission_rate,
+                admission_burst,
+                max_stream_age: self
+                    .max_stream_age
+                    .or(file.max_stream_age)
+                    .unwrap_or(Duration::from_secs(30 * 60)),
+                hello_timeout: Duration::from_secs(10),
+                max_message_bytes: self
+                    .max_message_bytes
+                    .or(file.max_message_bytes)
+                    .unwrap_or(4 << 20),
+                send_timeout: Duration::from_secs(30),
+            },
+        })
+    }
+}
+
+fn required<T>(value: Option<T>, flag: &str) -> Result<T, ConfigError> {
+    value.ok_or_else(|| ConfigError(format!("--{flag} (or `{flag}` in --config) is required")))
+}
+
+/// Durations in TOML as humantime strings (`"30s"`, `"5m"`).
+mod duration {
+    use std::time::Duration;
+
+    use serde::Deserialize;
+
+    pub(super) fn option<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_win_over_the_file_and_missing_keys_are_named() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("cp.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\ndata-dir = \"/d\"\ncerts = \"/c\"\nweight-ttl = \"90s\"\n",
+        )?;
+        let args = Args::try_parse_from([
+            "cp",
+            "--config",
+            file.to_str().unwrap_or_default(),
+            "--listen",
+            "127.0.0.1:2",
+        ])?;
+        let config = args.resolve()?;
+        assert_eq!(config.listen.port(), 2);
+        assert_eq!(config.weight_ttl, Duration::from_secs(90));
+
+        let missing = Args::try_parse_from(["cp", "--listen", "127.0.0.1:2"])?.resolve();
+        assert!(matches!(missing, Err(ConfigError(m)) if m.contains("--data-dir")));
+
+        std::fs::write(&file, "listne = \"x\"\n")?;
+        let typo =
+            Args::try_parse_from(["cp", "--config", file.to_str().unwrap_or_default()])?.resolve();
+        assert!(matches!(typo, Err(ConfigError(m)) if m.contains("listne")));
+        Ok(())
+    }
+}

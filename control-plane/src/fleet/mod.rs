@@ -1,0 +1,56 @@
+//! `aviary.v1.Fleet`: the edge daemons' bidirectional stream (xDS-style ACK/NACK).
+
+mod codec;
+mod service;
+mod session;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::admission::TokenBucket;
+use crate::registry::Registry;
+
+pub(crate) use service::FleetService;
+
+/// Tuning of the fleet stream.
+#[derive(Clone, Debug)]
+pub struct FleetSettings {
+    /// New streams admitted per second (token bucket rate).
+    pub admission_rate: f64,
+    /// Streams admitted at once (token bucket size).
+    pub admission_burst: f64,
+    /// Streams are ended after this age (±10% jitter) so replicas rebalance.
+    pub max_stream_age: Duration,
+    /// How long a new stream may take to send its Hello.
+    pub hello_timeout: Duration,
+    /// Largest EdgeMessage accepted; larger ones end the stream with RESOURCE_EXHAUSTED.
+    pub max_message_bytes: usize,
+    /// A stream whose peer does not take a message for this long is dropped.
+    pub send_timeout: Duration,
+}
+
+/// What every fleet session shares.
+pub(crate) struct Fleet {
+    registry: Arc<Registry>,
+    admission: TokenBucket,
+    settings: FleetSettings,
+    shutdown: CancellationToken,
+}
+
+impl Fleet {
+    /// Builds the shared state of the fleet service.
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        settings: FleetSettings,
+        shutdown: CancellationToken,
+    ) -> Arc<Fleet> {
+        Arc::new(Fleet {
+            admission: TokenBucket::new(settings.admission_rate, settings.admission_burst),
+            registry,
+            settings,
+            shutdown,
+        })
+    }
+}

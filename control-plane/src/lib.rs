@@ -1,0 +1,22 @@
+//! The Aviary control plane: holds release and fleet state in sled and streams desired
+//! state to edge daemons over mTLS bidirectional gRPC streams. Also home of the `aviary`
+//! CLI (`cli`), which talks to it as an admin.
+
+mod admission;
+mod api;
+mod audit;
+mod auth;
+pub mod cli;
+pub mod config;
+mod error;
+mod fleet;
+mod listener;
+mod node;
+mod registry;
+mod selector;
+mod server;
+mod store;
+pub mod telemetry;
+
+pub use error::ControlPlaneError;
+pub use server::run;

@@ -1,0 +1,177 @@
+//! Accepts TCP, completes the TLS 1.3 handshake with a client certificate, and hands tonic
+//! a connection that carries the peer's verified `Identity`.
+//!
+//! Invariant: every connection tonic sees has passed mTLS against the deployment CA and
+//! names an Aviary identity; handshake failures are counted and audited (rate-limited,
+//! because an unauthenticated peer must not be able to flood the audit log).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use aviary_certs::Identity;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::server::Connected;
+
+use crate::admission::TokenBucket;
+use crate::audit::NewEvent;
+use crate::registry::Registry;
+
+/// A slow or silent client must not hold a handshake slot for long.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Who is at the other end of a connection, as tonic's `ConnectInfo`.
+#[derive(Clone, Debug)]
+pub(crate) struct PeerInfo {
+    /// The verified identity from the client certificate.
+    pub identity: Identity,
+    /// The peer's socket address.
+    pub addr: SocketAddr,
+}
+
+/// An authenticated TLS connection.
+pub(crate) struct PeerConn {
+    io: TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl Connected for PeerConn {
+    type ConnectInfo = PeerInfo;
+
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for PeerConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+/// Accepts connections until `shutdown`; authenticated ones go to `out`.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    trust_domain: String,
+    registry: Arc<Registry>,
+    out: mpsc::Sender<Result<PeerConn, io::Error>>,
+    shutdown: CancellationToken,
+) {
+    let trust_domain: Arc<str> = trust_domain.into();
+    // At most 5 refused handshakes a second reach the audit log; all are counted.
+    let audit_budget = Arc::new(TokenBucket::new(5.0, 20.0));
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off a little instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let out = out.clone();
+        let trust_domain = trust_domain.clone();
+        let registry = registry.clone();
+        let audit_budget = audit_budget.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = handshake => r,
+            };
+            let refused: Result<(), String> = match result {
+                Err(_) => Err("tls handshake timed out".to_owned()),
+                Ok(Err(e)) => Err(format!("tls handshake failed: {e}")),
+                Ok(Ok(tls)) => {
+                    let identity = tls
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|certs| certs.first())
+                        .ok_or_else(|| "no client certificate".to_owned())
+                        .and_then(|cert| {
+                            Identity::from_cert_der(cert.as_ref(), &trust_domain)
+                                .map_err(|e| e.to_string())
+                        });
+                    match identity {
+                        Ok(identity) => {
+                            let conn = PeerConn {
+                                io: tls,
+                                info: PeerInfo { identity, addr },
+                            };
+                            let _ = out.send(Ok(conn)).await;
+                            return;
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+            };
+            if let Err(reason) = refused {
+                metrics::counter!("aviary_handshakes_refused_total").increment(1);
+                tracing::info!(peer = %addr, %reason, "connection refused");
+                if audit_budget.try_take() {
+                    let event = NewEvent::new(
+                        format!("peer/{addr}"),
+                        "auth.handshake_refused",
+                        "control-plane",
+                        reason,
+                    );
+                    if let Err(e) = registry.audit(event, false).await {
+                        tracing::warn!(error = %e, "could not audit refused handshake");
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,147 @@
+//! What the control plane records about each node, and how manual weight rules turn into
+//! a node's effective weights.
+//!
+//! Invariant: a node's `desired.revision` only ever grows, and a revision number names
+//! exactly one weight map for that node, including across restarts (it is persisted before
+//! it is sent).
+
+use std::collections::BTreeMap;
+
+use crate::selector::Selector;
+
+/// Upper bound of a weight (a percentage-like relative weight, as Envoy endpoint weights).
+pub(crate) const MAX_WEIGHT: u32 = 100;
+
+/// A module as a node reported it in its Hello.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ModuleRecord {
+    /// Module name.
+    pub name: String,
+    /// Installed version.
+    pub version: String,
+    /// Artifact sha256 (hex).
+    pub sha256: String,
+    /// `aviary.v1.ModuleState` value.
+    pub state: i32,
+    /// "current" or "previous".
+    pub slot: String,
+}
+
+/// The weights a node should have, at a revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct DesiredWeights {
+    /// Revision of this weight map for this node; 0 means nothing was ever assigned.
+    pub revision: u64,
+    /// module -> 0..=100.
+    pub weights: BTreeMap<String, u32>,
+}
+
+/// A NACKed revision, parked until the desired state changes.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct NackRecord {
+    /// The refused revision.
+    pub revision: u64,
+    /// The edge's reason.
+    pub error: String,
+}
+
+/// One node of the fleet as persisted.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct NodeRecord {
+    /// The node id from its certificate.
+    pub node_id: String,
+    /// Labels from its last Hello.
+    pub labels: BTreeMap<String, String>,
+    /// CPU architecture from its last Hello.
+    pub arch: String,
+    /// Daemon version from its last Hello.
+    pub daemon_version: String,
+    /// Modules from its last Hello.
+    pub modules: Vec<ModuleRecord>,
+    /// Effective weights and their revision.
+    pub desired: DesiredWeights,
+    /// Revoked nodes are refused and cut off.
+    pub revoked: bool,
+}
+
+/// What the node told us back, persisted apart from `NodeRecord` and in batches: it
+/// changes with every ACK, and losing the last second of it only costs a resend.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct NodeStatus {
+    /// Last revision the node acknowledged.
+    pub acked_revision: u64,
+    /// Last NACK, if the node refused the current or an earlier revision.
+    pub nacked: Option<NackRecord>,
+    /// Unix milliseconds of the last Hello or disconnect.
+    pub last_seen_ms: u64,
+}
+
+/// A manual weight: `module` gets `weight` on the nodes `selector` matches. Later rules
+/// (higher `seq`) win over earlier ones, so "drain region X" after "everyone 100" works.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct WeightRule {
+    /// Order of the rule; a re-set of the same (module, selector) gets a new one.
+    pub seq: u64,
+    /// Module name.
+    pub module: String,
+    /// Which nodes.
+    pub selector: Selector,
+    /// 0..=100.
+    pub weight: u32,
+}
+
+impl WeightRule {
+    /// Rules with the same key replace each other.
+    pub(crate) fn key(&self) -> String {
+        format!("{}\u{0}{}", self.module, self.selector)
+    }
+}
+
+/// The weights `rules` (sorted by `seq`) give a node with `labels`.
+pub(crate) fn effective_weights(
+    rules: &[WeightRule],
+    labels: &BTreeMap<String, String>,
+) -> BTreeMap<String, u32> {
+    let mut weights = BTreeMap::new();
+    for rule in rules.iter().filter(|r| r.selector.matches(labels)) {
+        weights.insert(rule.module.clone(), rule.weight);
+    }
+    weights
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(seq: u64, module: &str, selector: &str, weight: u32) -> WeightRule {
+        WeightRule {
+            seq,
+            module: module.into(),
+            selector: Selector::parse(selector).expect("selector"),
+            weight,
+        }
+    }
+
+    #[test]
+    fn later_rules_win_and_selectors_scope_them() {
+        let rules = vec![
+            rule(1, "gateway", "", 100),
+            rule(2, "gateway", "region=eu", 0),
+            rule(3, "cache", "tier=edge", 50),
+        ];
+        let eu: BTreeMap<_, _> = [("region".to_string(), "eu".to_string())].into();
+        let us: BTreeMap<_, _> = [
+            ("region".to_string(), "us".to_string()),
+            ("tier".to_string(), "edge".to_string()),
+        ]
+        .into();
+        assert_eq!(
+            effective_weights(&rules, &eu),
+            [("gateway".into(), 0)].into()
+        );
+        assert_eq!(
+            effective_weights(&rules, &us),
+            [("gateway".into(), 100), ("cache".into(), 50)].into()
+        );
+    }
+}

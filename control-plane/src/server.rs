@@ -1,0 +1,136 @@
+//! Wires the control plane together and serves until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aviary_certs::TlsFiles;
+use aviary_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::api::{AuditApi, NodesApi, ReleasesApi, RolloutsApi};
+use crate::auth::AuthLayer;
+use crate::config::Config;
+use crate::error::ControlPlaneError;
+use crate::fleet::{Fleet, FleetService};
+use crate::listener::accept_loop;
+use crate::registry::Registry;
+use crate::store::SledStore;
+
+/// Admin requests are small; anything bigger is a mistake or an attack.
+const MAX_ADMIN_MESSAGE_BYTES: usize = 1 << 20;
+
+/// Serves until `shutdown` is cancelled, then drains: fleet streams end with UNAVAILABLE
+/// (edges reconnect elsewhere), in-flight calls finish, statuses are flushed.
+/// `ready` receives the bound gRPC address once the port is open.
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<(), ControlPlaneError> {
+    let files = TlsFiles {
+        ca: config.certs.join("ca.pem"),
+        cert: config.certs.join("control-plane.pem"),
+        key: config.certs.join("control-plane.key"),
+    };
+    let trust_domain = aviary_certs::trust_domain_of(&files.ca)?;
+    let tls = aviary_certs::server_config(&files)?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| ControlPlaneError::Io {
+        context: format!("--data-dir {}", config.data_dir.display()),
+        source,
+    })?;
+    let store = SledStore::open(&config.data_dir)?;
+    let ttl = u32::try_from(config.weight_ttl.as_secs()).unwrap_or(u32::MAX);
+    let registry = Arc::new(Registry::open(Arc::new(store), ttl).await?);
+    let listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ControlPlaneError::Io {
+                context: format!("--listen {}", config.listen),
+                source,
+            })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ControlPlaneError::Io {
+            context: "local address".into(),
+            source,
+        })?;
+    tracing::info!(listen = %local, trust_domain, "control plane serving");
+
+    let (conn_tx, conn_rx) = mpsc::channel(1024);
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let accept = tokio::spawn(accept_loop(
+        listener,
+        acceptor,
+        trust_domain,
+        registry.clone(),
+        conn_tx,
+        shutdown.clone(),
+    ));
+    let flusher = tokio::spawn(flush_statuses(registry.clone(), shutdown.clone()));
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    for name in ["aviary.v1.Fleet", "aviary.v1.Nodes", "aviary.v1.Audit", ""] {
+        health
+            .set_service_status(name, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(aviary_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .map_err(|e| ControlPlaneError::Unavailable(format!("reflection: {e}")))?;
+    let reflection_v1 = reflection()
+        .build_v1()
+        .map_err(|e| ControlPlaneError::Unavailable(format!("reflection: {e}")))?;
+
+    let fleet = Fleet::new(registry.clone(), config.fleet.clone(), shutdown.clone());
+    let nodes =
+        pb::nodes_server::NodesServer::new(NodesApi::new(registry.clone(), shutdown.clone()))
+            .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
+    let audit =
+        pb::audit_server::AuditServer::new(AuditApi::new(registry.clone(), shutdown.clone()))
+            .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
+
+    if let Some(tx) = ready {
+        let _ = tx.send(local);
+    }
+    let serve = Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive))
+        .http2_keepalive_timeout(Some(config.keepalive * 2))
+        .layer(AuthLayer::new(registry.clone()))
+        .add_service(FleetService::new(fleet))
+        .add_service(nodes)
+        .add_service(audit)
+        .add_service(pb::releases_server::ReleasesServer::new(ReleasesApi))
+        .add_service(pb::rollouts_server::RolloutsServer::new(RolloutsApi))
+        .add_service(health_service)
+        .add_service(reflection_v1alpha)
+        .add_service(reflection_v1)
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), shutdown.cancelled());
+    let result = serve.await;
+    accept.abort();
+    let _ = flusher.await;
+    registry.flush_statuses().await?;
+    tracing::info!("control plane stopped");
+    result.map_err(Into::into)
+}
+
+async fn flush_statuses(registry: Arc<Registry>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = registry.flush_statuses().await {
+            tracing::warn!(error = %e, "could not persist node statuses");
+        }
+    }
+}

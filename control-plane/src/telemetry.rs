@@ -1,0 +1,79 @@
+//! Logging and Prometheus metrics set-up for the control-plane binaries.
+
+use std::net::SocketAddr;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+
+use crate::config::LogFormat;
+
+/// Installs the tracing subscriber (`RUST_LOG` filters, default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Serves Prometheus metrics on `addr` (must be called inside the runtime).
+pub fn init_metrics(addr: SocketAddr) -> Result<(), String> {
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Full("aviary_propagation_seconds".into()),
+            &[
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )
+        .map_err(|e| e.to_string())?
+        .install()
+        .map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!(
+        "aviary_connected_nodes",
+        "Edge nodes with a live fleet stream."
+    );
+    describe_counter!("aviary_streams_admitted_total", "Fleet streams admitted.");
+    describe_counter!(
+        "aviary_streams_shed_total",
+        "Fleet streams refused with UNAVAILABLE by admission control."
+    );
+    describe_counter!(
+        "aviary_acks_total",
+        "Desired-state messages acknowledged by edges."
+    );
+    describe_counter!(
+        "aviary_nacks_total",
+        "Desired-state messages refused by edges."
+    );
+    describe_counter!(
+        "aviary_stale_answers_total",
+        "ACKs/NACKs ignored because their nonce was stale."
+    );
+    describe_counter!(
+        "aviary_weight_assignments_sent_total",
+        "Weight assignments sent on fleet streams."
+    );
+    describe_counter!(
+        "aviary_handshakes_refused_total",
+        "TLS connections refused (handshake failure or no identity)."
+    );
+    describe_counter!(
+        "aviary_calls_refused_total",
+        "gRPC calls refused with PERMISSION_DENIED."
+    );
+    describe_histogram!(
+        "aviary_propagation_seconds",
+        Unit::Seconds,
+        "Time from commit of a desired state to the edge's ACK."
+    );
+}

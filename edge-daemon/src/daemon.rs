@@ -1,0 +1,120 @@
+//! Starts the daemon's parts and runs until shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aviary_certs::TlsFiles;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::link::Link;
+use crate::weights::Weights;
+use crate::{local_http, session, EdgeError};
+
+/// What a started daemon tells its caller.
+#[derive(Clone, Debug)]
+pub struct Ready {
+    /// The bound local HTTP address, if any.
+    pub local_addr: Option<SocketAddr>,
+}
+
+/// Runs the daemon until `shutdown`. `ready` gets the local address once serving.
+pub async fn run(
+    config: Config,
+    shutdown: CancellationToken,
+    ready: Option<tokio::sync::oneshot::Sender<Ready>>,
+) -> Result<(), EdgeError> {
+    let files = TlsFiles {
+        ca: config.certs.join("ca.pem"),
+        cert: config.certs.join(format!("edge-{}.pem", config.node_id)),
+        key: config.certs.join(format!("edge-{}.key", config.node_id)),
+    };
+    let link = Link::new(&config.control_plane, &files)?.keepalive(config.keepalive);
+    let state_dir = config.state_dir.clone();
+    let weights = Arc::new(
+        tokio::task::spawn_blocking(move || Weights::load(&state_dir))
+            .await
+            .map_err(|e| EdgeError::InvalidAssignment(format!("load task: {e}")))??,
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut local_addr = None;
+    if let Some(addr) = config.local_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| EdgeError::Bind {
+                context: format!("--local-listen {addr}"),
+                source,
+            })?;
+        local_addr = listener.local_addr().ok();
+        tasks.spawn(local_http::serve(
+            listener,
+            weights.clone(),
+            shutdown.clone(),
+        ));
+    }
+    tasks.spawn(expire_weights(weights.clone(), shutdown.clone()));
+    tasks.spawn(watchdog(shutdown.clone()));
+
+    // Ready means serving local state, not connected: a gateway must work offline.
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    tracing::info!(node_id = %config.node_id, local = ?local_addr, "edge daemon ready");
+    if let Some(tx) = ready {
+        let _ = tx.send(Ready { local_addr });
+    }
+    let identity = session::Identity {
+        node_id: config.node_id.clone(),
+        labels: config.labels.clone(),
+        arch: config.arch.clone(),
+    };
+    session::run(link, identity, weights, shutdown.clone()).await;
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("edge daemon stopped");
+    Ok(())
+}
+
+/// Drops the weights to 0 when their TTL runs out without a control plane.
+async fn expire_weights(weights: Arc<Weights>, shutdown: CancellationToken) {
+    loop {
+        let wait = weights
+            .expiry()
+            .map(|t| {
+                t.duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO)
+            })
+            .unwrap_or(Duration::from_secs(1))
+            .min(Duration::from_secs(1));
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let w = weights.clone();
+        match tokio::task::spawn_blocking(move || w.refresh()).await {
+            Ok(Ok(true)) => {
+                tracing::warn!("no control plane for the weights' TTL: weights set to 0")
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "could not write weights"),
+            Err(e) => tracing::error!(error = %e, "weights task failed"),
+        }
+    }
+}
+
+/// Pings the systemd watchdog at half its interval when `WatchdogSec=` is set.
+async fn watchdog(shutdown: CancellationToken) {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => { let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]); }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! `aviary-edge`: parse config, set up logging and metrics, run the daemon until SIGTERM.
+
+use std::process::ExitCode;
+
+use aviary_edge::config::{Cli, Command, LogFormat};
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Apply { .. }) = cli.command {
+        eprintln!("aviary-edge apply: offline bundles arrive with signed releases (issue 3)");
+        return ExitCode::from(64);
+    }
+    let config = match cli.args.resolve() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("aviary-edge: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    init_logging(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("aviary-edge: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        if let Some(addr) = config.metrics_listen {
+            let installed = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install();
+            if let Err(e) = installed {
+                eprintln!("aviary-edge: --metrics-listen {addr}: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            signals.cancel();
+        });
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<aviary_edge::Ready>();
+        tokio::spawn(async move {
+            if let Ok(ready) = ready_rx.await {
+                if let Some(addr) = ready.local_addr {
+                    println!("local http on {addr}");
+                }
+            }
+        });
+        match aviary_edge::run(config, shutdown, Some(ready_tx)).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("aviary-edge: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
