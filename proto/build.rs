@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `Fleet.Connect` (the contract) would clash with the generated `connect` constructor;
         // clients build their own Channel and call `::new`.
         .build_transport(false)
+        // Malformed requests are INVALID_ARGUMENT, not INTERNAL (see src/codec.rs).
+        .codec_path("crate::codec::ProstCodec")
         // Chunks are sliced out of shared buffers, never copied.
         .bytes(".aviary.v1.Chunk.data")
         .compile_fds(fds)?;

@@ -7,7 +7,7 @@ pub mod config;
 mod daemon;
 mod error;
 pub mod link;
-mod local_http;
+pub mod local_http;
 mod session;
 pub mod weights;
 

@@ -78,3 +78,27 @@ fn route<B>(req: &Request<B>, weights: &Weights) -> Response<Full<Bytes>> {
     );
     response
 }
+
+/// Reads `GET /v1/weights` from a daemon's local port (for the demo, tests and scripts
+/// that would rather not parse `weights.json`).
+pub async fn fetch_view(addr: std::net::SocketAddr) -> std::io::Result<crate::weights::View> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /v1/weights HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut response = Vec::new();
+    stream.take(1 << 20).read_to_end(&mut response).await?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| invalid("no HTTP header end".into()))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(invalid(format!(
+            "unexpected response: {}",
+            head.lines().next().unwrap_or("")
+        )));
+    }
+    serde_json::from_str(body).map_err(|e| invalid(format!("bad weights JSON: {e}")))
+}

@@ -4,6 +4,8 @@
 //! Architecture invariant: only this crate knows how the .proto files become Rust; every
 //! other crate converts these types to its own domain types where a request enters.
 
+pub mod codec;
+
 /// `aviary.v1`: fleet stream, nodes, audit, releases, rollouts.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
 pub mod v1 {

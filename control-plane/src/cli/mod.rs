@@ -1,1 +1,253 @@
-//! The `aviary` CLI.
+//! The `aviary` command line: an admin client of the control plane, plus `demo`.
+
+mod client;
+mod demo;
+mod output;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use aviary_proto::v1 as pb;
+use clap::{Parser, Subcommand, ValueEnum};
+
+pub use client::Admin;
+
+/// Drives an Aviary control plane.
+#[derive(Parser, Debug)]
+#[command(name = "aviary", version)]
+pub struct Cli {
+    /// Control plane URL.
+    #[arg(long, env = "AVIARY_CONTROL_PLANE", global = true)]
+    pub control_plane: Option<String>,
+    /// Directory with ca.pem and the admin certificate.
+    #[arg(long, env = "AVIARY_CERTS", global = true)]
+    pub certs: Option<PathBuf>,
+    /// Which admin certificate: `admin` (admin.pem) or NAME (admin-NAME.pem).
+    #[arg(long, env = "AVIARY_ADMIN", default_value = "admin", global = true)]
+    pub admin: String,
+    /// Output: tables for people, JSON for scripts.
+    #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, global = true)]
+    pub output: Format,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns.
+    Table,
+    /// One JSON document (or one per line for followed streams).
+    Json,
+}
+
+/// Top-level commands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Runs a whole local fleet on loopback, end to end.
+    Demo {
+        /// Number of edge daemons.
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        /// Check the results and exit instead of serving until Ctrl-C.
+        #[arg(long)]
+        exit_when_done: bool,
+    },
+    /// The fleet's nodes.
+    Nodes {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: NodesCommand,
+    },
+    /// The audit log.
+    Events {
+        /// Keep printing new events as they happen.
+        #[arg(long)]
+        follow: bool,
+        /// Only events by or about this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// Only events by this actor (e.g. admin/alice).
+        #[arg(long)]
+        actor: Option<String>,
+        /// Only actions starting with this (e.g. auth.).
+        #[arg(long)]
+        action: Option<String>,
+    },
+    /// Releases (issue 3).
+    Release {
+        /// Arguments, once implemented.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Rollouts (issues 3 and 4).
+    Rollout {
+        /// Arguments, once implemented.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Runtime config layers (issue 4).
+    Config {
+        /// Arguments, once implemented.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// `aviary nodes ...`
+#[derive(Subcommand, Debug)]
+pub enum NodesCommand {
+    /// Lists nodes.
+    List {
+        /// Label selector, e.g. `region=eu,tier!=canary`.
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
+    /// Shows one node.
+    Get {
+        /// Node id.
+        id: String,
+    },
+    /// Sets a module's weight on the nodes a selector matches (now and when they join).
+    SetWeight {
+        /// Module name.
+        #[arg(long)]
+        module: String,
+        /// 0..=100.
+        #[arg(long)]
+        weight: u32,
+        /// Label selector; empty means every node.
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
+    /// Revokes a node: refused from now on, cut off if connected.
+    Revoke {
+        /// Node id.
+        id: String,
+        /// Why (kept in the audit log).
+        #[arg(long, default_value = "revoked by operator")]
+        reason: String,
+    },
+}
+
+/// Runs one CLI invocation.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let format = cli.output;
+    match cli.command {
+        Command::Demo {
+            nodes,
+            exit_when_done,
+        } => demo::run(nodes, exit_when_done).await,
+        Command::Release { .. } => {
+            anyhow::bail!("aviary release: signed releases arrive with issue 3")
+        }
+        Command::Rollout { .. } => {
+            anyhow::bail!("aviary rollout: rollouts arrive with issues 3 and 4")
+        }
+        Command::Config { .. } => {
+            anyhow::bail!("aviary config: runtime config layers arrive with issue 4")
+        }
+        Command::Nodes { command } => {
+            let mut admin = connect(&cli.control_plane, &cli.certs, &cli.admin).await?;
+            match command {
+                NodesCommand::List { selector } => {
+                    let nodes = admin
+                        .nodes
+                        .list_nodes(pb::ListNodesRequest { selector })
+                        .await?;
+                    output::nodes(format, &nodes.into_inner().nodes);
+                }
+                NodesCommand::Get { id } => {
+                    let node = admin
+                        .nodes
+                        .get_node(pb::GetNodeRequest { node_id: id })
+                        .await?;
+                    output::node(format, &node.into_inner());
+                }
+                NodesCommand::SetWeight {
+                    module,
+                    weight,
+                    selector,
+                } => {
+                    let reply = admin
+                        .nodes
+                        .set_weight(pb::SetWeightRequest {
+                            module: module.clone(),
+                            weight,
+                            selector,
+                        })
+                        .await?
+                        .into_inner();
+                    output::set_weight(format, &module, weight, &reply);
+                }
+                NodesCommand::Revoke { id, reason } => {
+                    let reply = admin
+                        .nodes
+                        .revoke_node(pb::RevokeNodeRequest {
+                            node_id: id.clone(),
+                            reason,
+                        })
+                        .await?
+                        .into_inner();
+                    output::revoke(format, &id, &reply);
+                }
+            }
+            Ok(())
+        }
+        Command::Events {
+            follow,
+            node,
+            actor,
+            action,
+        } => {
+            let mut admin = connect(&cli.control_plane, &cli.certs, &cli.admin).await?;
+            let filter = pb::EventFilter {
+                node_id: node.unwrap_or_default(),
+                actor: actor.unwrap_or_default(),
+                action: action.unwrap_or_default(),
+                ..Default::default()
+            };
+            if follow {
+                let mut stream = admin
+                    .audit
+                    .watch_events(pb::WatchEventsRequest {
+                        filter: Some(filter),
+                        after_seq: 0,
+                    })
+                    .await?
+                    .into_inner();
+                while let Some(event) = stream.message().await? {
+                    output::event_line(format, &event);
+                }
+            } else {
+                let events = admin
+                    .audit
+                    .list_events(pb::ListEventsRequest {
+                        filter: Some(filter),
+                        after_seq: 0,
+                        limit: 0,
+                    })
+                    .await?
+                    .into_inner()
+                    .events;
+                output::events(format, &events);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn connect(
+    url: &Option<String>,
+    certs: &Option<PathBuf>,
+    admin: &str,
+) -> anyhow::Result<Admin> {
+    let url = url.as_deref().context(
+        "no control plane: pass --control-plane https://HOST:PORT or set AVIARY_CONTROL_PLANE",
+    )?;
+    let certs = certs
+        .as_deref()
+        .context("no certificates: pass --certs DIR or set AVIARY_CERTS")?;
+    Admin::connect(url, certs, admin).await
+}

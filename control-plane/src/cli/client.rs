@@ -1,0 +1,41 @@
+//! An admin connection to the control plane: one mTLS channel, every admin service.
+
+use std::path::Path;
+
+use anyhow::Context;
+use aviary_certs::TlsFiles;
+use aviary_edge::link::Link;
+use aviary_proto::v1 as pb;
+use tonic::transport::Channel;
+
+/// Clients of the admin services over one channel.
+pub struct Admin {
+    /// `aviary.v1.Nodes`.
+    pub nodes: pb::nodes_client::NodesClient<Channel>,
+    /// `aviary.v1.Audit`.
+    pub audit: pb::audit_client::AuditClient<Channel>,
+}
+
+impl Admin {
+    /// Connects to `url` as admin `name` (`admin` → admin.pem, else admin-NAME.pem).
+    pub async fn connect(url: &str, certs: &Path, name: &str) -> anyhow::Result<Admin> {
+        let stem = if name == "admin" {
+            "admin".to_owned()
+        } else {
+            format!("admin-{name}")
+        };
+        let files = TlsFiles {
+            ca: certs.join("ca.pem"),
+            cert: certs.join(format!("{stem}.pem")),
+            key: certs.join(format!("{stem}.key")),
+        };
+        let channel = Link::new(url, &files)?
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {url}"))?;
+        Ok(Admin {
+            nodes: pb::nodes_client::NodesClient::new(channel.clone()),
+            audit: pb::audit_client::AuditClient::new(channel),
+        })
+    }
+}

@@ -1,0 +1,214 @@
+//! How the CLI prints: aligned tables for people, JSON (grpcurl's field names) for scripts.
+
+use std::collections::BTreeMap;
+
+use aviary_proto::v1 as pb;
+use serde_json::{json, Value};
+
+use super::Format;
+
+/// Prints rows under a header, columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn sorted<V: Clone>(map: &std::collections::HashMap<String, V>) -> BTreeMap<String, V> {
+    map.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn pairs<V: std::fmt::Display + Clone>(map: &std::collections::HashMap<String, V>) -> String {
+    let text: Vec<String> = sorted(map)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if text.is_empty() {
+        "-".into()
+    } else {
+        text.join(",")
+    }
+}
+
+fn time(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .and_then(|t| {
+            let secs = u64::try_from(t.seconds).ok()?;
+            let at = std::time::UNIX_EPOCH
+                + std::time::Duration::new(secs, u32::try_from(t.nanos).unwrap_or(0));
+            Some(humantime::format_rfc3339_millis(at).to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// A node as JSON, with the names grpcurl prints.
+pub(crate) fn node_json(n: &pb::Node) -> Value {
+    json!({
+        "nodeId": n.node_id,
+        "labels": sorted(&n.labels),
+        "connected": n.connected,
+        "modules": n.modules.iter().map(|m| json!({
+            "name": m.name, "version": m.version, "sha256": m.sha256, "state": m.state,
+        })).collect::<Vec<_>>(),
+        "weights": sorted(&n.weights),
+        "arch": n.arch,
+        "daemonVersion": n.daemon_version,
+        "desiredRevision": n.desired_revision,
+        "ackedRevision": n.acked_revision,
+        "nackedRevision": n.nacked_revision,
+        "nackError": n.nack_error,
+        "lastSeen": time(&n.last_seen),
+        "revoked": n.revoked,
+    })
+}
+
+fn event_json(e: &pb::Event) -> Value {
+    json!({
+        "seq": e.seq, "time": time(&e.time), "actor": e.actor,
+        "action": e.action, "target": e.target, "detail": e.detail,
+    })
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}
+
+pub(crate) fn nodes(format: Format, nodes: &[pb::Node]) {
+    match format {
+        Format::Json => {
+            print_json(&json!({ "nodes": nodes.iter().map(node_json).collect::<Vec<_>>() }))
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = nodes
+                .iter()
+                .map(|n| {
+                    let state = if n.revoked {
+                        "revoked"
+                    } else if n.connected {
+                        "connected"
+                    } else {
+                        "offline"
+                    };
+                    let sync = if n.nacked_revision == n.desired_revision && n.nacked_revision > 0 {
+                        format!("nacked r{}", n.nacked_revision)
+                    } else if n.acked_revision >= n.desired_revision {
+                        format!("r{}", n.desired_revision)
+                    } else {
+                        format!("r{} (acked r{})", n.desired_revision, n.acked_revision)
+                    };
+                    vec![
+                        n.node_id.clone(),
+                        state.into(),
+                        pairs(&n.labels),
+                        pairs(&n.weights),
+                        sync,
+                    ]
+                })
+                .collect();
+            table(&["NODE", "STATE", "LABELS", "WEIGHTS", "REVISION"], &rows);
+        }
+    }
+}
+
+pub(crate) fn node(format: Format, n: &pb::Node) {
+    match format {
+        Format::Json => print_json(&node_json(n)),
+        Format::Table => {
+            let rows = vec![
+                vec!["node".into(), n.node_id.clone()],
+                vec!["connected".into(), n.connected.to_string()],
+                vec!["revoked".into(), n.revoked.to_string()],
+                vec!["labels".into(), pairs(&n.labels)],
+                vec!["weights".into(), pairs(&n.weights)],
+                vec!["desired revision".into(), n.desired_revision.to_string()],
+                vec!["acked revision".into(), n.acked_revision.to_string()],
+                vec![
+                    "nacked".into(),
+                    if n.nacked_revision == 0 {
+                        "-".into()
+                    } else {
+                        format!("r{}: {}", n.nacked_revision, n.nack_error)
+                    },
+                ],
+                vec!["arch".into(), n.arch.clone()],
+                vec!["daemon".into(), n.daemon_version.clone()],
+                vec!["last seen".into(), time(&n.last_seen)],
+            ];
+            table(&["FIELD", "VALUE"], &rows);
+        }
+    }
+}
+
+pub(crate) fn set_weight(format: Format, module: &str, weight: u32, r: &pb::SetWeightResponse) {
+    match format {
+        Format::Json => print_json(&json!({ "nodeIds": r.node_ids, "eventSeq": r.event_seq })),
+        Format::Table => println!(
+            "{module} weight {weight} on {} node(s) now matching (audit #{}): {}",
+            r.node_ids.len(),
+            r.event_seq,
+            r.node_ids.join(" ")
+        ),
+    }
+}
+
+pub(crate) fn revoke(format: Format, id: &str, r: &pb::RevokeNodeResponse) {
+    match format {
+        Format::Json => print_json(&json!({ "nodeId": id, "disconnected": r.disconnected })),
+        Format::Table => println!(
+            "node {id} revoked{}",
+            if r.disconnected {
+                "; its stream was cut"
+            } else {
+                ""
+            }
+        ),
+    }
+}
+
+fn event_row(e: &pb::Event) -> Vec<String> {
+    vec![
+        e.seq.to_string(),
+        time(&e.time),
+        e.actor.clone(),
+        e.action.clone(),
+        e.target.clone(),
+        e.detail.clone(),
+    ]
+}
+
+pub(crate) fn events(format: Format, events: &[pb::Event]) {
+    match format {
+        Format::Json => {
+            print_json(&json!({ "events": events.iter().map(event_json).collect::<Vec<_>>() }))
+        }
+        Format::Table => table(
+            &["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"],
+            &events.iter().map(event_row).collect::<Vec<_>>(),
+        ),
+    }
+}
+
+pub(crate) fn event_line(format: Format, e: &pb::Event) {
+    match format {
+        Format::Json => println!("{}", event_json(e)),
+        Format::Table => println!("{}", event_row(e).join("  ")),
+    }
+}
