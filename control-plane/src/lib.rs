@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 mod error;
 mod fleet;
+mod limits;
 mod listener;
 mod node;
 mod registry;

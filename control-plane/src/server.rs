@@ -104,6 +104,7 @@ pub async fn run(
     let serve = Server::builder()
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive * 2))
+        .layer(crate::limits::MessageLimitsLayer)
         .layer(AuthLayer::new(registry.clone()))
         .add_service(FleetService::new(fleet))
         .add_service(nodes)

@@ -1,1 +1,413 @@
-//! placeholder
+//! End-to-end harness: starts the real binaries on ephemeral loopback ports in temp dirs
+//! with a PKI minted per test, and offers the waits and clients the scenarios need.
+//! Also home of the raw fleet-protocol client shared by tests and the fleet simulator.
+
+pub mod raw;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use aviary_certs::{InitOptions, Pki};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+pub use aviary_control_plane::cli::Admin;
+
+/// Directory of the built binaries (`target/debug` next to the running test binary), or
+/// `AVIARY_BIN_DIR`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("AVIARY_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/debug/deps/e2e-HASH -> target/debug
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Path of one of the workspace binaries; fails with the command that builds them.
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        bail!(
+            "{} missing: run `cargo build --workspace --bins` (scripts/test does)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Tools `scripts/test` installs into `.tools/` (grpcurl, Python packages).
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("AVIARY_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join(".tools"))
+}
+
+/// Polls `check` every 20 ms until it yields `Some`, or fails after `timeout` naming `what`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut check: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() > deadline {
+            match last_error {
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A free loopback port (for the metrics listeners, which cannot report port 0 back).
+pub fn free_port() -> anyhow::Result<SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?)
+}
+
+/// A temp dir with a fresh PKI in `pki/`, removed on drop.
+pub struct Workspace {
+    /// The temp dir.
+    pub dir: tempfile::TempDir,
+    /// The PKI in it.
+    pub pki: Pki,
+}
+
+impl Workspace {
+    /// Makes the dir and the PKI.
+    pub fn new() -> anyhow::Result<Workspace> {
+        let dir = tempfile::Builder::new().prefix("aviary-test-").tempdir()?;
+        let pki = Pki::init(&dir.path().join("pki"), &InitOptions::default())?;
+        Ok(Workspace { dir, pki })
+    }
+
+    /// A path inside the workspace.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Issues an edge certificate for `node_id`.
+    pub fn edge_cert(&self, node_id: &str) -> anyhow::Result<()> {
+        aviary_certs::issue_edge(&self.pki.dir, node_id)?;
+        Ok(())
+    }
+
+    /// An admin client over mTLS.
+    pub async fn admin(&self, cp: &ControlPlane) -> anyhow::Result<Admin> {
+        Admin::connect(&cp.url(), &self.pki.dir, "admin").await
+    }
+}
+
+/// Starts `program args`, waits for a stdout line starting with `prefix` and returns the
+/// child and the rest of that line. Stderr goes to `log`.
+async fn spawn_and_read(
+    program: &Path,
+    args: &[String],
+    log: &Path,
+    prefix: &str,
+) -> anyhow::Result<(Child, String)> {
+    let stderr = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("spawn {}", program.display()))?;
+    let stdout = child.stdout.take().context("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let read = async {
+        while let Some(line) = lines.next_line().await? {
+            if let Some(rest) = line.strip_prefix(prefix) {
+                return Ok::<_, anyhow::Error>(rest.trim().to_owned());
+            }
+        }
+        bail!("exited before printing {prefix:?}")
+    };
+    let rest = match tokio::time::timeout(Duration::from_secs(20), read).await {
+        Ok(Ok(rest)) => rest,
+        Ok(Err(e)) => bail!(
+            "{}: {e}; log:\n{}",
+            program.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        ),
+        Err(_) => bail!(
+            "{} did not start in 20s; log:\n{}",
+            program.display(),
+            std::fs::read_to_string(log).unwrap_or_default()
+        ),
+    };
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Ok((child, rest))
+}
+
+/// Sends SIGTERM and waits for the exit status.
+async fn terminate(child: &mut Child) -> anyhow::Result<ExitStatus> {
+    let pid = child.id().context("already exited")?;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()?;
+    if !status.success() {
+        bail!("kill -TERM {pid} failed");
+    }
+    Ok(tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .context("did not exit within 20s of SIGTERM")??)
+}
+
+/// A running `aviary-control-plane`.
+pub struct ControlPlane {
+    child: Option<Child>,
+    /// The gRPC address.
+    pub addr: SocketAddr,
+    /// Its data dir.
+    pub data_dir: PathBuf,
+    /// Its Prometheus address.
+    pub metrics: SocketAddr,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl ControlPlane {
+    /// Starts a control plane in `ws` with extra flags.
+    pub async fn start(ws: &Workspace, extra: &[&str]) -> anyhow::Result<ControlPlane> {
+        let data_dir = ws.path("cp-data");
+        let metrics = free_port()?;
+        let mut args: Vec<String> = vec![
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--certs".into(),
+            ws.pki.dir.display().to_string(),
+            "--metrics-listen".into(),
+            metrics.to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = ws.path("control-plane.log");
+        let mut first = args.clone();
+        first.extend(["--listen".into(), "127.0.0.1:0".into()]);
+        let (child, addr) =
+            spawn_and_read(&bin("aviary-control-plane")?, &first, &log, "listening on ").await?;
+        Ok(ControlPlane {
+            child: Some(child),
+            addr: addr.parse()?,
+            data_dir,
+            metrics,
+            args,
+            log,
+        })
+    }
+
+    /// `https://ADDR`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// SIGKILL, no goodbye.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        terminate(&mut child).await
+    }
+
+    /// Starts again on the same address and data dir.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9().await?;
+        let mut args = self.args.clone();
+        args.extend(["--listen".into(), self.addr.to_string()]);
+        let (child, _) = spawn_and_read(
+            &bin("aviary-control-plane")?,
+            &args,
+            &self.log,
+            "listening on ",
+        )
+        .await?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The control plane's log so far (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// One metric's value from `/metrics` (sum over label sets), 0 if absent.
+    pub async fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let text = http_get(self.metrics, "/metrics").await?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback; returns the body of a 200.
+pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await?;
+    let mut buf = Vec::new();
+    stream.read_to_end(&mut buf).await?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").context("no header end")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+/// A running `aviary-edge`.
+pub struct Edge {
+    child: Option<Child>,
+    /// Its node id.
+    pub node_id: String,
+    /// Its state dir.
+    pub state_dir: PathBuf,
+    /// Its local HTTP address.
+    pub local: SocketAddr,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl Edge {
+    /// Issues a certificate for `node_id` and starts a daemon with `labels` and extra flags.
+    pub async fn start(
+        ws: &Workspace,
+        cp: &ControlPlane,
+        node_id: &str,
+        labels: &[(&str, &str)],
+        extra: &[&str],
+    ) -> anyhow::Result<Edge> {
+        ws.edge_cert(node_id)?;
+        let state_dir = ws.path(&format!("edge-{node_id}"));
+        let mut args: Vec<String> = vec![
+            "--control-plane".into(),
+            cp.url(),
+            "--certs".into(),
+            ws.pki.dir.display().to_string(),
+            "--node-id".into(),
+            node_id.into(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+        ];
+        for (k, v) in labels {
+            args.extend(["--label".into(), format!("{k}={v}")]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = ws.path(&format!("edge-{node_id}.log"));
+        let mut first = args.clone();
+        first.extend(["--local-listen".into(), "127.0.0.1:0".into()]);
+        let (child, local) =
+            spawn_and_read(&bin("aviary-edge")?, &first, &log, "local http on ").await?;
+        Ok(Edge {
+            child: Some(child),
+            node_id: node_id.into(),
+            state_dir,
+            local: local.parse()?,
+            args,
+            log,
+        })
+    }
+
+    /// The weights as `GET /v1/weights` serves them.
+    pub async fn view(&self) -> anyhow::Result<aviary_edge::weights::View> {
+        Ok(aviary_edge::local_http::fetch_view(self.local).await?)
+    }
+
+    /// The weights as `weights.json` holds them.
+    pub fn file_view(&self) -> anyhow::Result<aviary_edge::weights::View> {
+        let bytes = std::fs::read(self.state_dir.join("weights.json"))?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    /// Waits until both the HTTP view and the file show `module` at `weight`.
+    pub async fn wait_weight(
+        &self,
+        module: &str,
+        weight: u32,
+    ) -> anyhow::Result<aviary_edge::weights::View> {
+        eventually(
+            Duration::from_secs(15),
+            &format!("{} to report {module}={weight}", self.node_id),
+            || async {
+                let view = self.view().await?;
+                let file = self.file_view()?;
+                let ok = view.weights.get(module) == Some(&weight) && file == view;
+                Ok(ok.then_some(view))
+            },
+        )
+        .await
+    }
+
+    /// SIGKILL.
+    pub async fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM; returns the exit status.
+    pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.child.take().context("not running")?;
+        terminate(&mut child).await
+    }
+
+    /// Starts again with the same state dir and local port.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill9().await?;
+        let mut args = self.args.clone();
+        args.extend(["--local-listen".into(), self.local.to_string()]);
+        let (child, _) =
+            spawn_and_read(&bin("aviary-edge")?, &args, &self.log, "local http on ").await?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}

