@@ -13,6 +13,8 @@ mod tls;
 
 pub use error::CertsError;
 pub use identity::{validate_name, Identity};
-pub use pki::{issue_admin, issue_edge, CertPaths, InitOptions, Pki};
+pub use pki::{issue_admin, issue_edge, CertPaths, EdgeMinter, InitOptions, Pki};
 pub use signing::{generate_release_key, ReleaseKeyPaths};
-pub use tls::{client_config, server_config, trust_domain_of, TlsFiles};
+pub use tls::{
+    ca_roots, client_config, client_config_with, server_config, trust_domain_of, TlsFiles,
+};

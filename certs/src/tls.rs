@@ -81,10 +81,28 @@ pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, CertsError> {
 
 /// Client side: TLS 1.3, trusts only the deployment CA, presents `files.cert`.
 pub fn client_config(files: &TlsFiles) -> Result<ClientConfig, CertsError> {
+    client_config_with(
+        Arc::new(roots(&files.ca)?),
+        load_certs(&files.cert)?,
+        load_key(&files.key)?,
+    )
+}
+
+/// The deployment CA as a root store (load once, share between many client configs).
+pub fn ca_roots(ca: &Path) -> Result<Arc<RootCertStore>, CertsError> {
+    Ok(Arc::new(roots(ca)?))
+}
+
+/// Client side from in-memory parts (e.g. an `EdgeMinter` identity).
+pub fn client_config_with(
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<ClientConfig, CertsError> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(&files.ca)?)
-        .with_client_auth_cert(load_certs(&files.cert)?, load_key(&files.key)?)?;
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
 }

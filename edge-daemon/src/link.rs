@@ -29,6 +29,11 @@ pub struct Link {
 impl Link {
     /// Parses `https://HOST:PORT` and loads the client certificate.
     pub fn new(url: &str, files: &TlsFiles) -> Result<Link, EdgeError> {
+        Link::with_config(url, aviary_certs::client_config(files)?)
+    }
+
+    /// Like `new`, with a ready rustls client configuration.
+    pub fn with_config(url: &str, config: rustls::ClientConfig) -> Result<Link, EdgeError> {
         let bad = |reason: &str| EdgeError::ControlPlaneUrl {
             url: url.to_owned(),
             reason: reason.to_owned(),
@@ -46,7 +51,6 @@ impl Link {
                 ServerName::try_from(bare.to_owned()).map_err(|_| bad("invalid host name"))?
             }
         };
-        let config = aviary_certs::client_config(files)?;
         let endpoint = Endpoint::from_shared(url.to_owned())
             .map_err(|e| bad(&e.to_string()))?
             .connect_timeout(Duration::from_secs(10));

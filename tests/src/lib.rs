@@ -2,6 +2,7 @@
 //! with a PKI minted per test, and offers the waits and clients the scenarios need.
 //! Also home of the raw fleet-protocol client shared by tests and the fleet simulator.
 
+pub mod proxy;
 pub mod raw;
 
 use std::future::Future;
@@ -24,11 +25,13 @@ pub fn bin_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/debug/deps/e2e-HASH -> target/debug
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Tests run from target/PROFILE/deps, bench binaries from target/PROFILE.
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        dir
+    }
 }
 
 /// Path of one of the workspace binaries; fails with the command that builds them.
@@ -227,6 +230,11 @@ impl ControlPlane {
         })
     }
 
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// `https://ADDR`.
     pub fn url(&self) -> String {
         format!("https://{}", self.addr)
@@ -274,8 +282,32 @@ impl ControlPlane {
             .lines()
             .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+            .sum::<f64>()
+            // An empty f64 sum is -0.0.
+            + 0.0)
     }
+}
+
+/// Resident set size of a process in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")
+}
+
+/// CPU time (user + system) a process has used so far.
+pub fn cpu_time(pid: u32) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').context("bad stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).context("utime")?.parse::<u64>()?
+        + fields.get(12).context("stime")?.parse::<u64>()?;
+    // Linux reports in USER_HZ, 100 on every architecture Aviary targets.
+    Ok(Duration::from_millis(ticks * 10))
 }
 
 /// A plain HTTP/1.1 GET on loopback; returns the body of a 200.
@@ -320,11 +352,22 @@ impl Edge {
         labels: &[(&str, &str)],
         extra: &[&str],
     ) -> anyhow::Result<Edge> {
+        Edge::start_via(ws, &cp.url(), node_id, labels, extra).await
+    }
+
+    /// Like `start`, reaching the control plane at `url` (e.g. through a `Proxy`).
+    pub async fn start_via(
+        ws: &Workspace,
+        url: &str,
+        node_id: &str,
+        labels: &[(&str, &str)],
+        extra: &[&str],
+    ) -> anyhow::Result<Edge> {
         ws.edge_cert(node_id)?;
         let state_dir = ws.path(&format!("edge-{node_id}"));
         let mut args: Vec<String> = vec![
             "--control-plane".into(),
-            cp.url(),
+            url.to_owned(),
             "--certs".into(),
             ws.pki.dir.display().to_string(),
             "--node-id".into(),
@@ -349,6 +392,11 @@ impl Edge {
             args,
             log,
         })
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     /// The weights as `GET /v1/weights` serves them.

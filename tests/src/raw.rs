@@ -74,6 +74,11 @@ impl RawStream {
         }
     }
 
+    /// The next control message, waiting as long as it takes; `None` when the stream ends.
+    pub async fn recv(&mut self) -> Result<Option<pb::ControlMessage>, tonic::Status> {
+        self.inbound.message().await
+    }
+
     /// The next weight assignment and its nonce.
     pub async fn next_weights(
         &mut self,

@@ -6,7 +6,7 @@
 use aviary_proto::v1 as pb;
 use bytes::{BufMut, Bytes};
 use prost::Message;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
 
 /// A `ControlMessage` as sent: nonce plus pre-encoded body (a `ControlMessage` whose nonce
@@ -17,6 +17,12 @@ pub(super) struct ControlFrame {
     pub nonce: String,
     /// Encoded `ControlMessage` fields other than the nonce.
     pub body: Bytes,
+}
+
+/// tonic starts every stream with 8 KiB buffers each way; fleet messages are tens of bytes
+/// and there is one stream per node, so start small (buffers grow for larger messages).
+fn stream_buffer() -> BufferSettings {
+    BufferSettings::new(512, 32 * 1024)
 }
 
 /// Encodes `ControlFrame`s, decodes `EdgeMessage`s.
@@ -53,6 +59,10 @@ impl Encoder for FrameEncoder {
         dst.put_slice(&item.body);
         Ok(())
     }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        stream_buffer()
+    }
 }
 
 /// See `FleetCodec`.
@@ -67,6 +77,10 @@ impl Decoder for EdgeDecoder {
         pb::EdgeMessage::decode(buf)
             .map(Some)
             .map_err(|e| Status::invalid_argument(format!("malformed EdgeMessage: {e}")))
+    }
+
+    fn buffer_settings(&self) -> BufferSettings {
+        stream_buffer()
     }
 }
 

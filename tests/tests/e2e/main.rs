@@ -3,6 +3,7 @@
 
 mod auth;
 mod durability;
+mod lifecycle;
 mod protocol;
 mod tools;
 mod weights;

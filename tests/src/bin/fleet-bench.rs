@@ -1,0 +1,358 @@
+//! `aviary-fleet-bench`: fleet-scale figures for docs/perf.md, on real processes.
+//!
+//! For each N: a release control plane, N simulated nodes (aviary-fleet-sim, split over
+//! processes), then: RSS growth per stream, idle CPU, one SetWeight to all N (commit →
+//! ACK latency), and a reconnect storm after `kill -9` (time until every node holds a
+//! stream again, streams shed, errors). Finally the edge daemon's own footprint.
+//!
+//! Run by hand: `cargo run --release -p aviary-tests --bin aviary-fleet-bench -- --nodes 1000,10000,19000`.
+//! `scripts/test` runs `--smoke` (100 nodes, short windows) to keep it working.
+
+use std::collections::{BTreeMap, HashSet};
+use std::process::Stdio;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use aviary_proto::v1 as pb;
+use aviary_tests::{bin, cpu_time, rss_kib, ControlPlane, Edge, Workspace};
+use clap::Parser;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::mpsc;
+
+/// Fleet benchmarks (see the module docs).
+#[derive(Parser, Debug)]
+#[command(name = "aviary-fleet-bench")]
+struct Args {
+    /// Fleet sizes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,10000,19000")]
+    nodes: Vec<usize>,
+    /// Simulated nodes per simulator process (each holds one fd per node).
+    #[arg(long, default_value_t = 5000)]
+    per_process: usize,
+    /// Seconds of idle measurement (CPU per held stream).
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
+    /// Seconds the edge footprint is measured over.
+    #[arg(long, default_value_t = 30)]
+    edge_secs: u64,
+    /// Small and quick: 100 nodes, 2 s windows (scripts/test).
+    #[arg(long)]
+    smoke: bool,
+    /// Extra control-plane flags, e.g. `--cp-arg=--admission-rate=5000`.
+    #[arg(long = "cp-arg", allow_hyphen_values = true)]
+    cp_args: Vec<String>,
+}
+
+enum Event {
+    Up(usize, u128),
+    Ack(u128),
+    Err(String),
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+struct Sims {
+    children: Vec<Child>,
+    events: mpsc::Receiver<Event>,
+}
+
+impl Sims {
+    async fn start(
+        ws: &Workspace,
+        cp: &ControlPlane,
+        nodes: usize,
+        per_process: usize,
+    ) -> anyhow::Result<Sims> {
+        let (tx, events) = mpsc::channel(65_536);
+        let mut children = Vec::new();
+        let mut first = 0;
+        while first < nodes {
+            let count = per_process.min(nodes - first);
+            let mut child = Command::new(bin("aviary-fleet-sim")?)
+                .args(["--control-plane", &cp.url(), "--certs"])
+                .arg(&ws.pki.dir)
+                .args([
+                    "--nodes",
+                    &count.to_string(),
+                    "--first",
+                    &first.to_string(),
+                    "--label",
+                    "bench=yes",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .kill_on_drop(true)
+                .spawn()?;
+            let stdout = child.stdout.take().context("sim stdout")?;
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stdout).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    let event = match f.as_slice() {
+                        ["up", i, t] => Event::Up(i.parse().unwrap_or(0), t.parse().unwrap_or(0)),
+                        ["ack", _, _, t] => Event::Ack(t.parse().unwrap_or(0)),
+                        ["err", _, code] => Event::Err((*code).to_owned()),
+                        _ => continue,
+                    };
+                    if tx.send(event).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            children.push(child);
+            first += count;
+        }
+        Ok(Sims { children, events })
+    }
+
+    /// Collects events until `done` says so or `timeout`; returns errors seen by code.
+    async fn until(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        mut on: impl FnMut(&Event) -> bool,
+    ) -> anyhow::Result<BTreeMap<String, usize>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut errors = BTreeMap::new();
+        loop {
+            let event = match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                Ok(Some(e)) => e,
+                Ok(None) => bail!("simulators exited while waiting for {what}"),
+                Err(_) => bail!("timed out after {timeout:?} waiting for {what}"),
+            };
+            if let Event::Err(code) = &event {
+                *errors.entry(code.clone()).or_default() += 1;
+            }
+            if on(&event) {
+                return Ok(errors);
+            }
+        }
+    }
+
+    async fn stop(mut self) {
+        for child in &mut self.children {
+            let _ = child.kill().await;
+        }
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+struct FleetFigures {
+    nodes: usize,
+    connect_secs: f64,
+    rss_base_mib: f64,
+    rss_per_stream_kib: f64,
+    idle_cpu_pct: f64,
+    push_p50_ms: f64,
+    push_p99_ms: f64,
+    push_max_ms: f64,
+    storm_secs: f64,
+    storm_shed: f64,
+    storm_errors: BTreeMap<String, usize>,
+    rss_after_storm_mib: f64,
+}
+
+async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
+    let ws = Workspace::new()?;
+    let cp_args: Vec<&str> = args.cp_args.iter().map(String::as_str).collect();
+    let mut cp = ControlPlane::start(&ws, &cp_args).await?;
+    let pid = cp.pid().context("cp pid")?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss0 = rss_kib(pid)?;
+
+    let started = Instant::now();
+    let mut sims = Sims::start(&ws, &cp, nodes, args.per_process).await?;
+    let mut up = HashSet::new();
+    sims.until(Duration::from_secs(300), "every node to connect", |e| {
+        if let Event::Up(i, _) = e {
+            up.insert(*i);
+        }
+        up.len() == nodes
+    })
+    .await?;
+    let connect_secs = started.elapsed().as_secs_f64();
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1 = rss_kib(pid)?;
+    let cpu0 = cpu_time(pid)?;
+    let idle = Duration::from_secs(args.idle_secs);
+    tokio::time::sleep(idle).await;
+    let idle_cpu_pct = (cpu_time(pid)? - cpu0).as_secs_f64() / idle.as_secs_f64() * 100.0;
+
+    // One SetWeight to all N: from just before the call (an upper bound on commit) to
+    // each node's ACK as the simulator sends it.
+    let mut admin = ws.admin(&cp).await?;
+    let t0 = now_ns();
+    admin
+        .nodes
+        .set_weight(pb::SetWeightRequest {
+            module: "gateway".into(),
+            weight: 50,
+            selector: "bench=yes".into(),
+        })
+        .await?;
+    let mut latencies = Vec::with_capacity(nodes);
+    sims.until(
+        Duration::from_secs(120),
+        "every node to ACK the new weights",
+        |e| {
+            if let Event::Ack(t) = e {
+                latencies.push(t.saturating_sub(t0) as f64 / 1e6);
+            }
+            latencies.len() == nodes
+        },
+    )
+    .await?;
+    latencies.sort_by(f64::total_cmp);
+
+    // Reconnect storm.
+    cp.kill9().await?;
+    cp.restart().await?;
+    let restarted = now_ns();
+    let storm_start = Instant::now();
+    let mut back = HashSet::new();
+    let storm_errors = sims
+        .until(
+            Duration::from_secs(300),
+            "every node to reconnect after kill -9",
+            |e| {
+                if let Event::Up(i, t) = e {
+                    if *t >= restarted {
+                        back.insert(*i);
+                    }
+                }
+                back.len() == nodes
+            },
+        )
+        .await?;
+    let storm_secs = storm_start.elapsed().as_secs_f64();
+    let storm_shed = cp.metric("aviary_streams_shed_total").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_after = rss_kib(cp.pid().context("cp pid")?)?;
+    sims.stop().await;
+
+    Ok(FleetFigures {
+        nodes,
+        connect_secs,
+        rss_base_mib: rss0 as f64 / 1024.0,
+        rss_per_stream_kib: rss1.saturating_sub(rss0) as f64 / nodes as f64,
+        idle_cpu_pct,
+        push_p50_ms: percentile(&latencies, 50.0),
+        push_p99_ms: percentile(&latencies, 99.0),
+        push_max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+        storm_secs,
+        storm_shed,
+        storm_errors,
+        rss_after_storm_mib: rss_after as f64 / 1024.0,
+    })
+}
+
+struct EdgeFigures {
+    rss_kib: u64,
+    cpu_pct: f64,
+    binary_bytes: u64,
+    assignments: u32,
+}
+
+async fn edge_footprint(secs: u64) -> anyhow::Result<EdgeFigures> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let edge = Edge::start(&ws, &cp, "gw-bench", &[], &[]).await?;
+    let pid = edge.pid().context("edge pid")?;
+    let mut admin = ws.admin(&cp).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let cpu0 = cpu_time(pid)?;
+    let start = Instant::now();
+    let mut assignments = 0;
+    let mut peak = 0;
+    // Weights streaming: a new assignment every second.
+    while start.elapsed() < Duration::from_secs(secs) {
+        assignments += 1;
+        admin
+            .nodes
+            .set_weight(pb::SetWeightRequest {
+                module: "gateway".into(),
+                weight: assignments % 101,
+                selector: String::new(),
+            })
+            .await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak = peak.max(rss_kib(pid)?);
+    }
+    let cpu_pct = (cpu_time(pid)? - cpu0).as_secs_f64() / start.elapsed().as_secs_f64() * 100.0;
+    let binary_bytes = std::fs::metadata(bin("aviary-edge")?)?.len();
+    Ok(EdgeFigures {
+        rss_kib: peak,
+        cpu_pct,
+        binary_bytes,
+        assignments,
+    })
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.nodes = vec![100];
+        args.idle_secs = 2;
+        args.edge_secs = 3;
+    }
+    let profile = if cfg!(debug_assertions) {
+        "debug (figures not representative)"
+    } else {
+        "release"
+    };
+    println!(
+        "aviary-fleet-bench: {} cores, {profile} binaries from {}",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        aviary_tests::bin_dir().display()
+    );
+    println!();
+    println!("| N | connect all | CP RSS base | RSS/stream | idle CPU | SetWeight→ACK p50 / p99 / max | storm: all synced | shed | errors | RSS after storm |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut last = None;
+    for &n in &args.nodes {
+        let f = fleet(&args, n).await?;
+        println!(
+            "| {} | {:.1} s | {:.1} MiB | {:.1} KiB | {:.2}% | {:.0} / {:.0} / {:.0} ms | {:.1} s | {:.0} | {:?} | {:.1} MiB |",
+            f.nodes, f.connect_secs, f.rss_base_mib, f.rss_per_stream_kib, f.idle_cpu_pct,
+            f.push_p50_ms, f.push_p99_ms, f.push_max_ms, f.storm_secs, f.storm_shed, f.storm_errors, f.rss_after_storm_mib,
+        );
+        last = Some(f);
+    }
+    if let Some(f) = last {
+        let mem_gib =
+            (f.rss_base_mib * 1024.0 + f.rss_per_stream_kib * 100_000.0) / 1024.0 / 1024.0;
+        let cpu = f.idle_cpu_pct / f.nodes as f64 * 100_000.0;
+        println!();
+        println!(
+            "Projection for 100,000 nodes from the N={} run (linear in N; a projection, not a measurement): \
+             RSS ≈ {:.2} GiB, idle CPU ≈ {:.0}% of one core.",
+            f.nodes, mem_gib, cpu
+        );
+    }
+    let e = edge_footprint(args.edge_secs).await?;
+    println!();
+    println!(
+        "Edge daemon, connected, {} weight assignments over {} s: peak RSS {:.1} MiB, CPU {:.3}% of a core, binary {:.1} MiB ({}).",
+        e.assignments, args.edge_secs, e.rss_kib as f64 / 1024.0, e.cpu_pct, e.binary_bytes as f64 / 1024.0 / 1024.0, profile
+    );
+    Ok(())
+}
