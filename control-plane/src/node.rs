@@ -1,9 +1,16 @@
 //! What the control plane records about each node, and how manual weight rules turn into
 //! a node's effective weights.
 //!
-//! Invariant: a node's `desired.revision` only ever grows, and a revision number names
-//! exactly one weight map for that node, including across restarts (it is persisted before
-//! it is sent).
+//! A node's desired weights are not stored: they are a function of the (durable) weight
+//! rules and the node's labels. Its revision is the highest `seq` among the rules that
+//! match it, or its `label_revision` if that is higher; rule seqs and label revisions come
+//! from one persisted counter. So a SetWeight writes one rule however many nodes it moves,
+//! and still:
+//!
+//! Invariant: a node's revision only ever grows, and a revision number names exactly one
+//! weight map for that node, including across restarts. (Weights change only when a rule
+//! that matches is added or replaced — with a new, higher seq — or when the labels change,
+//! which bumps `label_revision`.)
 
 use std::collections::BTreeMap;
 
@@ -28,7 +35,7 @@ pub(crate) struct ModuleRecord {
 }
 
 /// The weights a node should have, at a revision.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct DesiredWeights {
     /// Revision of this weight map for this node; 0 means nothing was ever assigned.
     pub revision: u64,
@@ -58,8 +65,9 @@ pub(crate) struct NodeRecord {
     pub daemon_version: String,
     /// Modules from its last Hello.
     pub modules: Vec<ModuleRecord>,
-    /// Effective weights and their revision.
-    pub desired: DesiredWeights,
+    /// Revision handed out when its labels last changed (or when it reappeared with
+    /// history we cannot vouch for); 0 if never.
+    pub label_revision: u64,
     /// Revoked nodes are refused and cut off.
     pub revoked: bool,
 }
@@ -94,6 +102,20 @@ impl WeightRule {
     /// Rules with the same key replace each other.
     pub(crate) fn key(&self) -> String {
         format!("{}\u{0}{}", self.module, self.selector)
+    }
+}
+
+/// The desired weights of `node` under `rules` (sorted by `seq`).
+pub(crate) fn desired(rules: &[WeightRule], node: &NodeRecord) -> DesiredWeights {
+    let newest_rule = rules
+        .iter()
+        .filter(|r| r.selector.matches(&node.labels))
+        .map(|r| r.seq)
+        .max()
+        .unwrap_or(0);
+    DesiredWeights {
+        revision: node.label_revision.max(newest_rule),
+        weights: effective_weights(rules, &node.labels),
     }
 }
 
@@ -143,5 +165,26 @@ mod tests {
             effective_weights(&rules, &us),
             [("gateway".into(), 100), ("cache".into(), 50)].into()
         );
+    }
+
+    #[test]
+    fn revisions_follow_matching_rules_and_label_changes() {
+        let rules = vec![
+            rule(4, "gateway", "", 100),
+            rule(9, "gateway", "region=eu", 0),
+        ];
+        let mut node = NodeRecord {
+            labels: [("region".to_string(), "us".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            desired(&rules, &node).revision,
+            4,
+            "the eu rule does not touch us"
+        );
+        node.labels.insert("region".into(), "eu".into());
+        assert_eq!(desired(&rules, &node).revision, 9);
+        node.label_revision = 12;
+        assert_eq!(desired(&rules, &node).revision, 12);
     }
 }

@@ -22,8 +22,8 @@ use tokio::sync::{broadcast, oneshot, watch};
 use crate::audit::{now_ms, timestamp, Event, EventFilter, NewEvent};
 use crate::error::ControlPlaneError;
 use crate::node::{
-    effective_weights, DesiredWeights, ModuleRecord, NackRecord, NodeRecord, NodeStatus,
-    WeightRule, MAX_WEIGHT,
+    desired, DesiredWeights, ModuleRecord, NackRecord, NodeRecord, NodeStatus, WeightRule,
+    MAX_WEIGHT,
 };
 use crate::selector::Selector;
 use crate::store::{Change, Store};
@@ -73,6 +73,8 @@ pub(crate) struct HelloInfo {
     pub daemon_version: String,
     /// Installed modules.
     pub modules: Vec<ModuleRecord>,
+    /// The weights revision the node says it has applied.
+    pub applied_weights: u64,
 }
 
 /// A session's link to the registry, returned by `attach`.
@@ -96,6 +98,8 @@ struct Session {
 struct Entry {
     record: NodeRecord,
     status: NodeStatus,
+    /// `node::desired(rules, record)`, kept current by every mutation.
+    current: DesiredWeights,
     desired: watch::Sender<Arc<Desired>>,
     session: Option<Session>,
 }
@@ -130,15 +134,21 @@ impl Registry {
             .map_err(|e| ControlPlaneError::Unavailable(format!("store load task: {e}")))??;
         let now = Instant::now();
         let mut statuses: HashMap<String, NodeStatus> = snap.statuses.into_iter().collect();
+        let mut shared = HashMap::new();
         let nodes = snap
             .nodes
             .into_iter()
             .map(|record| {
-                let desired = Arc::new(Desired::new(&record.desired, ttl_seconds, now));
+                let current = desired(&snap.rules, &record);
+                let message = shared
+                    .entry(current.clone())
+                    .or_insert_with(|| Arc::new(Desired::new(&current, ttl_seconds, now)))
+                    .clone();
                 let status = statuses.remove(&record.node_id).unwrap_or_default();
                 let entry = Entry {
                     status,
-                    desired: watch::Sender::new(desired),
+                    current,
+                    desired: watch::Sender::new(message),
                     session: None,
                     record,
                 };
@@ -223,15 +233,21 @@ impl Registry {
                     ..Default::default()
                 });
             let before = record.clone();
+            let labels_changed = existing.is_some() && record.labels != hello.labels;
             record.labels = hello.labels;
             record.arch = hello.arch;
             record.daemon_version = hello.daemon_version;
             record.modules = hello.modules;
-            let weights = effective_weights(&st.rules, &record.labels);
+            // A node we do not know that has applied a revision at or above what we would
+            // send has a history we cannot vouch for (e.g. its registration was lost in a
+            // crash): give it a fresh revision rather than reuse a number for another map.
+            let unknown_history = existing.is_none()
+                && hello.applied_weights > 0
+                && hello.applied_weights >= desired(&st.rules, &record).revision;
             let mut new_revision = None;
-            if weights != record.desired.weights {
+            if labels_changed || unknown_history {
                 let revision = st.revision + 1;
-                record.desired = DesiredWeights { revision, weights };
+                record.label_revision = revision;
                 new_revision = Some(revision);
             }
             let changed = existing.is_none() || record != before;
@@ -249,7 +265,8 @@ impl Registry {
                 Vec::new()
             };
             // A new revision must be durable before it is sent: a revision number names
-            // exactly one weight map, even across a crash.
+            // exactly one weight map, even across a crash. Other registration details
+            // (arch, modules) ride on sled's background flush.
             self.commit(Change {
                 nodes: vec![record.clone()],
                 revision: new_revision,
@@ -267,9 +284,11 @@ impl Registry {
             st.revision = st.revision.max(rev);
         }
         let ttl = self.ttl_seconds;
+        let rules = std::mem::take(&mut st.rules);
         let entry = st.nodes.entry(node_id.to_owned()).or_insert_with(|| Entry {
             record: NodeRecord::default(),
             status: NodeStatus::default(),
+            current: DesiredWeights::default(),
             desired: watch::Sender::new(Arc::new(Desired::new(
                 &DesiredWeights::default(),
                 ttl,
@@ -278,12 +297,12 @@ impl Registry {
             session: None,
         });
         if let Some(record) = record {
-            if entry.record.desired != record.desired {
-                entry.desired.send_replace(Arc::new(Desired::new(
-                    &record.desired,
-                    ttl,
-                    Instant::now(),
-                )));
+            let current = desired(&rules, &record);
+            if entry.current != current {
+                entry
+                    .desired
+                    .send_replace(Arc::new(Desired::new(&current, ttl, Instant::now())));
+                entry.current = current;
             }
             entry.record = record;
         }
@@ -303,6 +322,7 @@ impl Registry {
             parked: entry.status.nacked.as_ref().map(|n| n.revision),
         };
         let update = weights_update(entry);
+        st.rules = rules;
         st.dirty.insert(node_id.to_owned());
         metrics::gauge!("aviary_connected_nodes").increment(1.0);
         drop(st);
@@ -388,10 +408,11 @@ impl Registry {
             )));
         }
         let _writer = self.writer.lock().await;
-        let (rule, changed, matched, revision) = {
+        let started = Instant::now();
+        let (rule, rules, changed, matched) = {
             let st = self.state();
             let rule = WeightRule {
-                seq: st.rules.iter().map(|r| r.seq).max().unwrap_or(0) + 1,
+                seq: st.revision + 1,
                 module: module.to_owned(),
                 selector: selector.clone(),
                 weight,
@@ -399,34 +420,33 @@ impl Registry {
             let mut rules = st.rules.clone();
             rules.retain(|r| r.key() != rule.key());
             rules.push(rule.clone());
-            let revision = st.revision + 1;
             let mut changed = Vec::new();
             let mut matched = Vec::new();
             for entry in st.nodes.values() {
                 if selector.matches(&entry.record.labels) {
                     matched.push(entry.record.node_id.clone());
-                }
-                let weights = effective_weights(&rules, &entry.record.labels);
-                if weights != entry.record.desired.weights {
-                    let mut record = entry.record.clone();
-                    record.desired = DesiredWeights { revision, weights };
-                    changed.push(record);
+                    // Only nodes the rule matches can change; their revision is the rule's.
+                    let next = desired(&rules, &entry.record);
+                    if next != entry.current {
+                        changed.push((entry.record.node_id.clone(), next));
+                    }
                 }
             }
             matched.sort();
-            (rule, changed, matched, revision)
+            (rule, rules, changed, matched)
         };
+        let revision = rule.seq;
         let detail = format!(
             "weight={weight} selector={:?} matched={} changed={} revision={revision}",
             selector.to_string(),
             matched.len(),
             changed.len(),
         );
+        // One rule, the counter and the audit event: the same cost for 1 node or 100,000.
         let stored = self
             .commit(Change {
-                nodes: changed.clone(),
-                rules: vec![rule.clone()],
-                revision: (!changed.is_empty()).then_some(revision),
+                rules: vec![rule],
+                revision: Some(revision),
                 events: vec![NewEvent::new(
                     actor.to_string(),
                     "nodes.set_weight",
@@ -434,6 +454,7 @@ impl Registry {
                     detail,
                 )],
                 durable: true,
+                ..Default::default()
             })
             .await?;
 
@@ -441,31 +462,32 @@ impl Registry {
         let mut updates = Vec::with_capacity(changed.len());
         {
             let mut st = self.state();
-            st.rules.retain(|r| r.key() != rule.key());
-            st.rules.push(rule);
-            if !changed.is_empty() {
-                st.revision = revision;
-            }
+            st.rules = rules;
+            st.revision = revision;
             // Nodes that end up with the same map share one encoded message.
-            let mut shared: HashMap<BTreeMap<String, u32>, Arc<Desired>> = HashMap::new();
-            for record in changed {
-                let desired = shared
-                    .entry(record.desired.weights.clone())
+            let mut shared: HashMap<DesiredWeights, Arc<Desired>> = HashMap::new();
+            for (node_id, next) in changed {
+                let message = shared
+                    .entry(next.clone())
                     .or_insert_with(|| {
-                        Arc::new(Desired::new(
-                            &record.desired,
-                            self.ttl_seconds,
-                            committed_at,
-                        ))
+                        Arc::new(Desired::new(&next, self.ttl_seconds, committed_at))
                     })
                     .clone();
-                if let Some(entry) = st.nodes.get_mut(&record.node_id) {
-                    entry.record.desired = record.desired;
-                    entry.desired.send_replace(desired);
+                if let Some(entry) = st.nodes.get_mut(&node_id) {
+                    entry.current = next;
+                    entry.desired.send_replace(message);
                     updates.push(weights_update(entry));
                 }
             }
         }
+        tracing::info!(
+            module,
+            weight,
+            revision,
+            nodes = updates.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "weights committed and published"
+        );
         for update in updates {
             let _ = self.weights.send(update);
         }
@@ -591,10 +613,9 @@ impl Registry {
 fn weights_update(entry: &Entry) -> pb::NodeWeights {
     pb::NodeWeights {
         node_id: entry.record.node_id.clone(),
-        revision: entry.record.desired.revision,
+        revision: entry.current.revision,
         weights: entry
-            .record
-            .desired
+            .current
             .weights
             .iter()
             .map(|(k, v)| (k.clone(), *v))
@@ -624,15 +645,15 @@ fn node_view(entry: &Entry) -> pb::Node {
                 slot: m.slot.clone(),
             })
             .collect(),
-        weights: r
-            .desired
+        weights: entry
+            .current
             .weights
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect(),
         arch: r.arch.clone(),
         daemon_version: r.daemon_version.clone(),
-        desired_revision: r.desired.revision,
+        desired_revision: entry.current.revision,
         acked_revision: entry.status.acked_revision,
         nacked_revision: entry.status.nacked.as_ref().map_or(0, |n| n.revision),
         nack_error: entry

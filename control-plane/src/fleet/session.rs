@@ -86,7 +86,8 @@ pub(super) async fn open(
         .iter()
         .find(|a| a.resource == WEIGHTS)
         .map_or(0, |a| a.revision);
-    let info = hello_info(hello)?;
+    let mut info = hello_info(hello)?;
+    info.applied_weights = applied;
     let attachment = fleet.registry.attach(&node_id, info).await?;
 
     let (tx, rx) = mpsc::channel(4);
@@ -143,6 +144,7 @@ fn hello_info(hello: pb::Hello) -> Result<HelloInfo, Status> {
         arch: hello.arch,
         daemon_version: hello.daemon_version,
         modules,
+        applied_weights: 0,
     })
 }
 

@@ -137,6 +137,15 @@ impl Sims {
         }
     }
 
+    /// CPU time of every simulator process so far.
+    fn cpu_time(&self) -> Duration {
+        self.children
+            .iter()
+            .filter_map(|c| c.id())
+            .filter_map(|pid| cpu_time(pid).ok())
+            .sum()
+    }
+
     async fn stop(mut self) {
         for child in &mut self.children {
             let _ = child.kill().await;
@@ -161,6 +170,8 @@ struct FleetFigures {
     push_p50_ms: f64,
     push_p99_ms: f64,
     push_max_ms: f64,
+    rpc_ms: f64,
+    push_cpu: (Duration, Duration),
     storm_secs: f64,
     storm_shed: f64,
     storm_errors: BTreeMap<String, usize>,
@@ -197,6 +208,8 @@ async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
     // One SetWeight to all N: from just before the call (an upper bound on commit) to
     // each node's ACK as the simulator sends it.
     let mut admin = ws.admin(&cp).await?;
+    let cp_cpu0 = cpu_time(pid)?;
+    let sims_cpu0 = sims.cpu_time();
     let t0 = now_ns();
     admin
         .nodes
@@ -206,6 +219,7 @@ async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
             selector: "bench=yes".into(),
         })
         .await?;
+    let rpc_ms = now_ns().saturating_sub(t0) as f64 / 1e6;
     let mut latencies = Vec::with_capacity(nodes);
     sims.until(
         Duration::from_secs(120),
@@ -219,6 +233,7 @@ async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
     )
     .await?;
     latencies.sort_by(f64::total_cmp);
+    let push_cpu = (cpu_time(pid)? - cp_cpu0, sims.cpu_time() - sims_cpu0);
 
     // Reconnect storm.
     cp.kill9().await?;
@@ -255,6 +270,8 @@ async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
         push_p50_ms: percentile(&latencies, 50.0),
         push_p99_ms: percentile(&latencies, 99.0),
         push_max_ms: latencies.last().copied().unwrap_or(f64::NAN),
+        rpc_ms,
+        push_cpu,
         storm_secs,
         storm_shed,
         storm_errors,
@@ -325,15 +342,20 @@ async fn main() -> anyhow::Result<()> {
         aviary_tests::bin_dir().display()
     );
     println!();
-    println!("| N | connect all | CP RSS base | RSS/stream | idle CPU | SetWeight→ACK p50 / p99 / max | storm: all synced | shed | errors | RSS after storm |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| N | connect all | CP RSS base | RSS/stream | idle CPU | SetWeight RPC | SetWeight→ACK p50 / p99 / max | storm: all synced | shed | errors | RSS after storm |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut last = None;
     for &n in &args.nodes {
         let f = fleet(&args, n).await?;
         println!(
-            "| {} | {:.1} s | {:.1} MiB | {:.1} KiB | {:.2}% | {:.0} / {:.0} / {:.0} ms | {:.1} s | {:.0} | {:?} | {:.1} MiB |",
-            f.nodes, f.connect_secs, f.rss_base_mib, f.rss_per_stream_kib, f.idle_cpu_pct,
+            "| {} | {:.1} s | {:.1} MiB | {:.1} KiB | {:.2}% | {:.0} ms | {:.0} / {:.0} / {:.0} ms | {:.1} s | {:.0} | {:?} | {:.1} MiB |",
+            f.nodes, f.connect_secs, f.rss_base_mib, f.rss_per_stream_kib, f.idle_cpu_pct, f.rpc_ms,
             f.push_p50_ms, f.push_p99_ms, f.push_max_ms, f.storm_secs, f.storm_shed, f.storm_errors, f.rss_after_storm_mib,
+        );
+        println!(
+            "  (push CPU: control plane {:.0} ms, simulators {:.0} ms)",
+            f.push_cpu.0.as_secs_f64() * 1e3,
+            f.push_cpu.1.as_secs_f64() * 1e3
         );
         last = Some(f);
     }

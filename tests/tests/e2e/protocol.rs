@@ -327,3 +327,44 @@ async fn admission_control_sheds_excess_streams_with_unavailable() -> anyhow::Re
     assert_eq!(cp.metric("aviary_streams_shed_total").await?, 4.0);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_node_whose_labels_change_gets_a_new_revision_with_the_weights_of_its_new_labels(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let link = edge_link(&ws, &cp, "gw-1")?;
+    let mut admin = ws.admin(&cp).await?;
+    for (weight, selector) in [(10, "region=eu"), (20, "region=us")] {
+        admin
+            .nodes
+            .set_weight(pb::SetWeightRequest {
+                module: "gateway".into(),
+                weight,
+                selector: selector.into(),
+            })
+            .await?;
+    }
+    let mut stream = RawStream::open(&link, hello("gw-1", &[("region", "eu")], 0)).await?;
+    let (nonce, eu) = stream.next_weights(Duration::from_secs(5)).await?;
+    assert_eq!(eu.weights.get("gateway"), Some(&10));
+    stream.ack(&nonce, eu.revision).await?;
+    drop(stream);
+
+    // Same labels again: nothing to send. Moved to another region: a newer revision.
+    let mut stream =
+        RawStream::open(&link, hello("gw-1", &[("region", "eu")], eu.revision)).await?;
+    assert!(stream.next(QUIET).await?.is_none());
+    drop(stream);
+    let mut stream =
+        RawStream::open(&link, hello("gw-1", &[("region", "us")], eu.revision)).await?;
+    let (_, us) = stream.next_weights(Duration::from_secs(5)).await?;
+    assert_eq!(us.weights.get("gateway"), Some(&20));
+    assert!(
+        us.revision > eu.revision,
+        "{} is not newer than {}",
+        us.revision,
+        eu.revision
+    );
+    Ok(())
+}
