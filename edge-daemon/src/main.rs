@@ -39,6 +39,7 @@ fn main() -> ExitCode {
                 eprintln!("aviary-edge: --metrics-listen {addr}: {e}");
                 return ExitCode::FAILURE;
             }
+            describe_metrics();
         }
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
@@ -82,4 +83,22 @@ fn init_logging(format: LogFormat) {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Help text for every metric the daemon exports (`promtool check metrics` wants it).
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!(
+        "aviary_edge_connected",
+        "1 while the fleet stream to the control plane is up."
+    );
+    describe_gauge!(
+        "aviary_edge_weights_revision",
+        "Revision of the weights applied last."
+    );
+    describe_counter!("aviary_edge_nacks_total", "Assignments refused as invalid.");
+    describe_counter!(
+        "aviary_edge_reconnects_total",
+        "Attempts to reopen the fleet stream."
+    );
 }

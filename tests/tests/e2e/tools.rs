@@ -312,3 +312,94 @@ fn bad_daemon_config_exits_64_naming_the_flag() -> anyhow::Result<()> {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--node-id"));
     Ok(())
 }
+
+/// promtool as `scripts/test` unpacks it from Debian's prometheus package.
+fn promtool() -> anyhow::Result<PathBuf> {
+    let path = tools_dir().join("prometheus/usr/bin/promtool");
+    if !path.exists() {
+        bail!(
+            "{} missing: scripts/test unpacks promtool (apt-get download prometheus)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// `promtool check metrics` reads the exposition on stdin and prints every lint problem.
+fn promtool_check(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = Command::new(promtool()?)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .context("promtool stdin")?
+        .write_all(text.as_bytes())?;
+    let out = child.wait_with_output()?;
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() || !report.trim().is_empty() {
+        bail!("promtool check metrics: {report}\non:\n{text}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn metrics_of_control_plane_and_daemon_pass_promtool() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let edge_metrics = aviary_tests::free_port()?;
+    let edge = Edge::start(
+        &ws,
+        &cp,
+        "gw-1",
+        &[("region", "eu")],
+        &["--metrics-listen", &edge_metrics.to_string()],
+    )
+    .await?;
+    // Every family the dashboards rely on has a sample once one weight went round.
+    let mut admin = ws.admin(&cp).await?;
+    eventually(Duration::from_secs(10), "gw-1 to connect", || async {
+        Ok((cp.metric("aviary_connected_nodes").await? == 1.0).then_some(()))
+    })
+    .await?;
+    admin
+        .nodes
+        .set_weight(pb::SetWeightRequest {
+            module: "gateway".into(),
+            weight: 40,
+            selector: "region=eu".into(),
+        })
+        .await?;
+    edge.wait_weight("gateway", 40).await?;
+    eventually(Duration::from_secs(10), "the ACK to be counted", || async {
+        Ok((cp.metric("aviary_acks_total").await? >= 1.0).then_some(()))
+    })
+    .await?;
+
+    let text = aviary_tests::http_get(cp.metrics, "/metrics").await?;
+    for family in [
+        "aviary_connected_nodes",
+        "aviary_streams_admitted_total",
+        "aviary_acks_total",
+        "aviary_propagation_seconds_bucket",
+    ] {
+        assert!(text.contains(family), "{family} missing:\n{text}");
+    }
+    promtool_check(&text)?;
+
+    let text = eventually(Duration::from_secs(10), "daemon metrics", || async {
+        let text = aviary_tests::http_get(edge_metrics, "/metrics").await?;
+        Ok(text.contains("aviary_edge_connected 1").then_some(text))
+    })
+    .await?;
+    promtool_check(&text)?;
+    Ok(())
+}
