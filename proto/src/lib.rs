@@ -1,10 +1,16 @@
 //! The Aviary wire contract: generated prost messages and tonic services for
 //! `aviary.v1` and `aviary.sensors.v1`, plus the encoded descriptor set for reflection.
 //!
+//! It also owns the formats both ends of the wire must agree on byte for byte: the release
+//! manifest (with SemVer rules), payload deltas, and sha256 naming.
+//!
 //! Architecture invariant: only this crate knows how the .proto files become Rust; every
 //! other crate converts these types to its own domain types where a request enters.
 
 pub mod codec;
+pub mod delta;
+pub mod digest;
+pub mod manifest;
 
 /// `aviary.v1`: fleet stream, nodes, audit, releases, rollouts.
 #[allow(missing_docs, unreachable_pub, clippy::all)]
