@@ -14,7 +14,10 @@ mod tls;
 pub use error::CertsError;
 pub use identity::{validate_name, Identity};
 pub use pki::{issue_admin, issue_edge, CertPaths, EdgeMinter, InitOptions, Pki};
-pub use signing::{generate_release_key, ReleaseKeyPaths};
+pub use signing::{
+    generate_release_key, PublicKey, ReleaseKeyPaths, ReleaseSigner, TrustedKeys,
+    UntrustedSignature,
+};
 pub use tls::{
     ca_roots, client_config, client_config_with, server_config, trust_domain_of, TlsFiles,
 };

@@ -65,6 +65,9 @@ pub struct Args {
     /// Largest message accepted from a client, in bytes.
     #[arg(long)]
     pub max_message_bytes: Option<usize>,
+    /// Largest release artifact accepted by `UploadRelease`, in bytes (default 512 MiB).
+    #[arg(long)]
+    pub max_release_bytes: Option<u64>,
 }
 
 /// Validated configuration.
@@ -86,6 +89,8 @@ pub struct Config {
     pub keepalive: Duration,
     /// Fleet stream settings.
     pub fleet: FleetSettings,
+    /// Largest release artifact accepted.
+    pub max_release_bytes: u64,
 }
 
 /// A configuration problem, naming the flag or key (exit status 64).
@@ -132,7 +137,15 @@ impl Args {
         if keepalive < Duration::from_millis(100) {
             return Err(ConfigError("--keepalive must be at least 100ms".into()));
         }
+        let max_release_bytes = self
+            .max_release_bytes
+            .or(file.max_release_bytes)
+            .unwrap_or(512 << 20);
+        if max_release_bytes == 0 {
+            return Err(ConfigError("--max-release-bytes must be at least 1".into()));
+        }
         Ok(Config {
+            max_release_bytes,
             listen: required(self.listen.or(file.listen), "listen")?,
             data_dir: required(self.data_dir.or(file.data_dir), "data-dir")?,
             certs: required(self.certs.or(file.certs), "certs")?,

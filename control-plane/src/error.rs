@@ -12,6 +12,12 @@ pub enum ControlPlaneError {
     /// The caller's identity may not do this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// The named thing exists already with other content.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// A size or space limit refuses the request.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// The request conflicts with the current state (e.g. a rollout owns the module).
     #[error("{0}")]
     FailedPrecondition(String),
@@ -45,6 +51,8 @@ impl From<ControlPlaneError> for tonic::Status {
             NotFound(_) => tonic::Status::not_found(e.to_string()),
             PermissionDenied(m) => tonic::Status::permission_denied(m.clone()),
             FailedPrecondition(m) => tonic::Status::failed_precondition(m.clone()),
+            AlreadyExists(m) => tonic::Status::already_exists(m.clone()),
+            ResourceExhausted(m) => tonic::Status::resource_exhausted(m.clone()),
             Unavailable(m) => tonic::Status::unavailable(m.clone()),
             Store(_) | Certs(_) | Io { .. } | Transport(_) => {
                 tracing::error!(error = %e, "internal error");

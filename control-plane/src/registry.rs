@@ -176,7 +176,8 @@ impl Registry {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn commit(&self, change: Change) -> Result<Vec<Event>, ControlPlaneError> {
+    /// Applies `change` atomically in the store and publishes its audit events.
+    pub(crate) async fn commit(&self, change: Change) -> Result<Vec<Event>, ControlPlaneError> {
         let store = self.store.clone();
         let stored = tokio::task::spawn_blocking(move || store.commit(change))
             .await

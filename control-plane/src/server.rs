@@ -13,15 +13,19 @@ use tonic::transport::Server;
 
 use crate::api::{AuditApi, NodesApi, ReleasesApi, RolloutsApi};
 use crate::auth::AuthLayer;
+use crate::blobs::Blobs;
+use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::error::ControlPlaneError;
 use crate::fleet::{Fleet, FleetService};
 use crate::listener::accept_loop;
 use crate::registry::Registry;
-use crate::store::SledStore;
+use crate::store::{SledStore, Store};
 
 /// Admin requests are small; anything bigger is a mistake or an attack.
 const MAX_ADMIN_MESSAGE_BYTES: usize = 1 << 20;
+/// Upload messages carry chunks (the CLI sends 1 MiB) or an attachment (up to 3 MiB).
+const RELEASE_MESSAGE_BYTES: usize = 4 << 20;
 
 /// Serves until `shutdown` is cancelled, then drains: fleet streams end with UNAVAILABLE
 /// (edges reconnect elsewhere), in-flight calls finish, statuses are flushed.
@@ -42,9 +46,29 @@ pub async fn run(
         context: format!("--data-dir {}", config.data_dir.display()),
         source,
     })?;
-    let store = SledStore::open(&config.data_dir)?;
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir)?);
     let ttl = u32::try_from(config.weight_ttl.as_secs()).unwrap_or(u32::MAX);
-    let registry = Arc::new(Registry::open(Arc::new(store), ttl).await?);
+    let registry = Arc::new(Registry::open(store.clone(), ttl).await?);
+    let blobs_dir = config.data_dir.join("blobs");
+    let blobs = Blobs::open(&blobs_dir).map_err(|source| ControlPlaneError::Io {
+        context: format!("blob store {}", blobs_dir.display()),
+        source,
+    })?;
+    // The public half only: the control plane checks signatures, it never makes them.
+    let trusted = aviary_certs::TrustedKeys::load(&config.certs)?;
+    if trusted.is_empty() {
+        tracing::warn!(
+            certs = %config.certs.display(),
+            "no release-signing.pub: every release upload will be refused"
+        );
+    }
+    let catalog = Arc::new(Catalog::new(
+        store.clone(),
+        registry.clone(),
+        blobs,
+        trusted,
+        config.max_release_bytes,
+    ));
     let listener =
         TcpListener::bind(config.listen)
             .await
@@ -73,7 +97,13 @@ pub async fn run(
     let flusher = tokio::spawn(flush_statuses(registry.clone(), shutdown.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in ["aviary.v1.Fleet", "aviary.v1.Nodes", "aviary.v1.Audit", ""] {
+    for name in [
+        "aviary.v1.Fleet",
+        "aviary.v1.Nodes",
+        "aviary.v1.Audit",
+        "aviary.v1.Releases",
+        "",
+    ] {
         health
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
@@ -109,7 +139,10 @@ pub async fn run(
         .add_service(FleetService::new(fleet))
         .add_service(nodes)
         .add_service(audit)
-        .add_service(pb::releases_server::ReleasesServer::new(ReleasesApi))
+        .add_service(
+            pb::releases_server::ReleasesServer::new(ReleasesApi::new(catalog))
+                .max_decoding_message_size(RELEASE_MESSAGE_BYTES),
+        )
         .add_service(pb::rollouts_server::RolloutsServer::new(RolloutsApi))
         .add_service(health_service)
         .add_service(reflection_v1alpha)

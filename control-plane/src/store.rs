@@ -1,4 +1,4 @@
-//! Durable metadata: nodes, weight rules, counters and the audit log.
+//! Durable metadata: nodes, weight rules, releases, counters and the audit log.
 //!
 //! `Store` is the seam for a replicated backend later; `SledStore` is the embedded default.
 //! Invariant: `commit` is atomic across everything it touches and durable when it returns
@@ -10,6 +10,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use crate::audit::{Event, EventFilter, NewEvent};
 use crate::node::{NodeRecord, NodeStatus, WeightRule};
+use crate::release::{release_key, ReleaseRecord};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -47,6 +48,8 @@ pub(crate) struct Change {
     pub nodes: Vec<NodeRecord>,
     /// Rules to insert or replace (by key).
     pub rules: Vec<WeightRule>,
+    /// Releases to insert or replace (by module and version).
+    pub releases: Vec<ReleaseRecord>,
     /// New highest revision, if it moved.
     pub revision: Option<u64>,
     /// Audit events to append.
@@ -70,6 +73,10 @@ pub(crate) trait Store: Send + Sync + 'static {
         filter: &EventFilter,
         limit: usize,
     ) -> Result<Vec<Event>, StoreError>;
+    /// One release.
+    fn release(&self, module: &str, version: &str) -> Result<Option<ReleaseRecord>, StoreError>;
+    /// Every release of `module` (all modules when `None`), in key order.
+    fn releases(&self, module: Option<&str>) -> Result<Vec<ReleaseRecord>, StoreError>;
 }
 
 /// The embedded sled store under `--data-dir`.
@@ -80,6 +87,7 @@ pub(crate) struct SledStore {
     rules: sled::Tree,
     events: sled::Tree,
     meta: sled::Tree,
+    releases: sled::Tree,
 }
 
 const REVISION: &[u8] = b"revision";
@@ -99,6 +107,7 @@ impl SledStore {
             rules: db.open_tree("rules")?,
             events: db.open_tree("events")?,
             meta: db.open_tree("meta")?,
+            releases: db.open_tree("releases")?,
             db,
         })
     }
@@ -160,37 +169,49 @@ impl Store for SledStore {
         for r in &change.rules {
             rule_rows.push((r.key(), encode(&r.key(), r)?));
         }
-        let result = (&self.nodes, &self.rules, &self.events, &self.meta).transaction(
-            |(nodes, rules, events, meta)| {
-                for (k, v) in &node_rows {
-                    nodes.insert(k.as_bytes(), v.as_slice())?;
-                }
-                for (k, v) in &rule_rows {
-                    rules.insert(k.as_bytes(), v.as_slice())?;
-                }
-                if let Some(rev) = change.revision {
-                    meta.insert(REVISION, &rev.to_be_bytes())?;
-                }
-                let mut stored = Vec::with_capacity(change.events.len());
-                if !change.events.is_empty() {
-                    let mut seq = meta
-                        .get(AUDIT_SEQ)?
-                        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                        .map(u64::from_be_bytes)
-                        .unwrap_or(0);
-                    for new in &change.events {
-                        seq += 1;
-                        let event = Event::stamp(seq, new.clone());
-                        let row = serde_json::to_vec(&event)
-                            .map_err(ConflictableTransactionError::Abort)?;
-                        events.insert(&seq.to_be_bytes(), row)?;
-                        stored.push(event);
-                    }
-                    meta.insert(AUDIT_SEQ, &seq.to_be_bytes())?;
-                }
-                Ok(stored)
-            },
+        let mut release_rows = Vec::with_capacity(change.releases.len());
+        for r in &change.releases {
+            release_rows.push((r.key(), encode(&r.module, r)?));
+        }
+        let trees = (
+            &self.nodes,
+            &self.rules,
+            &self.events,
+            &self.meta,
+            &self.releases,
         );
+        let result = trees.transaction(|(nodes, rules, events, meta, releases)| {
+            for (k, v) in &node_rows {
+                nodes.insert(k.as_bytes(), v.as_slice())?;
+            }
+            for (k, v) in &release_rows {
+                releases.insert(k.as_slice(), v.as_slice())?;
+            }
+            for (k, v) in &rule_rows {
+                rules.insert(k.as_bytes(), v.as_slice())?;
+            }
+            if let Some(rev) = change.revision {
+                meta.insert(REVISION, &rev.to_be_bytes())?;
+            }
+            let mut stored = Vec::with_capacity(change.events.len());
+            if !change.events.is_empty() {
+                let mut seq = meta
+                    .get(AUDIT_SEQ)?
+                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                for new in &change.events {
+                    seq += 1;
+                    let event = Event::stamp(seq, new.clone());
+                    let row =
+                        serde_json::to_vec(&event).map_err(ConflictableTransactionError::Abort)?;
+                    events.insert(&seq.to_be_bytes(), row)?;
+                    stored.push(event);
+                }
+                meta.insert(AUDIT_SEQ, &seq.to_be_bytes())?;
+            }
+            Ok(stored)
+        });
         let stored = result.map_err(|e| match e {
             TransactionError::Abort(source) => StoreError::Codec {
                 key: "event".into(),
@@ -230,6 +251,24 @@ impl Store for SledStore {
                     break;
                 }
             }
+        }
+        Ok(out)
+    }
+
+    fn release(&self, module: &str, version: &str) -> Result<Option<ReleaseRecord>, StoreError> {
+        let key = release_key(module, version);
+        self.releases
+            .get(&key)?
+            .map(|v| decode(&key, &v))
+            .transpose()
+    }
+
+    fn releases(&self, module: Option<&str>) -> Result<Vec<ReleaseRecord>, StoreError> {
+        let prefix = module.map(|m| release_key(m, "")).unwrap_or_default();
+        let mut out = Vec::new();
+        for kv in self.releases.scan_prefix(prefix) {
+            let (k, v) = kv?;
+            out.push(decode(&k, &v)?);
         }
         Ok(out)
     }

@@ -71,6 +71,10 @@ fn describe() {
         "aviary_calls_refused_total",
         "gRPC calls refused with PERMISSION_DENIED."
     );
+    describe_counter!(
+        "aviary_releases_uploaded_total",
+        "Release artifacts stored after their signature and digest checked out."
+    );
     describe_histogram!(
         "aviary_propagation_seconds",
         Unit::Seconds,

@@ -4,10 +4,12 @@
 mod audit;
 mod nodes;
 mod pending;
+mod releases;
 
 pub(crate) use audit::AuditApi;
 pub(crate) use nodes::NodesApi;
-pub(crate) use pending::{ReleasesApi, RolloutsApi};
+pub(crate) use pending::RolloutsApi;
+pub(crate) use releases::ReleasesApi;
 
 use aviary_certs::Identity;
 use tonic::{Request, Status};

@@ -2,44 +2,14 @@
 //! so clients generated today see the whole API, and answer UNIMPLEMENTED saying when.
 
 use aviary_proto::v1 as pb;
-use pb::releases_server::Releases;
 use pb::rollouts_server::Rollouts;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
-
-fn releases() -> Status {
-    Status::unimplemented("aviary.v1.Releases arrives with signed releases and deltas (issue 3)")
-}
+use tonic::{Request, Response, Status};
 
 fn rollouts() -> Status {
     Status::unimplemented(
         "aviary.v1.Rollouts arrives with deployments and canaries (issues 3 and 4)",
     )
-}
-
-/// `aviary.v1.Releases`, not yet implemented.
-pub(crate) struct ReleasesApi;
-
-#[tonic::async_trait]
-impl Releases for ReleasesApi {
-    async fn upload_release(
-        &self,
-        _: Request<Streaming<pb::UploadReleaseRequest>>,
-    ) -> Result<Response<pb::Release>, Status> {
-        Err(releases())
-    }
-    async fn get_release(
-        &self,
-        _: Request<pb::GetReleaseRequest>,
-    ) -> Result<Response<pb::Release>, Status> {
-        Err(releases())
-    }
-    async fn list_releases(
-        &self,
-        _: Request<pb::ListReleasesRequest>,
-    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
-        Err(releases())
-    }
 }
 
 /// `aviary.v1.Rollouts`, not yet implemented.

@@ -14,6 +14,8 @@ pub struct Admin {
     pub nodes: pb::nodes_client::NodesClient<Channel>,
     /// `aviary.v1.Audit`.
     pub audit: pb::audit_client::AuditClient<Channel>,
+    /// `aviary.v1.Releases`.
+    pub releases: pb::releases_client::ReleasesClient<Channel>,
 }
 
 impl Admin {
@@ -35,7 +37,8 @@ impl Admin {
             .with_context(|| format!("cannot reach the control plane at {url}"))?;
         Ok(Admin {
             nodes: pb::nodes_client::NodesClient::new(channel.clone()),
-            audit: pb::audit_client::AuditClient::new(channel),
+            audit: pb::audit_client::AuditClient::new(channel.clone()),
+            releases: pb::releases_client::ReleasesClient::new(channel),
         })
     }
 }

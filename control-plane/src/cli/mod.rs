@@ -3,6 +3,7 @@
 mod client;
 mod demo;
 mod output;
+pub mod release;
 
 use std::path::PathBuf;
 
@@ -75,11 +76,11 @@ pub enum Command {
         #[arg(long)]
         action: Option<String>,
     },
-    /// Releases (issue 3).
+    /// Signed releases: sign, upload, list, get.
     Release {
-        /// Arguments, once implemented.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// What to do.
+        #[command(subcommand)]
+        command: release::ReleaseCommand,
     },
     /// Rollouts (issues 3 and 4).
     Rollout {
@@ -139,8 +140,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             nodes,
             exit_when_done,
         } => demo::run(nodes, exit_when_done).await,
-        Command::Release { .. } => {
-            anyhow::bail!("aviary release: signed releases arrive with issue 3")
+        Command::Release { command } => {
+            release::run(
+                command,
+                format,
+                connect(&cli.control_plane, &cli.certs, &cli.admin),
+            )
+            .await
         }
         Command::Rollout { .. } => {
             anyhow::bail!("aviary rollout: rollouts arrive with issues 3 and 4")

@@ -212,3 +212,68 @@ pub(crate) fn event_line(format: Format, e: &pb::Event) {
         Format::Table => println!("{}", event_row(e).join("  ")),
     }
 }
+
+/// A release as JSON, with the names grpcurl prints (bytes fields omitted).
+fn release_json(r: &pb::Release) -> Value {
+    json!({
+        "module": r.module,
+        "version": r.version,
+        "sha256": r.sha256,
+        "size": r.size,
+        "target": r.target,
+        "runnable": r.runnable,
+        "createdAt": time(&r.created_at),
+        "attachments": r.attachments,
+        "artifacts": r.artifacts.iter().map(|a| json!({
+            "target": a.target, "sha256": a.sha256, "size": a.size,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn release_row(r: &pb::Release) -> Vec<String> {
+    let targets: Vec<&str> = r.artifacts.iter().map(|a| a.target.as_str()).collect();
+    vec![
+        r.module.clone(),
+        r.version.clone(),
+        targets.join(","),
+        r.size.to_string(),
+        r.sha256.chars().take(12).collect(),
+        if r.runnable { "service" } else { "file" }.into(),
+        if r.attachments.is_empty() {
+            "-".into()
+        } else {
+            r.attachments.join(",")
+        },
+        time(&r.created_at),
+    ]
+}
+
+const RELEASE_HEADER: [&str; 8] = [
+    "MODULE",
+    "VERSION",
+    "TARGETS",
+    "SIZE",
+    "SHA256",
+    "KIND",
+    "ATTACHMENTS",
+    "CREATED",
+];
+
+pub(crate) fn releases(format: Format, releases: &[pb::Release]) {
+    match format {
+        Format::Json => print_json(
+            &json!({ "releases": releases.iter().map(release_json).collect::<Vec<_>>() }),
+        ),
+        Format::Table => table(
+            &RELEASE_HEADER,
+            &releases.iter().map(release_row).collect::<Vec<_>>(),
+        ),
+    }
+}
+
+pub(crate) fn release(format: Format, r: &pb::Release) {
+    match format {
+        Format::Json => print_json(&release_json(r)),
+        Format::Table => table(&RELEASE_HEADER, &[release_row(r)]),
+    }
+}

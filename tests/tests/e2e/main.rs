@@ -5,5 +5,6 @@ mod auth;
 mod durability;
 mod lifecycle;
 mod protocol;
+mod releases;
 mod tools;
 mod weights;

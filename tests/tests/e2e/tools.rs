@@ -403,3 +403,82 @@ async fn metrics_of_control_plane_and_daemon_pass_promtool() -> anyhow::Result<(
     promtool_check(&text)?;
     Ok(())
 }
+
+/// `base64 -w0` of a file (coreutils), as grpcurl wants bytes fields.
+fn base64_of(path: &Path) -> anyhow::Result<String> {
+    Ok(run(Command::new("base64").arg("-w0").arg(path))?
+        .trim()
+        .to_owned())
+}
+
+#[tokio::test]
+async fn grpcurl_uploads_a_release_signed_with_the_cli_and_reads_it_back() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let artifact = ws.path("module.bin");
+    std::fs::write(&artifact, b"a small file module: firmware, model or data")?;
+    let out = run(Command::new(bin("aviary")?).args([
+        "release",
+        "sign",
+        "--module",
+        "firmware",
+        "--version",
+        "3.1.0",
+        "--target",
+        "aarch64",
+        "--file",
+        artifact.to_str().unwrap_or_default(),
+        "--sign-key",
+        ws.pki
+            .dir
+            .join("release-signing.key")
+            .to_str()
+            .unwrap_or_default(),
+        "--out-dir",
+        ws.dir.path().to_str().unwrap_or_default(),
+    ]))?;
+    let files: Vec<&str> = out.lines().collect();
+    assert_eq!(files.len(), 2, "{out}");
+    let body = format!(
+        r#"{{"metadata":{{"manifest":"{}","signature":"{}"}}}} {{"chunk":"{}"}}"#,
+        base64_of(Path::new(files[0]))?,
+        base64_of(Path::new(files[1]))?,
+        base64_of(&artifact)?,
+    );
+    let g = grpcurl()?;
+    let addr = cp.addr.to_string();
+    let mut child = Command::new(&g)
+        .args(tls_args(&ws.pki.dir))
+        .args(["-d", "@", &addr, "aviary.v1.Releases/UploadRelease"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .context("grpcurl stdin")?
+            .write_all(body.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let release: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(release["module"], "firmware");
+    assert_eq!(release["target"], "aarch64");
+    let got: serde_json::Value =
+        serde_json::from_str(&run(Command::new(&g).args(tls_args(&ws.pki.dir)).args([
+            "-d",
+            r#"{"module":"firmware","version":"3.1.0"}"#,
+            &addr,
+            "aviary.v1.Releases/GetRelease",
+        ]))?)?;
+    assert_eq!(got["sha256"], release["sha256"]);
+    assert_eq!(got["size"], "44");
+    Ok(())
+}

@@ -1,0 +1,434 @@
+//! Signed release uploads: the CLI path end to end, and every refusal leaving nothing
+//! behind on the control plane.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use aviary_certs::ReleaseSigner;
+use aviary_proto::digest::Sha256;
+use aviary_proto::manifest::Manifest;
+use aviary_proto::v1 as pb;
+use aviary_tests::{bin, eventually, Admin, ControlPlane, Workspace};
+use pb::upload_release_request::Kind;
+
+fn aviary(ws: &Workspace, cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new(bin("aviary")?)
+        .args(["--control-plane", &cp.url(), "--certs"])
+        .arg(&ws.pki.dir)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "aviary {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn signing_key(ws: &Workspace) -> PathBuf {
+    ws.pki.dir.join("release-signing.key")
+}
+
+fn manifest_for(data: &[u8], version: &str) -> Manifest {
+    Manifest {
+        module: "sample".into(),
+        version: version.into(),
+        target: "x86_64".into(),
+        sha256: Sha256::of(data).hex(),
+        size: data.len() as u64,
+        run: None,
+    }
+}
+
+/// Every file under the control plane's blob store (partial uploads included).
+fn blob_files(cp: &ControlPlane) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for sub in ["sha256", "tmp"] {
+        let dir = cp.data_dir.join("blobs").join(sub);
+        for e in std::fs::read_dir(&dir).with_context(|| dir.display().to_string())? {
+            out.push(e?.path());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Uploads `data` with `manifest`/`signature` as raw messages, `chunk` bytes at a time.
+async fn raw_upload(
+    admin: &mut Admin,
+    manifest: Vec<u8>,
+    signature: Vec<u8>,
+    data: &[u8],
+) -> Result<pb::Release, tonic::Status> {
+    let mut msgs = vec![pb::UploadReleaseRequest {
+        kind: Some(Kind::Metadata(pb::UploadMetadata {
+            manifest,
+            signature,
+        })),
+    }];
+    for chunk in data.chunks(64 * 1024) {
+        msgs.push(pb::UploadReleaseRequest {
+            kind: Some(Kind::Chunk(chunk.to_vec())),
+        });
+    }
+    admin
+        .releases
+        .upload_release(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+fn write(path: &Path, data: &[u8]) -> anyhow::Result<PathBuf> {
+    std::fs::write(path, data)?;
+    Ok(path.to_owned())
+}
+
+#[tokio::test]
+async fn a_signed_upload_with_its_sbom_is_stored_listed_and_survives_kill9() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let mut cp = ControlPlane::start(&ws, &[]).await?;
+    let artifact: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let file = write(&ws.path("sample-1.0.0"), &artifact)?;
+    let sbom = write(
+        &ws.path("sbom.spdx.json"),
+        br#"{"spdxVersion":"SPDX-2.3","name":"sample","packages":[]}"#,
+    )?;
+    let run_spec = write(
+        &ws.path("run.toml"),
+        b"args = [\"--port\", \"8080\"]\nlisten = \"127.0.0.1:8080\"\n[[probe]]\nhttp = \"http://127.0.0.1:8080/healthz\"\n",
+    )?;
+    let key = signing_key(&ws);
+    let out = aviary(
+        &ws,
+        &cp,
+        &[
+            "-o",
+            "json",
+            "release",
+            "upload",
+            "--module",
+            "sample",
+            "--version",
+            "1.0.0-rc.1+build.7",
+            "--target",
+            "x86_64",
+            "--file",
+            file.to_str().unwrap_or_default(),
+            "--run-spec",
+            run_spec.to_str().unwrap_or_default(),
+            "--sign-key",
+            key.to_str().unwrap_or_default(),
+            "--attach",
+            sbom.to_str().unwrap_or_default(),
+        ],
+    )?;
+    let uploaded: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(uploaded["sha256"], Sha256::of(&artifact).hex());
+    assert_eq!(uploaded["size"], artifact.len());
+    assert_eq!(uploaded["runnable"], true);
+    assert_eq!(
+        uploaded["attachments"],
+        serde_json::json!(["sbom.spdx.json"])
+    );
+    // Stored content-addressed, nothing partial left.
+    assert_eq!(
+        blob_files(&cp)?
+            .iter()
+            .filter(|p| p.to_string_lossy().contains("blobs/tmp/"))
+            .count(),
+        0
+    );
+    let stored = std::fs::read(
+        cp.data_dir
+            .join("blobs/sha256")
+            .join(Sha256::of(&artifact).hex()),
+    )?;
+    assert_eq!(stored, artifact);
+
+    // Sign offline, upload elsewhere: a second version via --manifest/--signature.
+    let v2 = write(&ws.path("sample-1.0.0b"), b"version two")?;
+    let signed = aviary(
+        &ws,
+        &cp,
+        &[
+            "release",
+            "sign",
+            "--module",
+            "sample",
+            "--version",
+            "1.0.0",
+            "--file",
+            v2.to_str().unwrap_or_default(),
+            "--sign-key",
+            key.to_str().unwrap_or_default(),
+            "--out-dir",
+            ws.dir.path().to_str().unwrap_or_default(),
+        ],
+    )?;
+    let paths: Vec<&str> = signed.lines().collect();
+    assert_eq!(paths.len(), 2, "{signed}");
+    aviary(
+        &ws,
+        &cp,
+        &[
+            "release",
+            "upload",
+            "--file",
+            v2.to_str().unwrap_or_default(),
+            "--manifest",
+            paths[0],
+            "--signature",
+            paths[1],
+        ],
+    )?;
+
+    cp.kill9().await?;
+    cp.restart().await?;
+    // Newest by SemVer precedence first: 1.0.0 > 1.0.0-rc.1.
+    let list: serde_json::Value =
+        serde_json::from_str(&aviary(&ws, &cp, &["-o", "json", "release", "list"])?)?;
+    let versions: Vec<&str> = list["releases"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|r| r["version"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(versions, ["1.0.0", "1.0.0-rc.1+build.7"]);
+    let table = aviary(
+        &ws,
+        &cp,
+        &["release", "get", "sample", "1.0.0-rc.1+build.7"],
+    )?;
+    assert!(
+        table.contains("sbom.spdx.json") && table.contains("service"),
+        "{table}"
+    );
+    let sbom_back = aviary(
+        &ws,
+        &cp,
+        &[
+            "release",
+            "get",
+            "sample",
+            "1.0.0-rc.1+build.7",
+            "--attachment",
+            "sbom.spdx.json",
+        ],
+    )?;
+    assert_eq!(sbom_back.as_bytes(), std::fs::read(&sbom)?);
+
+    let mut admin = ws.admin(&cp).await?;
+    let events = admin
+        .audit
+        .list_events(pb::ListEventsRequest {
+            filter: Some(pb::EventFilter {
+                action: "release.upload".into(),
+                ..Default::default()
+            }),
+            after_seq: 0,
+            limit: 0,
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].actor, "admin/admin");
+    assert_eq!(events[0].target, "release/sample@1.0.0-rc.1+build.7");
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_uploads_are_refused_with_a_clear_status_and_leave_nothing_behind() -> anyhow::Result<()>
+{
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &["--max-release-bytes", "100000"]).await?;
+    let mut admin = ws.admin(&cp).await?;
+    let signer = ReleaseSigner::load(&signing_key(&ws))?;
+    let data = vec![7u8; 50_000];
+    let good = manifest_for(&data, "1.0.0").to_json();
+    let good_sig = signer.sign(&good);
+
+    let other_pki = ws.path("other");
+    std::fs::create_dir_all(&other_pki)?;
+    let stranger =
+        ReleaseSigner::load(&aviary_certs::generate_release_key(&other_pki)?.private_key)?;
+
+    let mut tampered = good.clone();
+    let at = tampered
+        .windows(5)
+        .position(|w| w == b"1.0.0")
+        .context("version in manifest")?;
+    tampered[at] = b'9';
+    let big = vec![1u8; 200_000];
+    let big_manifest = manifest_for(&big, "1.0.1").to_json();
+    let short = manifest_for(&data[..1000], "1.0.2").to_json();
+
+    let cases: Vec<(&str, Vec<u8>, Vec<u8>, Vec<u8>, tonic::Code)> = vec![
+        (
+            "unknown signer",
+            good.clone(),
+            stranger.sign(&good),
+            data.clone(),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "tampered manifest",
+            tampered.clone(),
+            good_sig.clone(),
+            data.clone(),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "no signature",
+            good.clone(),
+            Vec::new(),
+            data.clone(),
+            tonic::Code::PermissionDenied,
+        ),
+        (
+            "wrong sha256",
+            good.clone(),
+            good_sig.clone(),
+            vec![8u8; 50_000],
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "truncated payload",
+            good.clone(),
+            good_sig.clone(),
+            data[..49_000].to_vec(),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "more bytes than declared",
+            short.clone(),
+            signer.sign(&short),
+            data.clone(),
+            tonic::Code::InvalidArgument,
+        ),
+        (
+            "over --max-release-bytes",
+            big_manifest.clone(),
+            signer.sign(&big_manifest),
+            big.clone(),
+            tonic::Code::ResourceExhausted,
+        ),
+        (
+            "not a manifest",
+            b"{}".to_vec(),
+            signer.sign(b"{}"),
+            data.clone(),
+            tonic::Code::InvalidArgument,
+        ),
+    ];
+    for (what, manifest, sig, payload, code) in cases {
+        let err = raw_upload(&mut admin, manifest, sig, &payload)
+            .await
+            .err()
+            .with_context(|| format!("{what}: accepted"))?;
+        assert_eq!(err.code(), code, "{what}: {err:?}");
+        assert!(!err.message().is_empty(), "{what}: no reason given");
+        assert!(
+            blob_files(&cp)?.is_empty(),
+            "{what}: left {:?}",
+            blob_files(&cp)?
+        );
+    }
+    let list = admin
+        .releases
+        .list_releases(pb::ListReleasesRequest::default())
+        .await?
+        .into_inner();
+    assert!(list.releases.is_empty(), "{list:?}");
+
+    // The good one goes through; repeating it is a no-op; other bytes under the same
+    // version are refused.
+    let stored = raw_upload(&mut admin, good.clone(), good_sig.clone(), &data).await?;
+    assert_eq!(stored.sha256, Sha256::of(&data).hex());
+    raw_upload(&mut admin, good.clone(), good_sig.clone(), &data).await?;
+    let other = vec![9u8; 50_000];
+    let conflicting = manifest_for(&other, "1.0.0").to_json();
+    let err = raw_upload(
+        &mut admin,
+        conflicting.clone(),
+        signer.sign(&conflicting),
+        &other,
+    )
+    .await
+    .err()
+    .context("conflicting version accepted")?;
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert_eq!(blob_files(&cp)?.len(), 1);
+
+    // Refusals of signatures are audited.
+    let refused = admin
+        .audit
+        .list_events(pb::ListEventsRequest {
+            filter: Some(pb::EventFilter {
+                action: "release.refused".into(),
+                ..Default::default()
+            }),
+            after_seq: 0,
+            limit: 0,
+        })
+        .await?
+        .into_inner()
+        .events;
+    assert!(refused.len() >= 3, "{refused:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_mid_upload_leaves_nothing_and_can_start_over() -> anyhow::Result<()>
+{
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let signer = ReleaseSigner::load(&signing_key(&ws))?;
+    let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let manifest = manifest_for(&data, "2.0.0").to_json();
+    let signature = signer.sign(&manifest);
+    {
+        let mut admin = ws.admin(&cp).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(pb::UploadReleaseRequest {
+            kind: Some(Kind::Metadata(pb::UploadMetadata {
+                manifest: manifest.clone(),
+                signature: signature.clone(),
+            })),
+        })
+        .await?;
+        tx.send(pb::UploadReleaseRequest {
+            kind: Some(Kind::Chunk(data[..1_000_000].to_vec())),
+        })
+        .await?;
+        let call = tokio::spawn(async move {
+            admin
+                .releases
+                .upload_release(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        // The half-upload is on disk as a temp file...
+        eventually(Duration::from_secs(10), "the partial upload", || async {
+            Ok(blob_files(&cp)?
+                .iter()
+                .any(|p| p.to_string_lossy().contains("blobs/tmp/"))
+                .then_some(()))
+        })
+        .await?;
+        // ...until the client disappears with its connection.
+        call.abort();
+        drop(tx);
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the partial upload to go",
+        || async { Ok(blob_files(&cp)?.is_empty().then_some(())) },
+    )
+    .await?;
+    let mut admin = ws.admin(&cp).await?;
+    let stored = raw_upload(&mut admin, manifest, signature, &data).await?;
+    assert_eq!(stored.size, data.len() as u64);
+    assert_eq!(blob_files(&cp)?.len(), 1);
+    Ok(())
+}
