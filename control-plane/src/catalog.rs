@@ -45,7 +45,7 @@ pub(crate) struct Accepted {
 /// What `begin` decided.
 pub(crate) enum Begin {
     /// New bytes to receive.
-    Receive(Accepted, BlobWriter),
+    Receive(Box<(Accepted, BlobWriter)>),
     /// This exact artifact is stored already: nothing to do.
     Stored(ReleaseRecord),
 }
@@ -150,14 +150,14 @@ impl Catalog {
             .blobs
             .writer(manifest.digest(), manifest.size)
             .map_err(blob_error)?;
-        Ok(Begin::Receive(
+        Ok(Begin::Receive(Box::new((
             Accepted {
                 manifest,
                 manifest_bytes,
                 signature,
             },
             writer,
-        ))
+        ))))
     }
 
     /// Appends a chunk off the async runtime.

@@ -49,7 +49,7 @@ impl Releases for ReleasesApi {
         {
             // Identical artifact already stored: answer at once, the rest is redundant.
             Begin::Stored(record) => return Ok(Response::new(record.to_pb())),
-            Begin::Receive(accepted, writer) => (accepted, writer),
+            Begin::Receive(upload) => *upload,
         };
         let mut attachments = Vec::new();
         // A vanished client or a bad message returns here; dropping `writer` deletes the

@@ -393,11 +393,7 @@ async fn feed(
 }
 
 fn draw(m: &Manifest, sent: u64, elapsed: Duration) {
-    let pct = if m.size == 0 {
-        100
-    } else {
-        sent * 100 / m.size
-    };
+    let pct = (sent * 100).checked_div(m.size).unwrap_or(100);
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let rate = mib(sent) / elapsed.as_secs_f64().max(0.001);
     let width = 30;

@@ -81,6 +81,9 @@ async fn raw_upload(
         .map(|r| r.into_inner())
 }
 
+/// What is wrong, manifest, signature, payload, and the status it must get.
+type Case = (&'static str, Vec<u8>, Vec<u8>, Vec<u8>, tonic::Code);
+
 fn write(path: &Path, data: &[u8]) -> anyhow::Result<PathBuf> {
     std::fs::write(path, data)?;
     Ok(path.to_owned())
@@ -264,7 +267,7 @@ async fn bad_uploads_are_refused_with_a_clear_status_and_leave_nothing_behind() 
     let big_manifest = manifest_for(&big, "1.0.1").to_json();
     let short = manifest_for(&data[..1000], "1.0.2").to_json();
 
-    let cases: Vec<(&str, Vec<u8>, Vec<u8>, Vec<u8>, tonic::Code)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "unknown signer",
             good.clone(),
