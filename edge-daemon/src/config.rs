@@ -35,7 +35,7 @@ pub struct Cli {
 /// One-shot commands.
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Installs an offline bundle with the same checks as a fleet update (issue 3).
+    /// Installs an offline bundle with the same checks as a fleet update.
     Apply {
         /// The daemon's state directory.
         #[arg(long)]
@@ -45,6 +45,9 @@ pub enum Command {
         certs: PathBuf,
         /// The bundle file written by `aviary release bundle`.
         bundle: PathBuf,
+        /// This node's architecture (default: this build's).
+        #[arg(long)]
+        arch: Option<String>,
     },
 }
 
@@ -179,7 +182,7 @@ impl Args {
             arch: self
                 .arch
                 .or(file.arch)
-                .unwrap_or_else(|| std::env::consts::ARCH.to_owned()),
+                .unwrap_or_else(|| aviary_proto::manifest::host_target().to_owned()),
         })
     }
 }

@@ -1,6 +1,6 @@
 //! The Aviary edge daemon: keeps one mTLS fleet stream to the control plane, applies the
 //! weights it is sent (atomically, persisted, exposed locally), and keeps working when the
-//! control plane is away. Module runtime arrives with issue 3.
+//! control plane is away; installs signed modules into crash-safe slots.
 
 pub mod backoff;
 pub mod config;
@@ -8,6 +8,7 @@ mod daemon;
 mod error;
 pub mod link;
 pub mod local_http;
+pub mod modules;
 mod session;
 pub mod weights;
 

@@ -8,9 +8,14 @@ use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Apply { .. }) = cli.command {
-        eprintln!("aviary-edge apply: offline bundles arrive with signed releases (issue 3)");
-        return ExitCode::from(64);
+    if let Some(Command::Apply {
+        state_dir,
+        certs,
+        bundle,
+        arch,
+    }) = cli.command
+    {
+        return apply(&state_dir, &certs, &bundle, arch);
     }
     let config = match cli.args.resolve() {
         Ok(config) => config,
@@ -101,4 +106,42 @@ fn describe_metrics() {
         "aviary_edge_reconnects_total",
         "Attempts to reopen the fleet stream."
     );
+}
+
+/// `aviary-edge apply`: installs an offline bundle with the checks of a fleet update.
+fn apply(
+    state_dir: &std::path::Path,
+    certs: &std::path::Path,
+    bundle: &std::path::Path,
+    arch: Option<String>,
+) -> ExitCode {
+    use aviary_edge::modules::{Installer, Modules, Outcome};
+    let run = || -> Result<Outcome, String> {
+        let trusted = aviary_certs::TrustedKeys::load(certs).map_err(|e| e.to_string())?;
+        if trusted.is_empty() {
+            return Err(format!(
+                "{}: no release-signing.pub or trusted-release-keys/*.pub to verify with",
+                certs.display()
+            ));
+        }
+        let modules = Modules::open(state_dir).map_err(|e| e.to_string())?;
+        let target = arch.unwrap_or_else(|| aviary_proto::manifest::host_target().to_owned());
+        Installer::new(modules, trusted, target)
+            .apply_bundle(bundle)
+            .map_err(|e| e.to_string())
+    };
+    match run() {
+        Ok(Outcome::Installed(slot)) => {
+            println!("installed {} ({})", slot.version, slot.sha256);
+            ExitCode::SUCCESS
+        }
+        Ok(Outcome::AlreadyInstalled(slot)) => {
+            println!("already installed {} ({})", slot.version, slot.sha256);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("aviary-edge apply: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

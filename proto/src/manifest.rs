@@ -23,6 +23,16 @@ pub const MAX_MANIFEST_BYTES: usize = 64 * 1024;
 /// Targets an artifact can be built for (the `arch` of a node's Hello).
 pub const TARGETS: [&str; 4] = ["x86_64", "aarch64", "armv7", "riscv64"];
 
+/// The target name of the machine this runs on (`arm` builds are `armv7`).
+pub fn host_target() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "aarch64",
+        "arm" => "armv7",
+        "riscv64" => "riscv64",
+        _ => "x86_64",
+    }
+}
+
 /// Why a manifest, run spec or name is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {

@@ -6,8 +6,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use aviary_certs::ReleaseSigner;
+use aviary_proto::bundle::{BundleHeader, Encoding, PayloadInfo};
 use aviary_proto::digest::hash_reader;
-use aviary_proto::manifest::{Manifest, RunSpec, TARGETS};
+use aviary_proto::manifest::{host_target, Manifest, RunSpec, TARGETS};
 use aviary_proto::v1 as pb;
 use clap::{Args, Subcommand};
 use pb::upload_release_request::Kind;
@@ -56,6 +57,28 @@ pub enum ReleaseCommand {
         #[arg(long = "attach")]
         attachments: Vec<PathBuf>,
     },
+    /// Writes an offline bundle (signed manifest + payload) for `aviary-edge apply` on
+    /// air-gapped sites; with --base, the payload is a delta from that artifact when smaller.
+    Bundle {
+        /// The artifact.
+        #[command(flatten)]
+        what: ManifestArgs,
+        /// Private release key; signs the manifest.
+        #[arg(long, conflicts_with_all = ["manifest", "signature"])]
+        sign_key: Option<PathBuf>,
+        /// A signed manifest from `release sign` (with --signature).
+        #[arg(long, requires = "signature")]
+        manifest: Option<PathBuf>,
+        /// The manifest's signature file.
+        #[arg(long, requires = "manifest")]
+        signature: Option<PathBuf>,
+        /// The artifact the site runs now: the bundle carries a delta from it.
+        #[arg(long)]
+        base: Option<PathBuf>,
+        /// Bundle file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Lists releases, newest version first.
     List {
         /// Only this module.
@@ -92,16 +115,6 @@ pub struct ManifestArgs {
     /// Target architecture (default: this machine's).
     #[arg(long)]
     pub target: Option<String>,
-}
-
-/// This machine's target name.
-pub fn host_target() -> &'static str {
-    match std::env::consts::ARCH {
-        "aarch64" => "aarch64",
-        "arm" => "armv7",
-        "riscv64" => "riscv64",
-        _ => "x86_64",
-    }
 }
 
 impl ManifestArgs {
@@ -181,14 +194,7 @@ pub async fn run(
             signature,
             attachments,
         } => {
-            let (manifest_bytes, signature) = match (sign_key, manifest, signature) {
-                (Some(key), _, _) => sign(&what.manifest()?, &key)?,
-                (None, Some(m), Some(s)) => (
-                    std::fs::read(&m).with_context(|| format!("--manifest {}", m.display()))?,
-                    std::fs::read(&s).with_context(|| format!("--signature {}", s.display()))?,
-                ),
-                _ => bail!("pass --sign-key, or --manifest and --signature from `release sign`"),
-            };
+            let (manifest_bytes, signature) = signed(&what, sign_key, manifest, signature)?;
             let parsed = Manifest::parse(&manifest_bytes)?;
             let mut attached = Vec::new();
             for path in &attachments {
@@ -205,6 +211,67 @@ pub async fn run(
             )
             .await?;
             output::release(format, &release);
+            Ok(())
+        }
+        ReleaseCommand::Bundle {
+            what,
+            sign_key,
+            manifest,
+            signature,
+            base,
+            out,
+        } => {
+            let (manifest_bytes, signature) = signed(&what, sign_key, manifest, signature)?;
+            let parsed = Manifest::parse(&manifest_bytes)?;
+            let artifact = std::fs::read(&what.file)
+                .with_context(|| format!("--file {}", what.file.display()))?;
+            if aviary_proto::digest::Sha256::of(&artifact) != parsed.digest() {
+                bail!(
+                    "--file {} is not the artifact the manifest signs",
+                    what.file.display()
+                );
+            }
+            let full = aviary_proto::delta::write_full(artifact.as_slice(), 19, Vec::new())?;
+            let mut payload = (Encoding::FullZstd, None, full);
+            if let Some(base) = base {
+                let old =
+                    std::fs::read(&base).with_context(|| format!("--base {}", base.display()))?;
+                let delta = aviary_proto::delta::write_delta(&old, &artifact, 19, Vec::new())?;
+                if delta.len() < payload.2.len() {
+                    payload = (
+                        Encoding::BsdiffZstd,
+                        Some(aviary_proto::digest::Sha256::of(&old)),
+                        delta,
+                    );
+                }
+            }
+            let (encoding, base_sha, bytes) = payload;
+            let header = BundleHeader {
+                manifest: manifest_bytes,
+                signature,
+                payload: PayloadInfo::of(encoding, base_sha, &bytes),
+            };
+            let mut file = std::io::BufWriter::new(
+                std::fs::File::create(&out).with_context(|| format!("--out {}", out.display()))?,
+            );
+            header.write(&mut file)?;
+            std::io::Write::write_all(&mut file, &bytes)?;
+            std::io::Write::flush(&mut file)?;
+            println!(
+                "{}: {} {}@{} for {}, payload {:?} of {} bytes (artifact {} bytes)",
+                out.display(),
+                if encoding == Encoding::BsdiffZstd {
+                    "delta"
+                } else {
+                    "full"
+                },
+                parsed.module,
+                parsed.version,
+                parsed.target,
+                encoding,
+                bytes.len(),
+                artifact.len()
+            );
             Ok(())
         }
         ReleaseCommand::List { module } => {
@@ -250,6 +317,23 @@ pub async fn run(
             }
             Ok(())
         }
+    }
+}
+
+/// The manifest and signature: signed here with `sign_key`, or read from files.
+fn signed(
+    what: &ManifestArgs,
+    sign_key: Option<PathBuf>,
+    manifest: Option<PathBuf>,
+    signature: Option<PathBuf>,
+) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    match (sign_key, manifest, signature) {
+        (Some(key), _, _) => sign(&what.manifest()?, &key),
+        (None, Some(m), Some(s)) => Ok((
+            std::fs::read(&m).with_context(|| format!("--manifest {}", m.display()))?,
+            std::fs::read(&s).with_context(|| format!("--signature {}", s.display()))?,
+        )),
+        _ => bail!("pass --sign-key, or --manifest and --signature from `release sign`"),
     }
 }
 

@@ -2,6 +2,7 @@
 //! (rust-analyzer style); one scenario per test, named for the behaviour it shows.
 
 mod auth;
+mod bundles;
 mod durability;
 mod lifecycle;
 mod protocol;

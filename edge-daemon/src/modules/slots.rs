@@ -1,0 +1,170 @@
+//! On-disk layout of installed modules, and its one atomic switch.
+//!
+//! ```text
+//! STATE_DIR/modules/NAME/state.json          {"current": Slot, "previous": Slot}
+//! STATE_DIR/modules/NAME/slots/ID/artifact   the executable or file, complete and fsynced
+//! STATE_DIR/modules/NAME/slots/ID/manifest.json, manifest.sig
+//! STATE_DIR/modules/NAME/tmp/                everything in flight
+//! ```
+//! Invariant: `state.json` only ever names complete slot directories, and it is replaced
+//! atomically (temp, fsync, rename, fsync dir). A `kill -9` or power cut at any instant
+//! therefore leaves the module at its old or its new version, never a mix; whatever was
+//! in flight is under `tmp/` or an unreferenced slot, both removed by `clean`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::InstallError;
+
+/// One installed version of a module.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Slot {
+    /// SemVer version.
+    pub version: String,
+    /// sha256 (hex) of the artifact.
+    pub sha256: String,
+    /// Directory name under `slots/`.
+    pub id: String,
+    /// Whether the manifest has a run spec.
+    pub runnable: bool,
+}
+
+/// Which slots a module has.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleState {
+    /// What runs (or, for file modules, what is in use).
+    pub current: Option<Slot>,
+    /// What ran before: the target of a rollback without download.
+    pub previous: Option<Slot>,
+}
+
+/// The `modules/` directory of a state dir.
+#[derive(Clone, Debug)]
+pub struct Modules {
+    root: PathBuf,
+}
+
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '_ {
+    move |source| InstallError::from_io(path, source)
+}
+
+/// fsync a directory, so renames into it survive a power cut.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), InstallError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
+}
+
+impl Modules {
+    /// Opens (creating) `STATE_DIR/modules`.
+    pub fn open(state_dir: &Path) -> Result<Modules, InstallError> {
+        let root = state_dir.join("modules");
+        std::fs::create_dir_all(&root).map_err(io(&root))?;
+        Ok(Modules { root })
+    }
+
+    /// `modules/NAME` (the name is validated by the manifest before it gets here).
+    pub fn dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// `modules/NAME/tmp`, created.
+    pub fn tmp(&self, name: &str) -> Result<PathBuf, InstallError> {
+        let tmp = self.dir(name).join("tmp");
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        Ok(tmp)
+    }
+
+    /// `modules/NAME/slots/ID`.
+    pub fn slot_dir(&self, name: &str, id: &str) -> PathBuf {
+        self.dir(name).join("slots").join(id)
+    }
+
+    /// The artifact of a slot.
+    pub fn artifact(&self, name: &str, slot: &Slot) -> PathBuf {
+        self.slot_dir(name, &slot.id).join("artifact")
+    }
+
+    /// The module's slots; empty when it was never installed.
+    pub fn state(&self, name: &str) -> Result<ModuleState, InstallError> {
+        let path = self.dir(name).join("state.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| InstallError::Corrupt {
+                path,
+                reason: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModuleState::default()),
+            Err(e) => Err(InstallError::from_io(&path, e)),
+        }
+    }
+
+    /// Switches the module to `state` atomically.
+    pub fn write_state(&self, name: &str, state: &ModuleState) -> Result<(), InstallError> {
+        let dir = self.dir(name);
+        let path = dir.join("state.json");
+        let tmp = dir.join("state.json.tmp");
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| InstallError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let result = (|| {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(InstallError::from_io(&path, e));
+        }
+        sync_dir(&dir)
+    }
+
+    /// Every installed module and its slots, by name.
+    pub fn list(&self) -> Result<Vec<(String, ModuleState)>, InstallError> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.root).map_err(io(&self.root))?;
+        for entry in entries {
+            let entry = entry.map_err(io(&self.root))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let state = self.state(&name)?;
+            if state.current.is_some() {
+                out.push((name, state));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Removes everything of `name` that `state.json` does not name: in-flight files and
+    /// slots of interrupted or superseded installs.
+    pub fn clean(&self, name: &str) -> Result<(), InstallError> {
+        let state = self.state(name)?;
+        let keep: Vec<&str> = [&state.current, &state.previous]
+            .into_iter()
+            .flatten()
+            .map(|s| s.id.as_str())
+            .collect();
+        let tmp = self.dir(name).join("tmp");
+        if tmp.is_dir() {
+            for entry in std::fs::read_dir(&tmp).map_err(io(&tmp))? {
+                let path = entry.map_err(io(&tmp))?.path();
+                let _ = std::fs::remove_dir_all(&path).or_else(|_| std::fs::remove_file(&path));
+            }
+        }
+        let slots = self.dir(name).join("slots");
+        if slots.is_dir() {
+            for entry in std::fs::read_dir(&slots).map_err(io(&slots))? {
+                let entry = entry.map_err(io(&slots))?;
+                let id = entry.file_name().to_string_lossy().into_owned();
+                if !keep.contains(&id.as_str()) {
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let _ = std::fs::remove_file(self.dir(name).join("state.json.tmp"));
+        Ok(())
+    }
+}
