@@ -36,7 +36,7 @@ pub struct Checked {
 #[derive(Debug)]
 pub enum Verdict {
     /// Install it.
-    Install(Checked),
+    Install(Box<Checked>),
     /// That exact version and artifact is current already.
     AlreadyInstalled(Slot),
 }
@@ -99,11 +99,11 @@ impl Installer {
                 std::cmp::Ordering::Greater => {}
             }
         }
-        Ok(Verdict::Install(Checked {
+        Ok(Verdict::Install(Box::new(Checked {
             manifest,
             manifest_bytes: manifest_bytes.to_vec(),
             signature: signature.to_vec(),
-        }))
+        })))
     }
 
     /// Receives a payload from `reader` into a temp file of `tmp/`: at most `info.size`
@@ -511,7 +511,15 @@ mod tests {
         }
         .to_json();
 
-        let cases: Vec<(&str, Vec<u8>, Vec<u8>, &PayloadInfo, &[u8], &str)> = vec![
+        type Case<'a> = (
+            &'a str,
+            Vec<u8>,
+            Vec<u8>,
+            &'a PayloadInfo,
+            &'a [u8],
+            &'a str,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "tampered manifest",
                 tampered.clone(),
