@@ -96,6 +96,11 @@ impl Catalog {
         }
     }
 
+    /// The blob store (payloads are built from it).
+    pub(crate) fn blobs(&self) -> &Blobs {
+        &self.blobs
+    }
+
     async fn refuse(
         &self,
         actor: &Identity,

@@ -10,6 +10,8 @@ mod blobs;
 mod catalog;
 pub mod cli;
 pub mod config;
+mod deltas;
+mod deploy;
 mod error;
 mod fleet;
 mod limits;

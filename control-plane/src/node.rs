@@ -82,6 +82,33 @@ pub(crate) struct NodeStatus {
     pub nacked: Option<NackRecord>,
     /// Unix milliseconds of the last Hello or disconnect.
     pub last_seen_ms: u64,
+    /// Per module: what the node acknowledged, refused, and is receiving.
+    #[serde(default)]
+    pub modules: BTreeMap<String, ModuleProgress>,
+}
+
+/// A node's answers about one module.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ModuleProgress {
+    /// Last module revision acknowledged (installed, or rolled back).
+    pub acked_revision: u64,
+    /// Last refusal, parked until the desired module state changes.
+    pub nacked: Option<NackRecord>,
+    /// Version being received, bytes so far and payload size.
+    pub transfer: Option<TransferProgress>,
+}
+
+/// How far a module transfer has come.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct TransferProgress {
+    /// Version being received.
+    pub version: String,
+    /// "full_zstd" or "bsdiff_zstd".
+    pub encoding: String,
+    /// Payload bytes the node holds.
+    pub offset: u64,
+    /// Payload size.
+    pub size: u64,
 }
 
 /// A manual weight: `module` gets `weight` on the nodes `selector` matches. Later rules

@@ -20,10 +20,11 @@ use prost::Message;
 use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::audit::{now_ms, timestamp, Event, EventFilter, NewEvent};
+use crate::deploy::{desired_modules, DeployState, Deployment, DesiredModules};
 use crate::error::ControlPlaneError;
 use crate::node::{
-    desired, DesiredWeights, ModuleRecord, NackRecord, NodeRecord, NodeStatus, WeightRule,
-    MAX_WEIGHT,
+    desired, DesiredWeights, ModuleRecord, NackRecord, NodeRecord, NodeStatus, TransferProgress,
+    WeightRule, MAX_WEIGHT,
 };
 use crate::selector::Selector;
 use crate::store::{Change, Store};
@@ -88,6 +89,23 @@ pub(crate) struct Attachment {
     pub cut: oneshot::Receiver<tonic::Status>,
     /// The revision the node NACKed last, parked until the desired state moves on.
     pub parked: Option<u64>,
+    /// The node's desired modules; changes with deployments and aborts.
+    pub modules: watch::Receiver<Arc<DesiredModules>>,
+    /// Per module, the revision the node NACKed last (parked likewise).
+    pub modules_parked: BTreeMap<String, u64>,
+}
+
+/// Node counts of a deployment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct DeployProgress {
+    /// Nodes the selector matches.
+    pub selected: u32,
+    /// Nodes that acknowledged this deployment's revision.
+    pub installed: u32,
+    /// Nodes that refused it.
+    pub failed: u32,
+    /// Nodes with no artifact for their architecture.
+    pub skipped: u32,
 }
 
 struct Session {
@@ -101,12 +119,18 @@ struct Entry {
     /// `node::desired(rules, record)`, kept current by every mutation.
     current: DesiredWeights,
     desired: watch::Sender<Arc<Desired>>,
+    /// `deploy::desired_modules(deployments, labels)`, kept current likewise.
+    modules: watch::Sender<Arc<DesiredModules>>,
     session: Option<Session>,
 }
+
+/// Prefix of the NACK record of a node whose architecture has no artifact.
+pub(crate) const SKIPPED: &str = "skipped: ";
 
 struct State {
     nodes: HashMap<String, Entry>,
     rules: Vec<WeightRule>,
+    deployments: Vec<Deployment>,
     revision: u64,
     dirty: HashSet<String>,
 }
@@ -145,10 +169,12 @@ impl Registry {
                     .or_insert_with(|| Arc::new(Desired::new(&current, ttl_seconds, now)))
                     .clone();
                 let status = statuses.remove(&record.node_id).unwrap_or_default();
+                let modules = desired_modules(&snap.deployments, &record.labels);
                 let entry = Entry {
                     status,
                     current,
                     desired: watch::Sender::new(message),
+                    modules: watch::Sender::new(Arc::new(modules)),
                     session: None,
                     record,
                 };
@@ -160,6 +186,7 @@ impl Registry {
             state: Mutex::new(State {
                 nodes,
                 rules: snap.rules,
+                deployments: snap.deployments,
                 revision: snap.revision,
                 dirty: HashSet::new(),
             }),
@@ -177,6 +204,7 @@ impl Registry {
     }
 
     /// Applies `change` atomically in the store and publishes its audit events.
+    /// (Deployments and releases commit through here too.)
     pub(crate) async fn commit(&self, change: Change) -> Result<Vec<Event>, ControlPlaneError> {
         let store = self.store.clone();
         let stored = tokio::task::spawn_blocking(move || store.commit(change))
@@ -286,6 +314,7 @@ impl Registry {
         }
         let ttl = self.ttl_seconds;
         let rules = std::mem::take(&mut st.rules);
+        let deployments = std::mem::take(&mut st.deployments);
         let entry = st.nodes.entry(node_id.to_owned()).or_insert_with(|| Entry {
             record: NodeRecord::default(),
             status: NodeStatus::default(),
@@ -295,6 +324,7 @@ impl Registry {
                 ttl,
                 Instant::now(),
             ))),
+            modules: watch::Sender::new(Arc::new(DesiredModules::new())),
             session: None,
         });
         if let Some(record) = record {
@@ -306,6 +336,10 @@ impl Registry {
                 entry.current = current;
             }
             entry.record = record;
+        }
+        let modules = desired_modules(&deployments, &entry.record.labels);
+        if **entry.modules.borrow() != modules {
+            entry.modules.send_replace(Arc::new(modules));
         }
         if let Some(old) = entry.session.replace(Session {
             id: session_id,
@@ -321,9 +355,17 @@ impl Registry {
             desired: entry.desired.subscribe(),
             cut: cut_rx,
             parked: entry.status.nacked.as_ref().map(|n| n.revision),
+            modules: entry.modules.subscribe(),
+            modules_parked: entry
+                .status
+                .modules
+                .iter()
+                .filter_map(|(m, p)| Some((m.clone(), p.nacked.as_ref()?.revision)))
+                .collect(),
         };
         let update = weights_update(entry);
         st.rules = rules;
+        st.deployments = deployments;
         st.dirty.insert(node_id.to_owned());
         metrics::gauge!("aviary_connected_nodes").increment(1.0);
         drop(st);
@@ -542,6 +584,245 @@ impl Registry {
         })
     }
 
+    /// Deploys `module` `version` to every node `selector` matches, now and when they
+    /// join. At most one deployment of a module is in progress at a time.
+    pub(crate) async fn create_deployment(
+        &self,
+        actor: &Identity,
+        module: &str,
+        version: &str,
+        selector: Selector,
+    ) -> Result<Deployment, ControlPlaneError> {
+        let _writer = self.writer.lock().await;
+        let deployment = {
+            let st = self.state();
+            if let Some(busy) = st
+                .deployments
+                .iter()
+                .find(|d| d.module == module && d.state == DeployState::Progressing)
+            {
+                return Err(ControlPlaneError::FailedPrecondition(format!(
+                    "rollout {} of {module} {} is in progress; abort it or wait for it",
+                    busy.id, busy.version
+                )));
+            }
+            let seq = st.revision + 1;
+            let now = now_ms();
+            Deployment {
+                id: format!("r-{seq}"),
+                seq,
+                module: module.to_owned(),
+                version: version.to_owned(),
+                selector,
+                state: DeployState::Progressing,
+                abort_seq: 0,
+                message: "deploying to every selected node".into(),
+                created_ms: now,
+                updated_ms: now,
+            }
+        };
+        // Persisted before any node hears of it.
+        self.commit(Change {
+            deployments: vec![deployment.clone()],
+            revision: Some(deployment.seq),
+            events: vec![NewEvent::new(
+                actor.to_string(),
+                "rollout.created",
+                format!("rollout/{}", deployment.id),
+                format!(
+                    "{} {} to selector {:?}",
+                    module,
+                    version,
+                    deployment.selector.to_string()
+                ),
+            )],
+            durable: true,
+            ..Default::default()
+        })
+        .await?;
+        let mut st = self.state();
+        st.revision = deployment.seq;
+        st.deployments.push(deployment.clone());
+        republish_modules(&mut st, &deployment.selector);
+        Ok(deployment)
+    }
+
+    /// Aborts a deployment in progress: its nodes go back to their previous slot.
+    pub(crate) async fn abort_deployment(
+        &self,
+        actor: &Identity,
+        id: &str,
+        reason: &str,
+    ) -> Result<Deployment, ControlPlaneError> {
+        let _writer = self.writer.lock().await;
+        let deployment = {
+            let st = self.state();
+            let d = st
+                .deployments
+                .iter()
+                .find(|d| d.id == id)
+                .ok_or_else(|| ControlPlaneError::NotFound(format!("rollout {id}")))?;
+            if d.state != DeployState::Progressing {
+                return Err(ControlPlaneError::FailedPrecondition(format!(
+                    "rollout {id} is {:?}, only a rollout in progress can be aborted",
+                    d.state
+                )));
+            }
+            let mut d = d.clone();
+            d.state = DeployState::Aborted;
+            d.abort_seq = st.revision + 1;
+            d.message = format!("aborted: {reason}");
+            d.updated_ms = now_ms();
+            d
+        };
+        self.commit(Change {
+            deployments: vec![deployment.clone()],
+            revision: Some(deployment.abort_seq),
+            events: vec![NewEvent::new(
+                actor.to_string(),
+                "rollout.aborted",
+                format!("rollout/{id}"),
+                reason.to_owned(),
+            )],
+            durable: true,
+            ..Default::default()
+        })
+        .await?;
+        let mut st = self.state();
+        st.revision = deployment.abort_seq;
+        if let Some(d) = st.deployments.iter_mut().find(|d| d.id == id) {
+            *d = deployment.clone();
+        }
+        republish_modules(&mut st, &deployment.selector);
+        Ok(deployment)
+    }
+
+    /// Deployments (of `module`, or all), oldest first, with their node counts.
+    pub(crate) fn deployments(&self, module: Option<&str>) -> Vec<(Deployment, DeployProgress)> {
+        let st = self.state();
+        st.deployments
+            .iter()
+            .filter(|d| module.is_none_or(|m| m == d.module))
+            .map(|d| (d.clone(), progress(&st, d)))
+            .collect()
+    }
+
+    /// One deployment with its node counts.
+    pub(crate) fn deployment(
+        &self,
+        id: &str,
+    ) -> Result<(Deployment, DeployProgress), ControlPlaneError> {
+        let st = self.state();
+        st.deployments
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| (d.clone(), progress(&st, d)))
+            .ok_or_else(|| ControlPlaneError::NotFound(format!("rollout {id}")))
+    }
+
+    /// Records how far a node's module transfer has come (shown by `GetNode`).
+    pub(crate) fn record_transfer(
+        &self,
+        node_id: &str,
+        module: &str,
+        transfer: Option<TransferProgress>,
+    ) {
+        let mut st = self.state();
+        if let Some(entry) = st.nodes.get_mut(node_id) {
+            entry
+                .status
+                .modules
+                .entry(module.to_owned())
+                .or_default()
+                .transfer = transfer;
+            st.dirty.insert(node_id.to_owned());
+        }
+    }
+
+    /// Records a module ACK; completes the deployment when it was the last node.
+    pub(crate) async fn record_module_ack(&self, node_id: &str, module: &str, revision: u64) {
+        let done = {
+            let mut st = self.state();
+            let Some(entry) = st.nodes.get_mut(node_id) else {
+                return;
+            };
+            let p = entry.status.modules.entry(module.to_owned()).or_default();
+            p.acked_revision = p.acked_revision.max(revision);
+            p.transfer = None;
+            st.dirty.insert(node_id.to_owned());
+            completed(&st, module)
+        };
+        if let Some(d) = done {
+            self.finish_deployment(d).await;
+        }
+    }
+
+    /// Records a module NACK (or a skip), parked until the desired module state changes.
+    pub(crate) async fn record_module_nack(
+        &self,
+        node_id: &str,
+        module: &str,
+        revision: u64,
+        error: &str,
+    ) {
+        let done = {
+            let mut st = self.state();
+            let Some(entry) = st.nodes.get_mut(node_id) else {
+                return;
+            };
+            let p = entry.status.modules.entry(module.to_owned()).or_default();
+            p.nacked = Some(NackRecord {
+                revision,
+                error: error.to_owned(),
+            });
+            p.transfer = None;
+            st.dirty.insert(node_id.to_owned());
+            completed(&st, module)
+        };
+        if let Some(d) = done {
+            self.finish_deployment(d).await;
+        }
+    }
+
+    async fn finish_deployment(&self, mut d: Deployment) {
+        let _writer = self.writer.lock().await;
+        if !self
+            .state()
+            .deployments
+            .iter()
+            .any(|x| x.id == d.id && x.state == DeployState::Progressing)
+        {
+            return;
+        }
+        d.state = DeployState::Succeeded;
+        d.updated_ms = now_ms();
+        d.message = "every selected node installed it (or was skipped)".into();
+        let result = self
+            .commit(Change {
+                deployments: vec![d.clone()],
+                events: vec![NewEvent::new(
+                    "control-plane",
+                    "rollout.succeeded",
+                    format!("rollout/{}", d.id),
+                    format!("{} {}", d.module, d.version),
+                )],
+                durable: true,
+                ..Default::default()
+            })
+            .await;
+        match result {
+            Ok(_) => {
+                metrics::counter!("aviary_rollout_transitions_total", "to" => "succeeded")
+                    .increment(1);
+                let mut st = self.state();
+                if let Some(x) = st.deployments.iter_mut().find(|x| x.id == d.id) {
+                    *x = d;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, rollout = %d.id, "could not record success"),
+        }
+    }
+
     /// Nodes matching `selector`, sorted by id.
     pub(crate) fn list(&self, selector: &Selector) -> Vec<pb::Node> {
         let st = self.state();
@@ -611,6 +892,91 @@ impl Registry {
     }
 }
 
+/// Recomputes the desired modules of the nodes `selector` matches and publishes changes.
+fn republish_modules(st: &mut State, selector: &Selector) {
+    let deployments = std::mem::take(&mut st.deployments);
+    for entry in st.nodes.values_mut() {
+        if selector.matches(&entry.record.labels) {
+            let next = desired_modules(&deployments, &entry.record.labels);
+            if **entry.modules.borrow() != next {
+                entry.modules.send_replace(Arc::new(next));
+            }
+        }
+    }
+    st.deployments = deployments;
+}
+
+/// Node counts of `d` from the nodes' answers.
+fn progress(st: &State, d: &Deployment) -> DeployProgress {
+    let mut p = DeployProgress::default();
+    for entry in st.nodes.values() {
+        if entry.record.revoked || !d.selector.matches(&entry.record.labels) {
+            continue;
+        }
+        p.selected += 1;
+        let wanted = entry.modules.borrow().get(&d.module).map(|m| m.revision);
+        let Some(wanted) = wanted else { continue };
+        let answers = entry.status.modules.get(&d.module);
+        if answers.is_some_and(|a| a.acked_revision >= wanted) {
+            p.installed += 1;
+        } else if let Some(n) = answers
+            .and_then(|a| a.nacked.as_ref())
+            .filter(|n| n.revision == wanted)
+        {
+            if n.error.starts_with(SKIPPED) {
+                p.skipped += 1;
+            } else {
+                p.failed += 1;
+            }
+        }
+    }
+    p
+}
+
+/// The deployment of `module` in progress, if every node it selects has answered for it.
+fn completed(st: &State, module: &str) -> Option<Deployment> {
+    let d = st
+        .deployments
+        .iter()
+        .find(|d| d.module == module && d.state == DeployState::Progressing)?;
+    let p = progress(st, d);
+    (p.selected > 0 && p.installed + p.skipped == p.selected).then(|| d.clone())
+}
+
+fn module_rollouts(entry: &Entry) -> Vec<pb::ModuleRollout> {
+    let desired = entry.modules.borrow().clone();
+    let mut names: Vec<&String> = desired.keys().chain(entry.status.modules.keys()).collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|m| {
+            let d = desired.get(m);
+            let p = entry.status.modules.get(m);
+            pb::ModuleRollout {
+                module: m.clone(),
+                desired_version: d.map(|d| d.version.clone()).unwrap_or_default(),
+                desired_revision: d.map_or(0, |d| d.revision),
+                rollback: d.is_some_and(|d| d.rollback),
+                acked_revision: p.map_or(0, |p| p.acked_revision),
+                nacked_revision: p.and_then(|p| p.nacked.as_ref()).map_or(0, |n| n.revision),
+                nack_error: p
+                    .and_then(|p| p.nacked.as_ref())
+                    .map(|n| n.error.clone())
+                    .unwrap_or_default(),
+                transfer: p
+                    .and_then(|p| p.transfer.as_ref())
+                    .map(|t| pb::TransferStatus {
+                        version: t.version.clone(),
+                        encoding: t.encoding.clone(),
+                        offset: t.offset,
+                        size: t.size,
+                    }),
+            }
+        })
+        .collect()
+}
+
 fn weights_update(entry: &Entry) -> pb::NodeWeights {
     pb::NodeWeights {
         node_id: entry.record.node_id.clone(),
@@ -665,5 +1031,6 @@ fn node_view(entry: &Entry) -> pb::Node {
             .unwrap_or_default(),
         last_seen: (entry.status.last_seen_ms > 0).then(|| timestamp(entry.status.last_seen_ms)),
         revoked: r.revoked,
+        module_rollouts: module_rollouts(entry),
     }
 }

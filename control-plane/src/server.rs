@@ -16,6 +16,7 @@ use crate::auth::AuthLayer;
 use crate::blobs::Blobs;
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::deltas::{DeltaSettings, Deltas};
 use crate::error::ControlPlaneError;
 use crate::fleet::{Fleet, FleetService};
 use crate::listener::accept_loop;
@@ -120,7 +121,18 @@ pub async fn run(
         .build_v1()
         .map_err(|e| ControlPlaneError::Unavailable(format!("reflection: {e}")))?;
 
-    let fleet = Fleet::new(registry.clone(), config.fleet.clone(), shutdown.clone());
+    let deltas = Arc::new(Deltas::open(
+        catalog.blobs().clone(),
+        &config.data_dir.join("payloads"),
+        DeltaSettings::default(),
+    )?);
+    let fleet = Fleet::new(
+        registry.clone(),
+        catalog.clone(),
+        deltas,
+        config.fleet.clone(),
+        shutdown.clone(),
+    );
     let nodes =
         pb::nodes_server::NodesServer::new(NodesApi::new(registry.clone(), shutdown.clone()))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
@@ -140,10 +152,16 @@ pub async fn run(
         .add_service(nodes)
         .add_service(audit)
         .add_service(
-            pb::releases_server::ReleasesServer::new(ReleasesApi::new(catalog))
+            pb::releases_server::ReleasesServer::new(ReleasesApi::new(catalog.clone()))
                 .max_decoding_message_size(RELEASE_MESSAGE_BYTES),
         )
-        .add_service(pb::rollouts_server::RolloutsServer::new(RolloutsApi))
+        .add_service(
+            pb::rollouts_server::RolloutsServer::new(RolloutsApi::new(
+                registry.clone(),
+                catalog.clone(),
+            ))
+            .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
+        )
         .add_service(health_service)
         .add_service(reflection_v1alpha)
         .add_service(reflection_v1)

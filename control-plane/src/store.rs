@@ -9,6 +9,7 @@ use std::path::Path;
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
 use crate::audit::{Event, EventFilter, NewEvent};
+use crate::deploy::Deployment;
 use crate::node::{NodeRecord, NodeStatus, WeightRule};
 use crate::release::{release_key, ReleaseRecord};
 
@@ -39,6 +40,8 @@ pub(crate) struct Snapshot {
     pub rules: Vec<WeightRule>,
     /// The highest revision handed out.
     pub revision: u64,
+    /// Deployments, sorted by `seq`.
+    pub deployments: Vec<Deployment>,
 }
 
 /// One atomic change.
@@ -50,6 +53,8 @@ pub(crate) struct Change {
     pub rules: Vec<WeightRule>,
     /// Releases to insert or replace (by module and version).
     pub releases: Vec<ReleaseRecord>,
+    /// Deployments to insert or replace (by seq).
+    pub deployments: Vec<Deployment>,
     /// New highest revision, if it moved.
     pub revision: Option<u64>,
     /// Audit events to append.
@@ -88,6 +93,7 @@ pub(crate) struct SledStore {
     events: sled::Tree,
     meta: sled::Tree,
     releases: sled::Tree,
+    rollouts: sled::Tree,
 }
 
 const REVISION: &[u8] = b"revision";
@@ -108,6 +114,7 @@ impl SledStore {
             events: db.open_tree("events")?,
             meta: db.open_tree("meta")?,
             releases: db.open_tree("releases")?,
+            rollouts: db.open_tree("rollouts")?,
             db,
         })
     }
@@ -156,6 +163,11 @@ impl Store for SledStore {
             snap.rules.push(decode(&k, &v)?);
         }
         snap.rules.sort_by_key(|r| r.seq);
+        for kv in self.rollouts.iter() {
+            let (k, v) = kv?;
+            snap.deployments.push(decode(&k, &v)?);
+        }
+        snap.deployments.sort_by_key(|d| d.seq);
         Ok(snap)
     }
 
@@ -173,14 +185,22 @@ impl Store for SledStore {
         for r in &change.releases {
             release_rows.push((r.key(), encode(&r.module, r)?));
         }
+        let mut deployment_rows = Vec::with_capacity(change.deployments.len());
+        for d in &change.deployments {
+            deployment_rows.push((d.seq.to_be_bytes(), encode(&d.id, d)?));
+        }
         let trees = (
             &self.nodes,
             &self.rules,
             &self.events,
             &self.meta,
             &self.releases,
+            &self.rollouts,
         );
-        let result = trees.transaction(|(nodes, rules, events, meta, releases)| {
+        let result = trees.transaction(|(nodes, rules, events, meta, releases, rollouts)| {
+            for (k, v) in &deployment_rows {
+                rollouts.insert(k, v.as_slice())?;
+            }
             for (k, v) in &node_rows {
                 nodes.insert(k.as_bytes(), v.as_slice())?;
             }

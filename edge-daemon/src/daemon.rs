@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::link::Link;
+use crate::modules::{Installer, Modules};
 use crate::weights::Weights;
 use crate::{local_http, session, EdgeError};
 
@@ -38,6 +39,16 @@ pub async fn run(
             .await
             .map_err(|e| EdgeError::InvalidAssignment(format!("load task: {e}")))??,
     );
+
+    // Release keys come from the same directory as the certificates; the control plane
+    // cannot make this daemon run anything they did not sign.
+    let trusted = aviary_certs::TrustedKeys::load(&config.certs)?;
+    if trusted.is_empty() {
+        tracing::warn!(certs = %config.certs.display(), "no release-signing.pub: every module update will be refused");
+    }
+    let modules = Modules::open(&config.state_dir)
+        .map_err(|e| EdgeError::InvalidAssignment(format!("module store: {e}")))?;
+    let installer = Arc::new(Installer::new(modules, trusted, config.arch.clone()));
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut local_addr = None;
@@ -69,7 +80,7 @@ pub async fn run(
         labels: config.labels.clone(),
         arch: config.arch.clone(),
     };
-    session::run(link, identity, weights, shutdown.clone()).await;
+    session::run(link, identity, weights, installer, shutdown.clone()).await;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}

@@ -13,8 +13,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
+use aviary_proto::bundle::{Encoding, PayloadInfo};
+
 use crate::backoff::Backoff;
 use crate::link::Link;
+use crate::modules::{partial_transfers, Checked, InstallError, Installer, Receiving, Verdict};
 use crate::weights::{Assignment, Weights};
 use crate::EdgeError;
 
@@ -34,13 +37,14 @@ pub(crate) async fn run(
     link: Link,
     identity: Identity,
     weights: Arc<Weights>,
+    installer: Arc<Installer>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => break,
-            outcome = stream_once(&link, &identity, &weights, &mut backoff) => outcome,
+            outcome = stream_once(&link, &identity, &weights, &installer, &mut backoff) => outcome,
         };
         if let Err(e) = set_connected(&weights, false).await {
             tracing::error!(error = %e, "could not record disconnect");
@@ -89,23 +93,31 @@ async fn stream_once(
     link: &Link,
     identity: &Identity,
     weights: &Arc<Weights>,
+    installer: &Arc<Installer>,
     backoff: &mut Backoff,
 ) -> Result<(), StreamError> {
     let channel = link.connect().await?;
     let mut client =
         pb::fleet_client::FleetClient::new(channel).max_decoding_message_size(16 << 20);
     let (tx, rx) = mpsc::channel(16);
+    let (modules, mut applied, partial) = {
+        let installer = installer.clone();
+        tokio::task::spawn_blocking(move || module_report(&installer))
+            .await
+            .unwrap_or_default()
+    };
+    applied.push(pb::AppliedRevision {
+        resource: "weights".into(),
+        revision: weights.applied_revision(),
+    });
     let hello = pb::Hello {
         node_id: identity.node_id.clone(),
         labels: identity.labels.clone().into_iter().collect(),
         arch: identity.arch.clone(),
         daemon_version: env!("CARGO_PKG_VERSION").to_owned(),
-        modules: Vec::new(),
-        applied: vec![pb::AppliedRevision {
-            resource: "weights".into(),
-            revision: weights.applied_revision(),
-        }],
-        partial_transfers: Vec::new(),
+        modules,
+        applied,
+        partial_transfers: partial,
     };
     send(&tx, pb::edge_message::Kind::Hello(hello)).await?;
     let response = client.connect(ReceiverStream::new(rx)).await?;
@@ -116,10 +128,11 @@ async fn stream_once(
     let mut inbound = response.into_inner();
     let mut touch = tokio::time::interval(TOUCH_INTERVAL);
     touch.tick().await;
+    let mut incoming: Option<Incoming> = None;
     let result = loop {
         tokio::select! {
             msg = inbound.message() => match msg {
-                Ok(Some(msg)) => handle(msg, weights, &tx).await?,
+                Ok(Some(msg)) => handle(msg, weights, installer, &mut incoming, &tx).await?,
                 Ok(None) => break Ok(()),
                 Err(status) => break Err(status.into()),
             },
@@ -145,6 +158,8 @@ async fn send(
 async fn handle(
     msg: pb::ControlMessage,
     weights: &Arc<Weights>,
+    installer: &Arc<Installer>,
+    incoming: &mut Option<Incoming>,
     tx: &mpsc::Sender<pb::EdgeMessage>,
 ) -> Result<(), StreamError> {
     let nonce = msg.nonce;
@@ -184,18 +199,247 @@ async fn handle(
             }
         }
         Some(Kind::ModuleUpdate(update)) => {
-            let error = "module updates are not supported by this daemon version".to_owned();
+            if let Some(old) = incoming.take() {
+                // Superseded: keep its bytes only if the same transfer comes back.
+                if old.receiving.record.transfer_id != update.transfer_id {
+                    old.receiving.discard();
+                }
+            }
             let revision = update.revision;
-            send(
-                tx,
-                pb::edge_message::Kind::Nack(pb::Nack {
-                    nonce,
-                    revision,
-                    error,
-                }),
-            )
-            .await
+            let module = update.module.clone();
+            match start_update(update, installer).await {
+                Ok(Started::Done(what)) => {
+                    tracing::info!(%module, revision, "{what}");
+                    send(tx, pb::edge_message::Kind::Ack(pb::Ack { nonce, revision })).await
+                }
+                Ok(Started::Receiving(checked, receiving)) => {
+                    let progress = progress_of(&receiving);
+                    tracing::info!(%module, revision, offset = receiving.len(), size = receiving.info.size, "receiving module payload");
+                    *incoming = Some(Incoming {
+                        nonce,
+                        revision,
+                        checked,
+                        receiving,
+                    });
+                    send(tx, progress).await
+                }
+                Err(e) => nack(tx, nonce, revision, &module, &e).await,
+            }
         }
-        Some(Kind::Chunk(_)) | Some(Kind::AbortTransfer(_)) | None => Ok(()),
+        Some(Kind::Chunk(chunk)) => {
+            let Some(inc) = incoming
+                .as_mut()
+                .filter(|i| i.receiving.record.transfer_id == chunk.transfer_id)
+            else {
+                return Ok(()); // an aborted or superseded transfer
+            };
+            if let Err(e) = inc.receiving.append(chunk.offset, &chunk.data) {
+                let Some(inc) = incoming.take() else {
+                    return Ok(());
+                };
+                let module = inc.checked.manifest.module.clone();
+                inc.receiving.discard();
+                return nack(tx, inc.nonce, inc.revision, &module, &e).await;
+            }
+            if !inc.receiving.complete() {
+                return send(tx, progress_of(&inc.receiving)).await;
+            }
+            let Some(inc) = incoming.take() else {
+                return Ok(());
+            };
+            send(tx, progress_of(&inc.receiving)).await?;
+            let (nonce, revision) = (inc.nonce.clone(), inc.revision);
+            let module = inc.checked.manifest.module.clone();
+            let installer = installer.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let r = installer
+                    .verify_payload(&inc.receiving.info, inc.receiving.path())
+                    .and_then(|()| {
+                        installer.install(
+                            &inc.checked,
+                            &inc.receiving.info,
+                            inc.receiving.path(),
+                            inc.revision,
+                        )
+                    });
+                inc.receiving.discard();
+                if r.is_err() {
+                    let _ = installer.modules().clean(&inc.checked.manifest.module);
+                }
+                r
+            })
+            .await
+            .unwrap_or_else(|e| Err(InstallError::Bundle(format!("install task: {e}"))));
+            match result {
+                Ok(slot) => {
+                    tracing::info!(%module, version = %slot.version, revision, "module installed");
+                    metrics::counter!("aviary_edge_installs_total").increment(1);
+                    send(tx, pb::edge_message::Kind::Ack(pb::Ack { nonce, revision })).await
+                }
+                Err(e) => nack(tx, nonce, revision, &module, &e).await,
+            }
+        }
+        Some(Kind::AbortTransfer(abort)) => {
+            if incoming
+                .as_ref()
+                .is_some_and(|i| i.receiving.record.transfer_id == abort.transfer_id)
+            {
+                if let Some(inc) = incoming.take() {
+                    tracing::info!(transfer = %abort.transfer_id, reason = %abort.reason, "transfer aborted by the control plane");
+                    inc.receiving.discard();
+                }
+            }
+            Ok(())
+        }
+        None => Ok(()),
     }
+}
+
+/// A module update being received on this stream.
+struct Incoming {
+    nonce: String,
+    revision: u64,
+    checked: Box<Checked>,
+    receiving: Receiving,
+}
+
+enum Started {
+    /// Answered at once (already installed, or a rollback done).
+    Done(&'static str),
+    /// Bytes to receive.
+    Receiving(Box<Checked>, Receiving),
+}
+
+/// Checks an update before any payload byte, and opens (or resumes) its transfer.
+async fn start_update(
+    update: pb::ModuleUpdate,
+    installer: &Arc<Installer>,
+) -> Result<Started, InstallError> {
+    let installer = installer.clone();
+    tokio::task::spawn_blocking(move || {
+        if update.rollback {
+            // The manifest of the version to go back to must still be signed by us.
+            match installer.check(&update.manifest, &update.signature) {
+                Ok(_) | Err(InstallError::Downgrade { .. }) => {}
+                Err(e) => return Err(e),
+            }
+            installer.rollback(&update.module, Some(&update.to_version), update.revision)?;
+            return Ok(Started::Done("rolled back to the previous slot"));
+        }
+        let checked = match installer.check(&update.manifest, &update.signature)? {
+            Verdict::AlreadyInstalled(_) => return Ok(Started::Done("already installed")),
+            Verdict::Install(checked) => checked,
+        };
+        if checked.manifest.module != update.module || checked.manifest.version != update.to_version
+        {
+            return Err(InstallError::Bundle(format!(
+                "update names {} {} but its manifest is {} {}",
+                update.module, update.to_version, checked.manifest.module, checked.manifest.version
+            )));
+        }
+        let p = update
+            .payload
+            .ok_or_else(|| InstallError::Bundle("module update without a payload".into()))?;
+        let encoding = match pb::PayloadEncoding::try_from(p.encoding) {
+            Ok(pb::PayloadEncoding::FullZstd) => Encoding::FullZstd,
+            Ok(pb::PayloadEncoding::BsdiffZstd) => Encoding::BsdiffZstd,
+            _ => {
+                return Err(InstallError::Bundle(format!(
+                    "unknown payload encoding {}",
+                    p.encoding
+                )))
+            }
+        };
+        let info = PayloadInfo {
+            encoding,
+            base_sha256: Some(p.base_sha256).filter(|b| !b.is_empty()),
+            size: p.size,
+            sha256: p.sha256,
+        };
+        let receiving = Receiving::open(
+            installer.modules(),
+            &checked.manifest.module,
+            &checked.manifest.version,
+            &update.transfer_id,
+            info,
+        )?;
+        Ok(Started::Receiving(checked, receiving))
+    })
+    .await
+    .unwrap_or_else(|e| Err(InstallError::Bundle(format!("install task: {e}"))))
+}
+
+fn progress_of(r: &Receiving) -> pb::edge_message::Kind {
+    pb::edge_message::Kind::Progress(pb::TransferProgress {
+        transfer_id: r.record.transfer_id.clone(),
+        module: r.record.module.clone(),
+        offset: r.len(),
+        size: r.info.size,
+    })
+}
+
+async fn nack(
+    tx: &mpsc::Sender<pb::EdgeMessage>,
+    nonce: String,
+    revision: u64,
+    module: &str,
+    e: &InstallError,
+) -> Result<(), StreamError> {
+    tracing::warn!(module, revision, error = %e, "module update refused");
+    metrics::counter!("aviary_edge_nacks_total").increment(1);
+    send(
+        tx,
+        pb::edge_message::Kind::Nack(pb::Nack {
+            nonce,
+            revision,
+            error: e.to_string(),
+        }),
+    )
+    .await
+}
+
+/// Installed modules, their applied revisions and partial transfers, for the Hello.
+fn module_report(
+    installer: &Installer,
+) -> (
+    Vec<pb::ModuleStatus>,
+    Vec<pb::AppliedRevision>,
+    Vec<pb::PartialTransfer>,
+) {
+    let mut modules = Vec::new();
+    let mut applied = Vec::new();
+    match installer.modules().list() {
+        Ok(list) => {
+            for (name, state) in list {
+                for (slot, which) in [(&state.current, "current"), (&state.previous, "previous")] {
+                    if let Some(s) = slot {
+                        modules.push(pb::ModuleStatus {
+                            name: name.clone(),
+                            version: s.version.clone(),
+                            sha256: s.sha256.clone(),
+                            state: pb::ModuleState::Installed as i32,
+                            slot: which.into(),
+                        });
+                    }
+                }
+                if state.revision > 0 {
+                    applied.push(pb::AppliedRevision {
+                        resource: format!("module/{name}"),
+                        revision: state.revision,
+                    });
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "could not list installed modules"),
+    }
+    let partial = partial_transfers(installer.modules())
+        .into_iter()
+        .map(|(r, offset)| pb::PartialTransfer {
+            transfer_id: r.transfer_id,
+            module: r.module,
+            to_version: r.to_version,
+            offset,
+        })
+        .collect();
+    (modules, applied, partial)
 }

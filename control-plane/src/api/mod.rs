@@ -3,13 +3,13 @@
 
 mod audit;
 mod nodes;
-mod pending;
 mod releases;
+mod rollouts;
 
 pub(crate) use audit::AuditApi;
 pub(crate) use nodes::NodesApi;
-pub(crate) use pending::RolloutsApi;
 pub(crate) use releases::ReleasesApi;
+pub(crate) use rollouts::RolloutsApi;
 
 use aviary_certs::Identity;
 use tonic::{Request, Status};

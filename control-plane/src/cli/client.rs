@@ -16,6 +16,8 @@ pub struct Admin {
     pub audit: pb::audit_client::AuditClient<Channel>,
     /// `aviary.v1.Releases`.
     pub releases: pb::releases_client::ReleasesClient<Channel>,
+    /// `aviary.v1.Rollouts`.
+    pub rollouts: pb::rollouts_client::RolloutsClient<Channel>,
 }
 
 impl Admin {
@@ -38,7 +40,8 @@ impl Admin {
         Ok(Admin {
             nodes: pb::nodes_client::NodesClient::new(channel.clone()),
             audit: pb::audit_client::AuditClient::new(channel.clone()),
-            releases: pb::releases_client::ReleasesClient::new(channel),
+            releases: pb::releases_client::ReleasesClient::new(channel.clone()),
+            rollouts: pb::rollouts_client::RolloutsClient::new(channel),
         })
     }
 }

@@ -82,17 +82,51 @@ pub enum Command {
         #[command(subcommand)]
         command: release::ReleaseCommand,
     },
-    /// Rollouts (issues 3 and 4).
+    /// Rollouts: deploy a release to the nodes a selector matches, watch, abort.
     Rollout {
-        /// Arguments, once implemented.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// What to do.
+        #[command(subcommand)]
+        command: RolloutCommand,
     },
     /// Runtime config layers (issue 4).
     Config {
         /// Arguments, once implemented.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+}
+
+/// `aviary rollout ...`
+#[derive(Subcommand, Debug)]
+pub enum RolloutCommand {
+    /// Deploys a release; without steps, to every selected node at once (canary steps
+    /// arrive with issue 4).
+    Create {
+        /// Module.
+        #[arg(long)]
+        module: String,
+        /// Release version (uploaded before).
+        #[arg(long)]
+        version: String,
+        /// Label selector; empty means every node.
+        #[arg(long, default_value = "")]
+        selector: String,
+    },
+    /// Shows one rollout with its node counts.
+    Get {
+        /// Rollout id (r-N).
+        id: String,
+    },
+    /// Lists rollouts, newest first.
+    List {
+        /// Only this module.
+        #[arg(long)]
+        module: Option<String>,
+    },
+    /// Aborts a rollout in progress: its nodes go back to their previous slot, no download.
+    Abort {
+        /// Rollout id.
+        id: String,
     },
 }
 
@@ -148,8 +182,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Rollout { .. } => {
-            anyhow::bail!("aviary rollout: rollouts arrive with issues 3 and 4")
+        Command::Rollout { command } => {
+            let mut admin = connect(&cli.control_plane, &cli.certs, &cli.admin).await?;
+            match command {
+                RolloutCommand::Create {
+                    module,
+                    version,
+                    selector,
+                } => {
+                    let r = admin
+                        .rollouts
+                        .create_rollout(pb::CreateRolloutRequest {
+                            module,
+                            version,
+                            selector,
+                            ..Default::default()
+                        })
+                        .await?
+                        .into_inner();
+                    output::rollouts(format, &[r]);
+                }
+                RolloutCommand::Get { id } => {
+                    let r = admin
+                        .rollouts
+                        .get_rollout(pb::GetRolloutRequest { id })
+                        .await?
+                        .into_inner();
+                    output::rollouts(format, &[r]);
+                }
+                RolloutCommand::List { module } => {
+                    let list = admin
+                        .rollouts
+                        .list_rollouts(pb::ListRolloutsRequest {
+                            module: module.unwrap_or_default(),
+                        })
+                        .await?
+                        .into_inner();
+                    output::rollouts(format, &list.rollouts);
+                }
+                RolloutCommand::Abort { id } => {
+                    let r = admin
+                        .rollouts
+                        .abort_rollout(pb::RolloutRef { id })
+                        .await?
+                        .into_inner();
+                    output::rollouts(format, &[r]);
+                }
+            }
+            Ok(())
         }
         Command::Config { .. } => {
             anyhow::bail!("aviary config: runtime config layers arrive with issue 4")

@@ -277,3 +277,73 @@ pub(crate) fn release(format: Format, r: &pb::Release) {
         Format::Table => table(&RELEASE_HEADER, &[release_row(r)]),
     }
 }
+
+fn rollout_state(state: i32) -> &'static str {
+    match pb::RolloutState::try_from(state) {
+        Ok(pb::RolloutState::Progressing) => "ROLLOUT_STATE_PROGRESSING",
+        Ok(pb::RolloutState::Paused) => "ROLLOUT_STATE_PAUSED",
+        Ok(pb::RolloutState::Succeeded) => "ROLLOUT_STATE_SUCCEEDED",
+        Ok(pb::RolloutState::Aborted) => "ROLLOUT_STATE_ABORTED",
+        Ok(pb::RolloutState::Failed) => "ROLLOUT_STATE_FAILED",
+        _ => "ROLLOUT_STATE_UNSPECIFIED",
+    }
+}
+
+pub(crate) fn rollouts(format: Format, rollouts: &[pb::Rollout]) {
+    let progress = |r: &pb::Rollout| r.progress.unwrap_or_default();
+    match format {
+        Format::Json => {
+            let list: Vec<Value> = rollouts
+                .iter()
+                .map(|r| {
+                    let p = progress(r);
+                    json!({
+                        "id": r.id, "module": r.module, "version": r.version,
+                        "selector": r.selector, "state": rollout_state(r.state),
+                        "currentStep": r.current_step, "message": r.message,
+                        "createdAt": time(&r.created_at), "updatedAt": time(&r.updated_at),
+                        "progress": {"selected": p.selected, "installed": p.installed, "failed": p.failed},
+                    })
+                })
+                .collect();
+            print_json(&json!({ "rollouts": list }));
+        }
+        Format::Table => {
+            let rows: Vec<Vec<String>> = rollouts
+                .iter()
+                .map(|r| {
+                    let p = progress(r);
+                    vec![
+                        r.id.clone(),
+                        r.module.clone(),
+                        r.version.clone(),
+                        if r.selector.is_empty() {
+                            "*".into()
+                        } else {
+                            r.selector.clone()
+                        },
+                        rollout_state(r.state)
+                            .trim_start_matches("ROLLOUT_STATE_")
+                            .to_owned(),
+                        format!("{}/{}", p.installed, p.selected),
+                        p.failed.to_string(),
+                        r.message.clone(),
+                    ]
+                })
+                .collect();
+            table(
+                &[
+                    "ID",
+                    "MODULE",
+                    "VERSION",
+                    "SELECTOR",
+                    "STATE",
+                    "INSTALLED",
+                    "FAILED",
+                    "MESSAGE",
+                ],
+                &rows,
+            );
+        }
+    }
+}

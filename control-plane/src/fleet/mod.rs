@@ -3,6 +3,7 @@
 mod codec;
 mod service;
 mod session;
+mod transfer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::TokenBucket;
+use crate::catalog::Catalog;
+use crate::deltas::Deltas;
 use crate::registry::Registry;
 
 pub(crate) use service::FleetService;
@@ -34,6 +37,8 @@ pub struct FleetSettings {
 /// What every fleet session shares.
 pub(crate) struct Fleet {
     registry: Arc<Registry>,
+    catalog: Arc<Catalog>,
+    deltas: Arc<Deltas>,
     admission: TokenBucket,
     settings: FleetSettings,
     shutdown: CancellationToken,
@@ -43,12 +48,16 @@ impl Fleet {
     /// Builds the shared state of the fleet service.
     pub(crate) fn new(
         registry: Arc<Registry>,
+        catalog: Arc<Catalog>,
+        deltas: Arc<Deltas>,
         settings: FleetSettings,
         shutdown: CancellationToken,
     ) -> Arc<Fleet> {
         Arc::new(Fleet {
             admission: TokenBucket::new(settings.admission_rate, settings.admission_burst),
             registry,
+            catalog,
+            deltas,
             settings,
             shutdown,
         })

@@ -154,6 +154,7 @@ impl Installer {
         checked: &Checked,
         info: &PayloadInfo,
         payload: &Path,
+        revision: u64,
     ) -> Result<Slot, InstallError> {
         let m = &checked.manifest;
         let state = self.modules.state(&m.module)?;
@@ -239,6 +240,7 @@ impl Installer {
             &ModuleState {
                 current: Some(slot.clone()),
                 previous: state.current.clone(),
+                revision,
             },
         )?;
         self.modules.clean(&m.module)?;
@@ -246,20 +248,57 @@ impl Installer {
     }
 
     /// Switches back to the previous slot (no download); the current one becomes previous.
-    pub fn rollback(&self, module: &str) -> Result<Slot, InstallError> {
+    /// With `version`, only if the previous slot holds that version (an ordered rollback);
+    /// already at it is a no-op.
+    pub fn rollback(
+        &self,
+        module: &str,
+        version: Option<&str>,
+        revision: u64,
+    ) -> Result<Slot, InstallError> {
         let state = self.modules.state(module)?;
+        if let (Some(v), Some(current)) = (version, &state.current) {
+            if current.version == v {
+                let mut state = state.clone();
+                state.revision = revision;
+                self.modules.write_state(module, &state)?;
+                return Ok(current.clone());
+            }
+        }
         let previous = state
             .previous
             .clone()
+            .filter(|p| version.is_none_or(|v| p.version == v))
             .ok_or_else(|| InstallError::NoPrevious(module.to_owned()))?;
         self.modules.write_state(
             module,
             &ModuleState {
                 current: Some(previous.clone()),
                 previous: state.current,
+                revision,
             },
         )?;
         Ok(previous)
+    }
+
+    /// Checks a fully received payload file against its declared size and sha256.
+    pub fn verify_payload(&self, info: &PayloadInfo, path: &Path) -> Result<(), InstallError> {
+        let file = File::open(path).map_err(io(path))?;
+        let (found, size) =
+            aviary_proto::digest::hash_reader(BufReader::new(file)).map_err(io(path))?;
+        if size > info.size {
+            return Err(InstallError::PayloadTooLarge {
+                declared: info.size,
+            });
+        }
+        if size != info.size || Some(found) != info.digest() {
+            return Err(InstallError::PayloadMismatch {
+                declared: info.sha256.clone(),
+                found: found.hex(),
+                size,
+            });
+        }
+        Ok(())
     }
 
     /// Installs an offline bundle with exactly the checks of a fleet update.
@@ -273,7 +312,7 @@ impl Installer {
         };
         let result = self
             .receive(&checked, &header.payload, reader)
-            .and_then(|payload| self.install(&checked, &header.payload, payload.path()));
+            .and_then(|payload| self.install(&checked, &header.payload, payload.path(), 0));
         if result.is_err() {
             let _ = self.modules.clean(&checked.manifest.module);
         }
@@ -368,7 +407,7 @@ mod tests {
                 Verdict::AlreadyInstalled(s) => Ok(Outcome::AlreadyInstalled(s)),
                 Verdict::Install(checked) => {
                     let file = self.installer.receive(&checked, info, payload)?;
-                    let r = self.installer.install(&checked, info, file.path());
+                    let r = self.installer.install(&checked, info, file.path(), 1);
                     drop(file);
                     if r.is_err() {
                         self.installer.modules().clean(&checked.manifest.module)?;
@@ -459,7 +498,7 @@ mod tests {
             f.strays("gateway")?
         );
 
-        let back = f.installer.rollback("gateway")?;
+        let back = f.installer.rollback("gateway", Some("1.0.0"), 2)?;
         assert_eq!(back.version, "1.0.0");
         assert_eq!(f.current("gateway")?, v1);
         Ok(())

@@ -1,12 +1,14 @@
-//! Modules on the edge: verified installs into slots (`install`), the on-disk layout and
-//! its atomic switch (`slots`).
+//! Modules on the edge: verified installs into slots (`install`), payloads arriving over
+//! the fleet stream (`receive`), the on-disk layout and its atomic switch (`slots`).
 
 mod install;
+mod receive;
 mod slots;
 
 use std::path::{Path, PathBuf};
 
 pub use install::{Checked, Installer, Outcome, Verdict};
+pub use receive::{partial_transfers, PartialRecord, Receiving};
 pub use slots::{ModuleState, Modules, Slot};
 
 /// Why a module update was refused. Its text is the NACK reason the control plane shows.
@@ -70,8 +72,8 @@ pub enum InstallError {
     /// The result is not what the signed manifest says.
     #[error("result refused: {0}")]
     ResultMismatch(String),
-    /// No previous slot to roll back to.
-    #[error("module {0} has no previous version to roll back to")]
+    /// No previous slot (with the ordered version) to roll back to.
+    #[error("module {0} has no previous slot with that version to roll back to")]
     NoPrevious(String),
     /// The state dir is full.
     #[error("no space left on the state dir ({path})")]

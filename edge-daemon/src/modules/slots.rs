@@ -38,6 +38,9 @@ pub struct ModuleState {
     pub current: Option<Slot>,
     /// What ran before: the target of a rollback without download.
     pub previous: Option<Slot>,
+    /// The control plane's module revision that made this state (0: offline bundle).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// The `modules/` directory of a state dir.
@@ -63,6 +66,11 @@ impl Modules {
         let root = state_dir.join("modules");
         std::fs::create_dir_all(&root).map_err(io(&root))?;
         Ok(Modules { root })
+    }
+
+    /// The `modules/` directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     /// `modules/NAME` (the name is validated by the manifest before it gets here).

@@ -3,6 +3,7 @@
 
 mod auth;
 mod bundles;
+mod deploy;
 mod durability;
 mod lifecycle;
 mod protocol;

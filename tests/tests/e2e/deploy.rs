@@ -1,0 +1,228 @@
+//! Deployments over the fleet stream: a real release pair (esbuild 0.24.1 → 0.24.2) goes
+//! through upload, delta, transfer and install on three daemons; an abort sends nodes
+//! back to their previous slot without a download; an offline node catches up.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use aviary_proto::digest::Sha256;
+use aviary_proto::v1 as pb;
+use aviary_tests::{bin, eventually, tools_dir, Admin, ControlPlane, Edge, Workspace};
+
+fn pair() -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = tools_dir().join("delta-pairs");
+    let pair = (dir.join("esbuild-0.24.1"), dir.join("esbuild-0.24.2"));
+    if !pair.0.exists() || !pair.1.exists() {
+        bail!(
+            "{} missing: scripts/test fetches the delta pairs",
+            dir.display()
+        );
+    }
+    Ok(pair)
+}
+
+fn upload(ws: &Workspace, cp: &ControlPlane, version: &str, file: &Path) -> anyhow::Result<()> {
+    let o = Command::new(bin("aviary")?)
+        .args(["--control-plane", &cp.url(), "--certs"])
+        .arg(&ws.pki.dir)
+        .args([
+            "release",
+            "upload",
+            "--module",
+            "esbuild",
+            "--version",
+            version,
+            "--target",
+            "x86_64",
+            "--file",
+        ])
+        .arg(file)
+        .arg("--sign-key")
+        .arg(ws.pki.dir.join("release-signing.key"))
+        .output()?;
+    if !o.status.success() {
+        bail!("upload {version}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(())
+}
+
+/// The artifact in an edge's current slot of `esbuild`, if any.
+fn installed(edge: &Edge) -> Option<(String, Vec<u8>)> {
+    let dir = edge.state_dir.join("modules/esbuild");
+    let st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("state.json")).ok()?).ok()?;
+    let id = st["current"]["id"].as_str()?;
+    let version = st["current"]["version"].as_str()?.to_owned();
+    Some((
+        version,
+        std::fs::read(dir.join("slots").join(id).join("artifact")).ok()?,
+    ))
+}
+
+async fn rollout(admin: &mut Admin, version: &str) -> anyhow::Result<String> {
+    Ok(admin
+        .rollouts
+        .create_rollout(pb::CreateRolloutRequest {
+            module: "esbuild".into(),
+            version: version.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .id)
+}
+
+async fn state_of(admin: &mut Admin, id: &str) -> anyhow::Result<pb::Rollout> {
+    Ok(admin
+        .rollouts
+        .get_rollout(pb::GetRolloutRequest { id: id.into() })
+        .await?
+        .into_inner())
+}
+
+async fn wait_installed(edges: &[&Edge], version: &str, bytes: &[u8]) -> anyhow::Result<()> {
+    for edge in edges {
+        eventually(
+            Duration::from_secs(60),
+            &format!("{} to run {version}", edge.node_id),
+            || async { Ok(installed(edge).filter(|(v, _)| v == version).map(|_| ())) },
+        )
+        .await?;
+        let (_, got) = installed(edge).context("installed")?;
+        assert_eq!(
+            Sha256::of(&got),
+            Sha256::of(bytes),
+            "{}: bytes differ from the signed release",
+            edge.node_id
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_without_download(
+) -> anyhow::Result<()> {
+    let (v1, v2) = pair()?;
+    let (v1_bytes, v2_bytes) = (std::fs::read(&v1)?, std::fs::read(&v2)?);
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let mut edges = Vec::new();
+    for i in 1..=3 {
+        edges.push(
+            Edge::start(
+                &ws,
+                &cp,
+                &format!("gw-{i}"),
+                &[("region", "eu")],
+                &["--arch", "x86_64"],
+            )
+            .await?,
+        );
+    }
+    let mut admin = ws.admin(&cp).await?;
+    upload(&ws, &cp, "0.24.1", &v1)?;
+    upload(&ws, &cp, "0.24.2", &v2)?;
+
+    // First install: no base on the nodes, so the full payload.
+    let r1 = rollout(&mut admin, "0.24.1").await?;
+    wait_installed(&edges.iter().collect::<Vec<_>>(), "0.24.1", &v1_bytes).await?;
+    eventually(Duration::from_secs(20), "rollout 1 to succeed", || async {
+        let mut admin = ws.admin(&cp).await?;
+        Ok(
+            (state_of(&mut admin, &r1).await?.state == pb::RolloutState::Succeeded as i32)
+                .then_some(()),
+        )
+    })
+    .await?;
+    let full_bytes = cp
+        .metric("aviary_transfer_bytes_total{encoding=\"full_zstd\"}")
+        .await?;
+    assert!(full_bytes > 0.0);
+
+    // One node goes offline; the others get 0.24.2 as a delta.
+    edges[2].kill9().await?;
+    let r2 = rollout(&mut admin, "0.24.2").await?;
+    wait_installed(&[&edges[0], &edges[1]], "0.24.2", &v2_bytes).await?;
+    let delta_bytes = cp
+        .metric("aviary_transfer_bytes_total{encoding=\"bsdiff_zstd\"}")
+        .await?;
+    assert!(delta_bytes > 0.0, "no delta was sent:\n{}", cp.log());
+    assert!(
+        delta_bytes < 2.0 * 400_000.0,
+        "{delta_bytes} delta bytes on the wire for two nodes of a {} byte binary",
+        v2_bytes.len()
+    );
+    let r = state_of(&mut admin, &r2).await?;
+    assert_eq!(
+        r.state,
+        pb::RolloutState::Progressing as i32,
+        "gw-3 is offline: {r:?}"
+    );
+    assert_eq!(r.progress.map(|p| (p.selected, p.installed)), Some((3, 2)));
+
+    // Abort: back to the previous slot, nothing downloaded.
+    let before = cp.metric("aviary_transfer_bytes_total").await?;
+    admin
+        .rollouts
+        .abort_rollout(pb::RolloutRef { id: r2.clone() })
+        .await?;
+    wait_installed(&[&edges[0], &edges[1]], "0.24.1", &v1_bytes).await?;
+    assert_eq!(
+        cp.metric("aviary_transfer_bytes_total").await?,
+        before,
+        "a rollback downloaded bytes"
+    );
+    assert_eq!(
+        state_of(&mut admin, &r2).await?.state,
+        pb::RolloutState::Aborted as i32
+    );
+
+    // The offline node comes back and stays on 0.24.1; a new rollout takes all three to
+    // 0.24.2, the delta built once and served from cache.
+    edges[2].restart().await?;
+    eventually(Duration::from_secs(20), "gw-3 to report", || async {
+        let mut admin = ws.admin(&cp).await?;
+        let node = admin
+            .nodes
+            .get_node(pb::GetNodeRequest {
+                node_id: "gw-3".into(),
+            })
+            .await?
+            .into_inner();
+        Ok(node
+            .module_rollouts
+            .iter()
+            .any(|m| {
+                m.module == "esbuild"
+                    && m.acked_revision >= m.desired_revision
+                    && m.desired_revision > 0
+            })
+            .then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        installed(&edges[2]).map(|(v, _)| v).as_deref(),
+        Some("0.24.1")
+    );
+    let r3 = rollout(&mut admin, "0.24.2").await?;
+    wait_installed(&edges.iter().collect::<Vec<_>>(), "0.24.2", &v2_bytes).await?;
+    eventually(Duration::from_secs(20), "rollout 3 to succeed", || async {
+        let mut admin = ws.admin(&cp).await?;
+        Ok(
+            (state_of(&mut admin, &r3).await?.state == pb::RolloutState::Succeeded as i32)
+                .then_some(()),
+        )
+    })
+    .await?;
+    assert!(cp.metric("aviary_delta_cache_hits_total").await? >= 1.0);
+    for edge in &edges {
+        let tmp = edge.state_dir.join("modules/esbuild/tmp");
+        let left: Vec<_> = std::fs::read_dir(&tmp)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{}: left {left:?}", edge.node_id);
+    }
+    Ok(())
+}
