@@ -640,6 +640,7 @@ impl Registry {
             ..Default::default()
         })
         .await?;
+        metrics::counter!("aviary_rollout_transitions_total", "to" => "progressing").increment(1);
         let mut st = self.state();
         st.revision = deployment.seq;
         st.deployments.push(deployment.clone());
@@ -688,6 +689,7 @@ impl Registry {
             ..Default::default()
         })
         .await?;
+        metrics::counter!("aviary_rollout_transitions_total", "to" => "aborted").increment(1);
         let mut st = self.state();
         st.revision = deployment.abort_seq;
         if let Some(d) = st.deployments.iter_mut().find(|d| d.id == id) {

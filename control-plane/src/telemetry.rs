@@ -30,6 +30,11 @@ pub fn init_metrics(addr: SocketAddr) -> Result<(), String> {
             ],
         )
         .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(
+            Matcher::Full("aviary_delta_build_seconds".into()),
+            &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0],
+        )
+        .map_err(|e| e.to_string())?
         .install()
         .map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
     describe();
@@ -70,6 +75,33 @@ fn describe() {
     describe_counter!(
         "aviary_calls_refused_total",
         "gRPC calls refused with PERMISSION_DENIED."
+    );
+    describe_counter!(
+        "aviary_transfer_bytes_total",
+        Unit::Bytes,
+        "Module payload bytes sent on fleet streams, by encoding."
+    );
+    describe_counter!(
+        "aviary_module_updates_sent_total",
+        "Module updates (installs and rollbacks) sent on fleet streams."
+    );
+    describe_histogram!(
+        "aviary_delta_build_seconds",
+        Unit::Seconds,
+        "Time to build one bsdiff delta."
+    );
+    describe_counter!(
+        "aviary_delta_bytes_saved_total",
+        Unit::Bytes,
+        "Artifact bytes minus delta bytes, per delta built."
+    );
+    describe_counter!(
+        "aviary_delta_cache_hits_total",
+        "Payloads served from the on-disk cache, by kind."
+    );
+    describe_counter!(
+        "aviary_rollout_transitions_total",
+        "Rollout state changes, by the state entered."
     );
     describe_counter!(
         "aviary_releases_uploaded_total",

@@ -103,6 +103,10 @@ fn describe_metrics() {
     );
     describe_counter!("aviary_edge_nacks_total", "Assignments refused as invalid.");
     describe_counter!(
+        "aviary_edge_installs_total",
+        "Module versions installed from the fleet stream."
+    );
+    describe_counter!(
         "aviary_edge_reconnects_total",
         "Attempts to reopen the fleet stream."
     );
