@@ -1,6 +1,6 @@
 //! A userspace TCP proxy for failure injection (there is no `tc netem` here): pass
-//! traffic, freeze it (both directions stop, sockets stay open: a silent peer), or cut
-//! every connection (a peer that vanishes mid-transfer).
+//! traffic, throttle it (a slow uplink), freeze it (both directions stop, sockets stay
+//! open: a silent peer), or cut every connection (a peer that vanishes mid-transfer).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +17,8 @@ pub enum Mode {
     Pass,
     /// Hold every byte; connections stay open.
     Freeze,
+    /// Forward at most this many bytes per second each way (a slow uplink).
+    Throttle(u32),
 }
 
 /// A running proxy; stops when dropped.
@@ -94,6 +96,17 @@ async fn pipe(
         };
         if to.write_all(&buf[..n]).await.is_err() {
             return;
+        }
+        let throttle = match *mode.borrow() {
+            Mode::Throttle(rate) => Some(rate.max(1)),
+            _ => None,
+        };
+        if let Some(rate) = throttle {
+            let pause = std::time::Duration::from_secs_f64(n as f64 / f64::from(rate));
+            tokio::select! {
+                _ = cut.changed() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
         }
     }
 }

@@ -74,10 +74,10 @@ impl Receiving {
             .and_then(|b| serde_json::from_slice::<PartialRecord>(&b).ok())
             .filter(|r| r.transfer_id == id)
             .map_or(0, |r| r.synced);
+        // Append mode: every write lands at the end, after the cut below.
         let file = OpenOptions::new()
             .create(true)
-            .truncate(false)
-            .write(true)
+            .append(true)
             .open(&part)
             .map_err(io(&part))?;
         // Whatever came after the last sync may be torn: cut it off.

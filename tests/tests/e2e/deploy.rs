@@ -226,3 +226,74 @@ async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_transfer_cut_in_the_middle_resumes_from_the_offset_reached() -> anyhow::Result<()> {
+    use aviary_tests::proxy::{Mode, Proxy};
+    let (v1, _) = pair()?;
+    let v1_bytes = std::fs::read(&v1)?;
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let proxy = Proxy::start(cp.addr).await?;
+    // A slow uplink, so the cut lands mid-transfer.
+    proxy.set(Mode::Throttle(2 << 20));
+    let edge = Edge::start_via(
+        &ws,
+        &format!("https://{}", proxy.addr),
+        "gw-1",
+        &[],
+        &["--arch", "x86_64"],
+    )
+    .await?;
+    upload(&ws, &cp, "0.24.1", &v1)?;
+    let mut admin = ws.admin(&cp).await?;
+    rollout(&mut admin, "0.24.1").await?;
+
+    // Wait until the edge holds over 1.5 MiB (past its first fsynced checkpoint), then cut.
+    let size = eventually(
+        Duration::from_secs(30),
+        "the transfer to pass 1.5 MiB",
+        || async {
+            let mut admin = ws.admin(&cp).await?;
+            let node = admin
+                .nodes
+                .get_node(pb::GetNodeRequest {
+                    node_id: "gw-1".into(),
+                })
+                .await?
+                .into_inner();
+            Ok(node
+                .module_rollouts
+                .iter()
+                .filter_map(|m| m.transfer.as_ref())
+                .find(|t| t.offset > 3 << 19)
+                .map(|t| t.size))
+        },
+    )
+    .await?;
+    proxy.cut();
+    let sent_before = cp.metric("aviary_transfer_bytes_total").await?;
+    assert!(
+        sent_before < size as f64,
+        "the transfer finished before the cut"
+    );
+    proxy.set(Mode::Pass);
+
+    wait_installed(&[&edge], "0.24.1", &v1_bytes)
+        .await
+        .with_context(|| format!("edge log:\n{}\ncontrol plane log:\n{}", edge.log(), cp.log()))?;
+    let sent_after = cp.metric("aviary_transfer_bytes_total").await?;
+    let resent = sent_after - sent_before;
+    // Restarting from zero would resend the whole payload; resuming from the edge's
+    // last checkpoint (every MiB) resends at most the rest plus one chunk in flight.
+    assert!(
+        resent <= (size - (1 << 20)) as f64 + 128.0 * 1024.0,
+        "{resent} bytes sent after the cut for a {size} byte payload: restarted from zero?"
+    );
+    assert!(
+        edge.log().contains("receiving module payload"),
+        "{}",
+        edge.log()
+    );
+    Ok(())
+}
