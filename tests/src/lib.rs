@@ -365,16 +365,17 @@ impl Edge {
     ) -> anyhow::Result<Edge> {
         ws.edge_cert(node_id)?;
         let state_dir = ws.path(&format!("edge-{node_id}"));
-        let mut args: Vec<String> = vec![
-            "--control-plane".into(),
-            url.to_owned(),
-            "--certs".into(),
-            ws.pki.dir.display().to_string(),
+        let mut args: Vec<String> = vec!["--control-plane".into(), url.to_owned()];
+        // A test may give the daemon its own certs dir (e.g. other trusted release keys).
+        if !extra.contains(&"--certs") {
+            args.extend(["--certs".into(), ws.pki.dir.display().to_string()]);
+        }
+        args.extend([
             "--node-id".into(),
             node_id.into(),
             "--state-dir".into(),
             state_dir.display().to_string(),
-        ];
+        ]);
         for (k, v) in labels {
             args.extend(["--label".into(), format!("{k}={v}")]);
         }

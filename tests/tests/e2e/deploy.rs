@@ -281,7 +281,13 @@ async fn a_transfer_cut_in_the_middle_resumes_from_the_offset_reached() -> anyho
 
     wait_installed(&[&edge], "0.24.1", &v1_bytes)
         .await
-        .with_context(|| format!("edge log:\n{}\ncontrol plane log:\n{}", edge.log(), cp.log()))?;
+        .with_context(|| {
+            format!(
+                "edge log:\n{}\ncontrol plane log:\n{}",
+                edge.log(),
+                cp.log()
+            )
+        })?;
     let sent_after = cp.metric("aviary_transfer_bytes_total").await?;
     let resent = sent_after - sent_before;
     // Restarting from zero would resend the whole payload; resuming from the edge's
@@ -295,5 +301,110 @@ async fn a_transfer_cut_in_the_middle_resumes_from_the_offset_reached() -> anyho
         "{}",
         edge.log()
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_edge_refuses_a_release_its_own_keys_did_not_sign_and_it_is_not_resent(
+) -> anyhow::Result<()> {
+    // The control plane trusts the deployment's release key; gw-2 trusts only another one,
+    // as if the control plane had been compromised into serving someone else's code.
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    ws.edge_cert("gw-2")?;
+    let own = ws.path("gw-2-certs");
+    std::fs::create_dir_all(&own)?;
+    for f in ["ca.pem", "edge-gw-2.pem", "edge-gw-2.key"] {
+        std::fs::copy(ws.pki.dir.join(f), own.join(f))?;
+    }
+    aviary_certs::generate_release_key(&own)?;
+    std::fs::remove_file(own.join("release-signing.key"))?;
+    let good = Edge::start(&ws, &cp, "gw-1", &[], &["--arch", "x86_64"]).await?;
+    let strict = Edge::start(
+        &ws,
+        &cp,
+        "gw-2",
+        &[],
+        &[
+            "--arch",
+            "x86_64",
+            "--certs",
+            own.to_str().unwrap_or_default(),
+        ],
+    )
+    .await?;
+    let artifact = ws.path("tool");
+    std::fs::write(&artifact, b"#!/bin/sh\necho tool\n")?;
+    let o = Command::new(bin("aviary")?)
+        .args(["--control-plane", &cp.url(), "--certs"])
+        .arg(&ws.pki.dir)
+        .args([
+            "release",
+            "upload",
+            "--module",
+            "esbuild",
+            "--version",
+            "1.0.0",
+            "--target",
+            "x86_64",
+            "--file",
+        ])
+        .arg(&artifact)
+        .arg("--sign-key")
+        .arg(ws.pki.dir.join("release-signing.key"))
+        .output()?;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut admin = ws.admin(&cp).await?;
+    let id = rollout(&mut admin, "1.0.0").await?;
+
+    wait_installed(&[&good], "1.0.0", &std::fs::read(&artifact)?).await?;
+    let node = eventually(Duration::from_secs(20), "gw-2's NACK", || async {
+        let mut admin = ws.admin(&cp).await?;
+        let node = admin
+            .nodes
+            .get_node(pb::GetNodeRequest {
+                node_id: "gw-2".into(),
+            })
+            .await?
+            .into_inner();
+        Ok(node
+            .module_rollouts
+            .iter()
+            .any(|m| m.nacked_revision > 0)
+            .then_some(node))
+    })
+    .await?;
+    let m = &node.module_rollouts[0];
+    assert!(m.nack_error.contains("signature"), "{m:?}");
+    assert!(
+        installed(&strict).is_none(),
+        "gw-2 installed code its keys did not sign"
+    );
+    let r = state_of(&mut admin, &id).await?;
+    assert_eq!(
+        r.progress.map(|p| (p.installed, p.failed)),
+        Some((1, 1)),
+        "{r:?}"
+    );
+    assert_eq!(r.state, pb::RolloutState::Progressing as i32);
+
+    // Parked: the NACKed revision is not offered again, on this stream or after a reconnect.
+    let sent = cp.metric("aviary_module_updates_sent_total").await?;
+    let mut strict = strict;
+    strict.restart().await?;
+    eventually(Duration::from_secs(10), "gw-2 to reconnect", || async {
+        let mut admin = ws.admin(&cp).await?;
+        let node = admin
+            .nodes
+            .get_node(pb::GetNodeRequest {
+                node_id: "gw-2".into(),
+            })
+            .await?
+            .into_inner();
+        Ok(node.connected.then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(cp.metric("aviary_module_updates_sent_total").await?, sent);
     Ok(())
 }
