@@ -24,6 +24,8 @@ pub(crate) enum DeployState {
     Progressing,
     /// Every selected node runs the release.
     Succeeded,
+    /// Every selected node answered, and some refused it (their NACKs say why).
+    Failed,
     /// Stopped by an operator: nodes go back to their previous slot.
     Aborted,
 }
@@ -95,7 +97,7 @@ pub(crate) fn desired_modules(
                     out.remove(&d.module);
                 }
             },
-            DeployState::Progressing | DeployState::Succeeded => {
+            DeployState::Progressing | DeployState::Succeeded | DeployState::Failed => {
                 standing.insert(&d.module, d);
                 out.insert(
                     d.module.clone(),

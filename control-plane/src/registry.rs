@@ -796,17 +796,30 @@ impl Registry {
         {
             return;
         }
-        d.state = DeployState::Succeeded;
+        let p = progress(&self.state(), &d);
         d.updated_ms = now_ms();
-        d.message = "every selected node installed it (or was skipped)".into();
+        if p.failed == 0 {
+            d.state = DeployState::Succeeded;
+            d.message = "every selected node installed it (or was skipped)".into();
+        } else {
+            d.state = DeployState::Failed;
+            d.message = format!(
+                "{} of {} node(s) refused it; `aviary nodes get` shows why",
+                p.failed, p.selected
+            );
+        }
+        let (action, to) = match d.state {
+            DeployState::Succeeded => ("rollout.succeeded", "succeeded"),
+            _ => ("rollout.failed", "failed"),
+        };
         let result = self
             .commit(Change {
                 deployments: vec![d.clone()],
                 events: vec![NewEvent::new(
                     "control-plane",
-                    "rollout.succeeded",
+                    action,
                     format!("rollout/{}", d.id),
-                    format!("{} {}", d.module, d.version),
+                    format!("{} {}: {}", d.module, d.version, d.message),
                 )],
                 durable: true,
                 ..Default::default()
@@ -814,14 +827,13 @@ impl Registry {
             .await;
         match result {
             Ok(_) => {
-                metrics::counter!("aviary_rollout_transitions_total", "to" => "succeeded")
-                    .increment(1);
+                metrics::counter!("aviary_rollout_transitions_total", "to" => to).increment(1);
                 let mut st = self.state();
                 if let Some(x) = st.deployments.iter_mut().find(|x| x.id == d.id) {
                     *x = d;
                 }
             }
-            Err(e) => tracing::warn!(error = %e, rollout = %d.id, "could not record success"),
+            Err(e) => tracing::warn!(error = %e, rollout = %d.id, "could not record the outcome"),
         }
     }
 
@@ -942,7 +954,7 @@ fn completed(st: &State, module: &str) -> Option<Deployment> {
         .iter()
         .find(|d| d.module == module && d.state == DeployState::Progressing)?;
     let p = progress(st, d);
-    (p.selected > 0 && p.installed + p.skipped == p.selected).then(|| d.clone())
+    (p.selected > 0 && p.installed + p.skipped + p.failed == p.selected).then(|| d.clone())
 }
 
 fn module_rollouts(entry: &Entry) -> Vec<pb::ModuleRollout> {

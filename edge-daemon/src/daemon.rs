@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::link::Link;
 use crate::modules::{Installer, Modules};
+use crate::runtime::Runtime;
 use crate::weights::Weights;
 use crate::{local_http, session, EdgeError};
 
@@ -48,7 +49,23 @@ pub async fn run(
     }
     let modules = Modules::open(&config.state_dir)
         .map_err(|e| EdgeError::InvalidAssignment(format!("module store: {e}")))?;
-    let installer = Arc::new(Installer::new(modules, trusted, config.arch.clone()));
+    let runtime = Arc::new(Runtime::new(modules.clone()));
+    let installer = Arc::new(Installer::new(
+        modules.clone(),
+        trusted,
+        config.arch.clone(),
+    ));
+    // Whatever was installed runs again, with or without a control plane.
+    if let Ok(installed) = modules.list() {
+        for (name, _) in installed {
+            let runtime = runtime.clone();
+            tokio::spawn(async move {
+                if let Err(e) = runtime.activate(&name).await {
+                    tracing::error!(module = %name, error = %e, "installed module does not start");
+                }
+            });
+        }
+    }
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut local_addr = None;
@@ -80,7 +97,12 @@ pub async fn run(
         labels: config.labels.clone(),
         arch: config.arch.clone(),
     };
-    session::run(link, identity, weights, installer, shutdown.clone()).await;
+    let local = Arc::new(session::Local {
+        installer,
+        runtime: runtime.clone(),
+    });
+    session::run(link, identity, weights, local, shutdown.clone()).await;
+    runtime.stop_all();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();
     while tasks.join_next().await.is_some() {}

@@ -9,6 +9,7 @@ mod error;
 pub mod link;
 pub mod local_http;
 pub mod modules;
+pub mod runtime;
 mod session;
 pub mod weights;
 

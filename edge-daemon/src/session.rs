@@ -18,11 +18,18 @@ use aviary_proto::bundle::{Encoding, PayloadInfo};
 use crate::backoff::Backoff;
 use crate::link::Link;
 use crate::modules::{partial_transfers, Checked, InstallError, Installer, Receiving, Verdict};
+use crate::runtime::Runtime;
 use crate::weights::{Assignment, Weights};
 use crate::EdgeError;
 
 /// How often a connected daemon records contact in `state.json`.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// The daemon's modules: what is installed, and the processes running them.
+pub(crate) struct Local {
+    pub(crate) installer: Arc<Installer>,
+    pub(crate) runtime: Arc<Runtime>,
+}
 
 /// Who this daemon is, for the Hello.
 #[derive(Clone, Debug)]
@@ -37,14 +44,14 @@ pub(crate) async fn run(
     link: Link,
     identity: Identity,
     weights: Arc<Weights>,
-    installer: Arc<Installer>,
+    local: Arc<Local>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => break,
-            outcome = stream_once(&link, &identity, &weights, &installer, &mut backoff) => outcome,
+            outcome = stream_once(&link, &identity, &weights, &local, &mut backoff) => outcome,
         };
         if let Err(e) = set_connected(&weights, false).await {
             tracing::error!(error = %e, "could not record disconnect");
@@ -93,7 +100,7 @@ async fn stream_once(
     link: &Link,
     identity: &Identity,
     weights: &Arc<Weights>,
-    installer: &Arc<Installer>,
+    local: &Arc<Local>,
     backoff: &mut Backoff,
 ) -> Result<(), StreamError> {
     let channel = link.connect().await?;
@@ -101,7 +108,7 @@ async fn stream_once(
         pb::fleet_client::FleetClient::new(channel).max_decoding_message_size(16 << 20);
     let (tx, rx) = mpsc::channel(16);
     let (modules, mut applied, partial) = {
-        let installer = installer.clone();
+        let installer = local.installer.clone();
         tokio::task::spawn_blocking(move || module_report(&installer))
             .await
             .unwrap_or_default()
@@ -132,7 +139,7 @@ async fn stream_once(
     let result = loop {
         tokio::select! {
             msg = inbound.message() => match msg {
-                Ok(Some(msg)) => handle(msg, weights, installer, &mut incoming, &tx).await?,
+                Ok(Some(msg)) => handle(msg, weights, local, &mut incoming, &tx).await?,
                 Ok(None) => break Ok(()),
                 Err(status) => break Err(status.into()),
             },
@@ -158,7 +165,7 @@ async fn send(
 async fn handle(
     msg: pb::ControlMessage,
     weights: &Arc<Weights>,
-    installer: &Arc<Installer>,
+    local: &Arc<Local>,
     incoming: &mut Option<Incoming>,
     tx: &mpsc::Sender<pb::EdgeMessage>,
 ) -> Result<(), StreamError> {
@@ -207,9 +214,14 @@ async fn handle(
             }
             let revision = update.revision;
             let module = update.module.clone();
-            match start_update(update, installer).await {
+            match start_update(update, local).await {
                 Ok(Started::Done(what)) => {
                     tracing::info!(%module, revision, "{what}");
+                    // The processes follow the slots (a rollback switches them back).
+                    if let Err(e) = local.runtime.activate(&module).await {
+                        let e = InstallError::NotReady(e);
+                        return nack(tx, nonce, revision, &module, &e).await;
+                    }
                     send(tx, pb::edge_message::Kind::Ack(pb::Ack { nonce, revision })).await
                 }
                 Ok(Started::Receiving(checked, receiving)) => {
@@ -250,7 +262,12 @@ async fn handle(
             send(tx, progress_of(&inc.receiving)).await?;
             let (nonce, revision) = (inc.nonce.clone(), inc.revision);
             let module = inc.checked.manifest.module.clone();
-            let installer = installer.clone();
+            let previous_revision = local
+                .installer
+                .modules()
+                .state(&module)
+                .map_or(0, |s| s.revision);
+            let installer = local.installer.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let r = installer
                     .verify_payload(&inc.receiving.info, inc.receiving.path())
@@ -274,7 +291,12 @@ async fn handle(
                 Ok(slot) => {
                     tracing::info!(%module, version = %slot.version, revision, "module installed");
                     metrics::counter!("aviary_edge_installs_total").increment(1);
-                    send(tx, pb::edge_message::Kind::Ack(pb::Ack { nonce, revision })).await
+                    match activate_or_roll_back(local, &module, previous_revision).await {
+                        Ok(()) => {
+                            send(tx, pb::edge_message::Kind::Ack(pb::Ack { nonce, revision })).await
+                        }
+                        Err(e) => nack(tx, nonce, revision, &module, &e).await,
+                    }
                 }
                 Err(e) => nack(tx, nonce, revision, &module, &e).await,
             }
@@ -295,6 +317,37 @@ async fn handle(
     }
 }
 
+/// Starts the newly installed slot; if it never becomes ready, puts the previous slot
+/// back (its process kept serving, or is started again) and says why.
+async fn activate_or_roll_back(
+    local: &Arc<Local>,
+    module: &str,
+    previous_revision: u64,
+) -> Result<(), InstallError> {
+    let Err(reason) = local.runtime.activate(module).await else {
+        return Ok(());
+    };
+    let installer = local.installer.clone();
+    let name = module.to_owned();
+    let back =
+        tokio::task::spawn_blocking(move || installer.rollback(&name, None, previous_revision))
+            .await
+            .unwrap_or_else(|e| Err(InstallError::Bundle(format!("rollback task: {e}"))));
+    let detail = match back {
+        Ok(slot) => {
+            // Make sure the old version runs (a no-op when the hot swap kept it serving).
+            if let Err(e) = local.runtime.activate(module).await {
+                tracing::error!(module, error = %e, "previous version does not start either");
+            }
+            format!("{reason}; rolled back locally to {}", slot.version)
+        }
+        Err(e) => format!("{reason}; no previous version to roll back to ({e})"),
+    };
+    metrics::counter!("aviary_edge_local_rollbacks_total").increment(1);
+    tracing::warn!(module, %detail, "new version not ready: local rollback");
+    Err(InstallError::NotReady(detail))
+}
+
 /// A module update being received on this stream.
 struct Incoming {
     nonce: String,
@@ -313,9 +366,9 @@ enum Started {
 /// Checks an update before any payload byte, and opens (or resumes) its transfer.
 async fn start_update(
     update: pb::ModuleUpdate,
-    installer: &Arc<Installer>,
+    local: &Arc<Local>,
 ) -> Result<Started, InstallError> {
-    let installer = installer.clone();
+    let installer = local.installer.clone();
     tokio::task::spawn_blocking(move || {
         if update.rollback {
             // The manifest of the version to go back to must still be signed by us.

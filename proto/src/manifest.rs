@@ -187,6 +187,11 @@ pub struct RunSpec {
     /// User to run as (the daemon must be allowed to switch to it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// The module says when it is ready with `READY=1` on `NOTIFY_SOCKET` (systemd's
+    /// `Type=notify`). With a shared `listen` socket this is what tells a new process's
+    /// readiness apart from the old one's, which answers probes on the same port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<bool>,
     /// Readiness and health probes.
     #[serde(default, rename = "probe", skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<ProbeSpec>,

@@ -46,6 +46,7 @@ fn view(d: &Deployment, p: DeployProgress) -> pb::Rollout {
             DeployState::Progressing => pb::RolloutState::Progressing,
             DeployState::Succeeded => pb::RolloutState::Succeeded,
             DeployState::Aborted => pb::RolloutState::Aborted,
+            DeployState::Failed => pb::RolloutState::Failed,
         } as i32,
         current_step: 0,
         steps: Vec::new(),

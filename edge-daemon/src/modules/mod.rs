@@ -72,6 +72,9 @@ pub enum InstallError {
     /// The result is not what the signed manifest says.
     #[error("result refused: {0}")]
     ResultMismatch(String),
+    /// The new version was installed but never became ready; the previous one runs.
+    #[error("new version not ready: {0}")]
+    NotReady(String),
     /// No previous slot (with the ordered version) to roll back to.
     #[error("module {0} has no previous slot with that version to roll back to")]
     NoPrevious(String),

@@ -65,6 +65,8 @@ impl Modules {
     pub fn open(state_dir: &Path) -> Result<Modules, InstallError> {
         let root = state_dir.join("modules");
         std::fs::create_dir_all(&root).map_err(io(&root))?;
+        // Absolute: modules run with their slot as working directory.
+        let root = std::fs::canonicalize(&root).map_err(io(&root))?;
         Ok(Modules { root })
     }
 

@@ -386,7 +386,7 @@ async fn an_edge_refuses_a_release_its_own_keys_did_not_sign_and_it_is_not_resen
         Some((1, 1)),
         "{r:?}"
     );
-    assert_eq!(r.state, pb::RolloutState::Progressing as i32);
+    assert_eq!(r.state, pb::RolloutState::Failed as i32, "{r:?}");
 
     // Parked: the NACKed revision is not offered again, on this stream or after a reconnect.
     let sent = cp.metric("aviary_module_updates_sent_total").await?;

@@ -8,5 +8,6 @@ mod durability;
 mod lifecycle;
 mod protocol;
 mod releases;
+mod runtime;
 mod tools;
 mod weights;

@@ -1,0 +1,299 @@
+//! Modules running under the edge daemon: hot swap through a daemon-owned socket under
+//! load, and local rollback of a version that never becomes ready or crashes at start.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use aviary_proto::v1 as pb;
+use aviary_tests::{bin, eventually, free_port, Admin, ControlPlane, Edge, Workspace};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The sample module stamped as `version`.
+fn stamped(ws: &Workspace, version: &str) -> anyhow::Result<PathBuf> {
+    let out = ws.path(&format!("sample-{version}"));
+    let o = Command::new(bin("aviary-sample-module")?)
+        .args(["--stamp", version])
+        .arg(&out)
+        .output()?;
+    if !o.status.success() {
+        bail!("stamp: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(out)
+}
+
+fn upload(
+    ws: &Workspace,
+    cp: &ControlPlane,
+    module: &str,
+    version: &str,
+    file: &Path,
+    run_spec: &str,
+) -> anyhow::Result<()> {
+    let spec = ws.path(&format!("{module}-{version}.toml"));
+    std::fs::write(&spec, run_spec)?;
+    let o = Command::new(bin("aviary")?)
+        .args(["--control-plane", &cp.url(), "--certs"])
+        .arg(&ws.pki.dir)
+        .args([
+            "release",
+            "upload",
+            "--module",
+            module,
+            "--version",
+            version,
+            "--target",
+            "x86_64",
+            "--file",
+        ])
+        .arg(file)
+        .arg("--run-spec")
+        .arg(&spec)
+        .arg("--sign-key")
+        .arg(ws.pki.dir.join("release-signing.key"))
+        .output()?;
+    if !o.status.success() {
+        bail!("upload {version}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(())
+}
+
+async fn deploy(admin: &mut Admin, module: &str, version: &str) -> anyhow::Result<String> {
+    Ok(admin
+        .rollouts
+        .create_rollout(pb::CreateRolloutRequest {
+            module: module.into(),
+            version: version.into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .id)
+}
+
+/// One `GET /` over a fresh connection: the version served.
+async fn get(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf);
+    if !text.starts_with("HTTP/1.1 200") {
+        bail!("bad reply {text:?}");
+    }
+    Ok(text.lines().last().unwrap_or_default().trim().to_owned())
+}
+
+fn spec(port: u16, extra_args: &str) -> String {
+    format!(
+        "args = [{extra_args}]\nlisten = \"127.0.0.1:{port}\"\nnotify = true\nready_timeout = \"5s\"\nlog_patterns = [\"ERROR\"]\n\
+         [[probe]]\nhttp = \"http://127.0.0.1:{port}/healthz\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\n"
+    )
+}
+
+/// Waits until rollout `id` has an outcome.
+async fn settled(ws: &Workspace, cp: &ControlPlane, id: &str) -> anyhow::Result<pb::Rollout> {
+    eventually(
+        Duration::from_secs(30),
+        &format!("rollout {id} to settle"),
+        || async {
+            let mut admin = ws.admin(cp).await?;
+            let r = rollout_of(&mut admin, id).await?;
+            Ok((r.state != pb::RolloutState::Progressing as i32).then_some(r))
+        },
+    )
+    .await
+}
+
+async fn rollout_of(admin: &mut Admin, id: &str) -> anyhow::Result<pb::Rollout> {
+    Ok(admin
+        .rollouts
+        .get_rollout(pb::GetRolloutRequest { id: id.into() })
+        .await?
+        .into_inner())
+}
+
+#[tokio::test]
+async fn a_hot_swap_under_load_refuses_no_connection_and_a_bad_version_rolls_back_locally(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let edge = Edge::start(&ws, &cp, "gw-1", &[], &["--arch", "x86_64"]).await?;
+    let port = free_port()?.port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let (v1, v2, v3) = (
+        stamped(&ws, "1.0.0")?,
+        stamped(&ws, "2.0.0")?,
+        stamped(&ws, "3.0.0")?,
+    );
+    upload(&ws, &cp, "sample", "1.0.0", &v1, &spec(port, ""))?;
+    upload(&ws, &cp, "sample", "2.0.0", &v2, &spec(port, ""))?;
+    upload(
+        &ws,
+        &cp,
+        "sample",
+        "3.0.0",
+        &v3,
+        &spec(port, "\"--never-ready\""),
+    )?;
+    let mut admin = ws.admin(&cp).await?;
+
+    let r1 = deploy(&mut admin, "sample", "1.0.0").await?;
+    settled(&ws, &cp, &r1).await?;
+    eventually(Duration::from_secs(30), "v1 to serve", || async {
+        Ok(get(addr).await.ok().filter(|v| v == "1.0.0").map(|_| ()))
+    })
+    .await
+    .with_context(|| edge.log())?;
+
+    // Hammer the module through the daemon's socket while v2 replaces v1.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let saw_v2 = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed, saw_v2) = (stop.clone(), ok.clone(), failed.clone(), saw_v2.clone());
+        clients.push(tokio::spawn(async move {
+            let mut errors = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                match get(addr).await {
+                    Ok(v) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if v == "2.0.0" {
+                            saw_v2.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        errors.push(e.to_string());
+                    }
+                }
+            }
+            errors
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r2 = deploy(&mut admin, "sample", "2.0.0").await?;
+    eventually(Duration::from_secs(30), "v2 to serve", || async {
+        Ok(saw_v2.load(Ordering::Relaxed).then_some(()))
+    })
+    .await?;
+    settled(&ws, &cp, &r2).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for c in clients {
+        errors.extend(c.await?);
+    }
+    assert!(
+        ok.load(Ordering::Relaxed) > 50,
+        "too little load to mean anything"
+    );
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed across the swap: {errors:?}"
+    );
+
+    // v3 never becomes ready: the daemon kills it, v2 keeps serving, the node reports it.
+    let r3 = deploy(&mut admin, "sample", "3.0.0").await?;
+    let node = eventually(Duration::from_secs(30), "gw-1 to refuse v3", || async {
+        let mut admin = ws.admin(&cp).await?;
+        let node = admin
+            .nodes
+            .get_node(pb::GetNodeRequest {
+                node_id: "gw-1".into(),
+            })
+            .await?
+            .into_inner();
+        Ok(node
+            .module_rollouts
+            .iter()
+            .find(|m| m.nacked_revision > 0 && m.nacked_revision == m.desired_revision)
+            .cloned())
+    })
+    .await
+    .with_context(|| edge.log())?;
+    assert!(
+        node.nack_error.contains("not ready")
+            && node.nack_error.contains("rolled back locally to 2.0.0"),
+        "{node:?}"
+    );
+    assert_eq!(
+        get(addr).await.context("v2 after the failed swap")?,
+        "2.0.0"
+    );
+    let r = settled(&ws, &cp, &r3).await?;
+    assert_eq!(r.state, pb::RolloutState::Failed as i32, "{r:?}");
+    assert_eq!(r.progress.map(|p| p.failed), Some(1), "{r:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_version_that_crashes_at_start_is_replaced_by_the_previous_one() -> anyhow::Result<()> {
+    // No daemon-owned socket: the old process must stop before the new binds its port,
+    // so a failed start brings the old one back.
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let edge = Edge::start(&ws, &cp, "gw-1", &[], &["--arch", "x86_64"]).await?;
+    let port = free_port()?.port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let own_port = |extra: &str| {
+        format!(
+            "args = [\"--port\", \"{port}\"{extra}]\nready_timeout = \"5s\"\n[[probe]]\ntcp = \"127.0.0.1:{port}\"\n"
+        )
+    };
+    let (v1, v2) = (stamped(&ws, "1.0.0")?, stamped(&ws, "2.0.0")?);
+    upload(&ws, &cp, "plain", "1.0.0", &v1, &own_port(""))?;
+    upload(
+        &ws,
+        &cp,
+        "plain",
+        "2.0.0",
+        &v2,
+        &own_port(", \"--crash-at-start\""),
+    )?;
+    let mut admin = ws.admin(&cp).await?;
+    let r1 = deploy(&mut admin, "plain", "1.0.0").await?;
+    settled(&ws, &cp, &r1).await?;
+    eventually(Duration::from_secs(30), "v1 to serve", || async {
+        Ok(get(addr).await.ok().filter(|v| v == "1.0.0").map(|_| ()))
+    })
+    .await
+    .with_context(|| edge.log())?;
+    deploy(&mut admin, "plain", "2.0.0").await?;
+    let nacked = eventually(
+        Duration::from_secs(30),
+        "the crash to be reported",
+        || async {
+            let mut admin = ws.admin(&cp).await?;
+            let node = admin
+                .nodes
+                .get_node(pb::GetNodeRequest {
+                    node_id: "gw-1".into(),
+                })
+                .await?
+                .into_inner();
+            Ok(node
+                .module_rollouts
+                .into_iter()
+                .find(|m| m.nacked_revision > 0 && m.nacked_revision == m.desired_revision))
+        },
+    )
+    .await?;
+    assert!(
+        nacked.nack_error.contains("exited during start"),
+        "{nacked:?}"
+    );
+    eventually(Duration::from_secs(10), "v1 to serve again", || async {
+        Ok(get(addr).await.ok().filter(|v| v == "1.0.0").map(|_| ()))
+    })
+    .await
+    .with_context(|| edge.log())?;
+    Ok(())
+}
