@@ -74,7 +74,7 @@ pub(crate) struct NodeRecord {
 
 /// What the node told us back, persisted apart from `NodeRecord` and in batches: it
 /// changes with every ACK, and losing the last second of it only costs a resend.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct NodeStatus {
     /// Last revision the node acknowledged.
     pub acked_revision: u64,
@@ -88,7 +88,7 @@ pub(crate) struct NodeStatus {
 }
 
 /// A node's answers about one module.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct ModuleProgress {
     /// Last module revision acknowledged (installed, or rolled back).
     pub acked_revision: u64,
@@ -96,6 +96,36 @@ pub(crate) struct ModuleProgress {
     pub nacked: Option<NackRecord>,
     /// Version being received, bytes so far and payload size.
     pub transfer: Option<TransferProgress>,
+    /// The latest health report, as received (the rollout engine reads windows of them).
+    #[serde(default)]
+    pub health: Option<HealthRecord>,
+}
+
+/// One module's health over one report interval.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct HealthRecord {
+    /// Unix ms when it arrived.
+    pub at_ms: u64,
+    /// Probes passed.
+    pub probe_successes: u64,
+    /// Probes failed.
+    pub probe_failures: u64,
+    /// Probe latency p50, ms.
+    pub latency_p50_ms: f64,
+    /// Probe latency p99, ms.
+    pub latency_p99_ms: f64,
+    /// "running", "starting", "backoff", "stopped".
+    pub process_state: String,
+    /// Restarts since the daemon started.
+    pub restarts: u32,
+    /// Log-pattern matches since the daemon started.
+    pub log_matches: u64,
+    /// Slot running.
+    pub slot: String,
+    /// Version running.
+    pub version: String,
+    /// Why the last failing probe failed.
+    pub detail: String,
 }
 
 /// How far a module transfer has come.

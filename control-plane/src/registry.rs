@@ -23,8 +23,8 @@ use crate::audit::{now_ms, timestamp, Event, EventFilter, NewEvent};
 use crate::deploy::{desired_modules, DeployState, Deployment, DesiredModules};
 use crate::error::ControlPlaneError;
 use crate::node::{
-    desired, DesiredWeights, ModuleRecord, NackRecord, NodeRecord, NodeStatus, TransferProgress,
-    WeightRule, MAX_WEIGHT,
+    desired, DesiredWeights, HealthRecord, ModuleRecord, NackRecord, NodeRecord, NodeStatus,
+    TransferProgress, WeightRule, MAX_WEIGHT,
 };
 use crate::selector::Selector;
 use crate::store::{Change, Store};
@@ -741,6 +741,38 @@ impl Registry {
         }
     }
 
+    /// Keeps a node's latest health report per module (shown by `GetNode`).
+    pub(crate) fn record_health(&self, node_id: &str, report: &pb::HealthReport) {
+        let mut st = self.state();
+        let Some(entry) = st.nodes.get_mut(node_id) else {
+            return;
+        };
+        let at_ms = now_ms();
+        let cut = |s: &str| s.chars().take(256).collect::<String>();
+        for m in report.modules.iter().take(256) {
+            let health = HealthRecord {
+                at_ms,
+                probe_successes: m.probe_successes,
+                probe_failures: m.probe_failures,
+                latency_p50_ms: m.latency_p50_ms,
+                latency_p99_ms: m.latency_p99_ms,
+                process_state: cut(&m.process_state),
+                restarts: m.restarts,
+                log_matches: m.log_matches,
+                slot: cut(&m.slot),
+                version: cut(&m.version),
+                detail: cut(&m.detail),
+            };
+            entry
+                .status
+                .modules
+                .entry(cut(&m.module))
+                .or_default()
+                .health = Some(health);
+        }
+        st.dirty.insert(node_id.to_owned());
+    }
+
     /// Records a module ACK; completes the deployment when it was the last node.
     pub(crate) async fn record_module_ack(&self, node_id: &str, module: &str, revision: u64) {
         let done = {
@@ -986,6 +1018,19 @@ fn module_rollouts(entry: &Entry) -> Vec<pb::ModuleRollout> {
                         offset: t.offset,
                         size: t.size,
                     }),
+                health: p.and_then(|p| p.health.as_ref()).map(|h| pb::ModuleHealth {
+                    module: m.clone(),
+                    probe_successes: h.probe_successes,
+                    probe_failures: h.probe_failures,
+                    latency_p50_ms: h.latency_p50_ms,
+                    latency_p99_ms: h.latency_p99_ms,
+                    process_state: h.process_state.clone(),
+                    restarts: h.restarts,
+                    log_matches: h.log_matches,
+                    slot: h.slot.clone(),
+                    version: h.version.clone(),
+                    detail: h.detail.clone(),
+                }),
             }
         })
         .collect()

@@ -22,6 +22,9 @@ use crate::runtime::Runtime;
 use crate::weights::{Assignment, Weights};
 use crate::EdgeError;
 
+/// How often module health goes to the control plane.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How often a connected daemon records contact in `state.json`.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -136,8 +139,15 @@ async fn stream_once(
     let mut touch = tokio::time::interval(TOUCH_INTERVAL);
     touch.tick().await;
     let mut incoming: Option<Incoming> = None;
+    let mut health = tokio::time::interval(HEALTH_INTERVAL);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
+            _ = health.tick() => {
+                if let Some(report) = health_report(&local.runtime) {
+                    send(&tx, pb::edge_message::Kind::Health(report)).await?;
+                }
+            }
             msg = inbound.message() => match msg {
                 Ok(Some(msg)) => handle(msg, weights, local, &mut incoming, &tx).await?,
                 Ok(None) => break Ok(()),
@@ -315,6 +325,47 @@ async fn handle(
         }
         None => Ok(()),
     }
+}
+
+/// Every supervised module's figures since the last report (none: nothing to say).
+fn health_report(runtime: &Runtime) -> Option<pb::HealthReport> {
+    let modules: Vec<pb::ModuleHealth> = runtime
+        .stats()
+        .into_iter()
+        .map(|(name, stats)| {
+            let mut w = stats.take_window();
+            w.latencies_ms.sort_by(|a, b| a.total_cmp(b));
+            let pct = |q: f64| {
+                if w.latencies_ms.is_empty() {
+                    0.0
+                } else {
+                    let i = ((w.latencies_ms.len() - 1) as f64 * q).round() as usize;
+                    w.latencies_ms[i]
+                }
+            };
+            let (version, slot) = stats
+                .running
+                .lock()
+                .ok()
+                .and_then(|r| r.clone())
+                .unwrap_or_default();
+            pb::ModuleHealth {
+                module: name,
+                probe_successes: w.successes,
+                probe_failures: w.failures,
+                latency_p50_ms: pct(0.5),
+                latency_p99_ms: pct(0.99),
+                process_state: stats.state.lock().map(|s| s.clone()).unwrap_or_default(),
+                restarts: u32::try_from(stats.restarts.load(std::sync::atomic::Ordering::Relaxed))
+                    .unwrap_or(u32::MAX),
+                log_matches: stats.log_matches.load(std::sync::atomic::Ordering::Relaxed),
+                slot,
+                version,
+                detail: w.detail,
+            }
+        })
+        .collect();
+    (!modules.is_empty()).then_some(pb::HealthReport { modules })
 }
 
 /// Starts the newly installed slot; if it never becomes ready, puts the previous slot

@@ -507,8 +507,8 @@ impl Session {
                     "Hello is allowed only as the first message",
                 ));
             }
-            // Health is consumed by the rollout engine (issue 4).
-            Some(Kind::Health(_)) => {}
+            // Kept per node; the rollout engine (issue 4) judges windows of them.
+            Some(Kind::Health(report)) => self.fleet.registry.record_health(&self.node_id, &report),
             None => return Err(Status::invalid_argument("EdgeMessage without a kind")),
         }
         Ok(())

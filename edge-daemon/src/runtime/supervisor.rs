@@ -57,9 +57,50 @@ pub struct Stats {
     pub state: Mutex<String>,
     /// Version and slot running.
     pub running: Mutex<Option<(String, String)>>,
+    /// Probe results since the last report.
+    pub window: Mutex<ProbeWindow>,
+}
+
+/// Probe results of one reporting window.
+#[derive(Debug, Default, Clone)]
+pub struct ProbeWindow {
+    /// Probes that passed.
+    pub successes: u64,
+    /// Probes that failed.
+    pub failures: u64,
+    /// Latencies of the passing probes, in ms.
+    pub latencies_ms: Vec<f64>,
+    /// Why the last failing probe failed ("port closed", "HTTP failing: 503").
+    pub detail: String,
 }
 
 impl Stats {
+    /// The probe window so far; starts a new one.
+    pub fn take_window(&self) -> ProbeWindow {
+        self.window
+            .lock()
+            .map(|mut w| std::mem::take(&mut *w))
+            .unwrap_or_default()
+    }
+
+    fn record(&self, result: Result<Duration, String>) {
+        if let Ok(mut w) = self.window.lock() {
+            match result {
+                Ok(latency) => {
+                    w.successes += 1;
+                    // Bounded: a report every interval empties it.
+                    if w.latencies_ms.len() < 4096 {
+                        w.latencies_ms.push(latency.as_secs_f64() * 1000.0);
+                    }
+                }
+                Err(detail) => {
+                    w.failures += 1;
+                    w.detail = detail;
+                }
+            }
+        }
+    }
+
     fn set_state(&self, s: &str) {
         if let Ok(mut st) = self.state.lock() {
             *st = s.to_owned();
@@ -86,8 +127,14 @@ pub(super) async fn supervise(name: String, mut rx: mpsc::Receiver<Command>, sta
     let mut restart_at: Option<tokio::time::Instant> = None;
     // A crashed module's launch, waiting for its restart.
     let mut pending: Option<Launch> = None;
+    let mut next_probe = tokio::time::Instant::now();
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(next_probe) => {
+                // Health probes of the running version, for the health reports.
+                let interval = probe_round(current.as_ref(), &stats).await;
+                next_probe = tokio::time::Instant::now() + interval;
+            }
             cmd = rx.recv() => match cmd {
                 Some(Command::Activate(launch, reply)) => {
                     restart_at = None;
@@ -132,6 +179,27 @@ pub(super) async fn supervise(name: String, mut rx: mpsc::Receiver<Command>, sta
         spawn::stop(&mut p.child, GRACE).await;
     }
     stats.set_state("stopped");
+}
+
+/// Runs every probe of the running version once; returns when to probe again.
+async fn probe_round(current: Option<&Proc>, stats: &Stats) -> Duration {
+    let Some(p) = current else {
+        return Duration::from_secs(1);
+    };
+    let mut interval = Duration::from_secs(60);
+    for spec in &p.launch.spec.probes {
+        let (Ok(target), Ok(timeout), Ok(every)) = (spec.target(), spec.timeout(), spec.interval())
+        else {
+            continue;
+        };
+        interval = interval.min(every);
+        stats.record(probe(&target, timeout).await.map_err(|e| e.to_string()));
+    }
+    if p.launch.spec.probes.is_empty() {
+        Duration::from_secs(1)
+    } else {
+        interval
+    }
 }
 
 async fn wait(current: &mut Option<Proc>) -> std::io::Result<std::process::ExitStatus> {

@@ -200,6 +200,27 @@ async fn a_hot_swap_under_load_refuses_no_connection_and_a_bad_version_rolls_bac
         "requests failed across the swap: {errors:?}"
     );
 
+    // Health reports reach the control plane every second.
+    let health = eventually(Duration::from_secs(10), "a health report of v2", || async {
+        let mut admin = ws.admin(&cp).await?;
+        let node = admin
+            .nodes
+            .get_node(pb::GetNodeRequest {
+                node_id: "gw-1".into(),
+            })
+            .await?
+            .into_inner();
+        Ok(node
+            .module_rollouts
+            .into_iter()
+            .filter_map(|m| m.health)
+            .find(|h| h.version == "2.0.0" && h.probe_successes > 0))
+    })
+    .await?;
+    assert_eq!(health.process_state, "running");
+    assert_eq!(health.probe_failures, 0, "{health:?}");
+    assert!(health.latency_p99_ms > 0.0, "{health:?}");
+
     // v3 never becomes ready: the daemon kills it, v2 keeps serving, the node reports it.
     let r3 = deploy(&mut admin, "sample", "3.0.0").await?;
     let node = eventually(Duration::from_secs(30), "gw-1 to refuse v3", || async {
