@@ -318,3 +318,98 @@ async fn a_version_that_crashes_at_start_is_replaced_by_the_previous_one() -> an
     .with_context(|| edge.log())?;
     Ok(())
 }
+
+/// What `state.json` says runs, after checking the slot is complete and intact.
+fn current_slot(edge: &Edge, module: &str) -> anyhow::Result<String> {
+    let dir = edge.state_dir.join("modules").join(module);
+    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+    let cur = &st["current"];
+    let (id, version, sha) = (
+        cur["id"].as_str().context("current id")?,
+        cur["version"].as_str().context("current version")?,
+        cur["sha256"].as_str().context("current sha256")?,
+    );
+    let bytes = std::fs::read(dir.join("slots").join(id).join("artifact"))?;
+    assert_eq!(
+        aviary_proto::digest::Sha256::of(&bytes).hex(),
+        sha,
+        "slot {id} is not the artifact state.json names"
+    );
+    Ok(version.to_owned())
+}
+
+/// Temp files and slots nothing refers to.
+fn strays(edge: &Edge, module: &str) -> anyhow::Result<Vec<String>> {
+    let dir = edge.state_dir.join("modules").join(module);
+    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+    let keep: Vec<&str> = ["current", "previous"]
+        .iter()
+        .filter_map(|k| st[k]["id"].as_str())
+        .collect();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir.join("tmp"))?.flatten() {
+        out.push(e.path().display().to_string());
+    }
+    for e in std::fs::read_dir(dir.join("slots"))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !keep.contains(&name.as_str()) {
+            out.push(name);
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn kill9_of_the_daemon_during_installs_and_swaps_always_leaves_old_or_new(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let mut edge = Edge::start(&ws, &cp, "gw-1", &[], &["--arch", "x86_64"]).await?;
+    let port = free_port()?.port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let rounds = 6;
+    for i in 0..=rounds {
+        let v = format!("1.0.{i}");
+        upload(&ws, &cp, "sample", &v, &stamped(&ws, &v)?, &spec(port, ""))?;
+    }
+    let mut admin = ws.admin(&cp).await?;
+    let r = deploy(&mut admin, "sample", "1.0.0").await?;
+    settled(&ws, &cp, &r).await?;
+
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    for i in 1..=rounds {
+        let (old, new) = (format!("1.0.{}", i - 1), format!("1.0.{i}"));
+        let r = deploy(&mut admin, "sample", &new).await?;
+        // Somewhere in transfer, install, fsync, switch or swap.
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..400))).await;
+        edge.kill9().await?;
+        let on_disk = current_slot(&edge, "sample")?;
+        assert!(
+            on_disk == old || on_disk == new,
+            "seed {seed}, round {i}: state.json names {on_disk}, neither {old} nor {new}"
+        );
+        edge.restart().await?;
+        // It serves what its state dir says, and then finishes the rollout.
+        let served = eventually(
+            Duration::from_secs(30),
+            "the module to serve again",
+            || async { Ok(get(addr).await.ok()) },
+        )
+        .await
+        .with_context(|| format!("seed {seed}, round {i}:\n{}", edge.log()))?;
+        assert!(
+            served == old || served == new,
+            "seed {seed}, round {i}: serves {served}"
+        );
+        settled(&ws, &cp, &r).await?;
+        assert_eq!(
+            current_slot(&edge, "sample")?,
+            new,
+            "seed {seed}, round {i}"
+        );
+        let left = strays(&edge, "sample")?;
+        assert!(left.is_empty(), "seed {seed}, round {i}: left {left:?}");
+    }
+    Ok(())
+}
