@@ -4,6 +4,7 @@ mod client;
 mod demo;
 mod output;
 pub mod release;
+pub mod sample;
 
 use std::path::PathBuf;
 
@@ -87,6 +88,14 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         command: RolloutCommand,
+    },
+    /// The demo's sample HTTP module (LISTEN_FDS, READY=1, graceful SIGTERM).
+    #[command(hide = true)]
+    SampleModule {
+        /// Its flags: --port N, --stamp VERSION OUT, --never-ready, --crash-at-start,
+        /// --log-errors.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Runtime config layers (issue 4).
     Config {
@@ -229,6 +238,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     output::rollouts(format, &[r]);
                 }
             }
+            Ok(())
+        }
+        Command::SampleModule { args } => {
+            sample::run(args).await;
             Ok(())
         }
         Command::Config { .. } => {

@@ -1,0 +1,187 @@
+//! `aviary sample-module` (hidden): the small HTTP service the demo and the tests deploy.
+//! It lives in the `aviary` binary so the demo needs nothing else built.
+//!
+//! * Serves `GET /` (its version) and `GET /healthz` on the socket the edge daemon hands it
+//!   (`LISTEN_FDS`/`LISTEN_PID`, systemd's convention: fd 3), or on `--port` itself.
+//! * Its version is not compiled in: it is read from a trailer appended to its own
+//!   executable (`AVIARY-SAMPLE-VERSION=x.y.z` at the very end), so two "releases" are the
+//!   same program with different bytes, as a small real delta
+//!   (`aviary sample-module --stamp VERSION OUT` writes one).
+//! * Misbehaviour on demand, for rollback tests: `--crash-at-start`, `--never-ready`
+//!   (healthz answers 503), `--log-errors` (prints ERROR lines).
+//! * SIGTERM is graceful: it stops accepting and finishes the requests it accepted, so a
+//!   hot swap through a shared socket loses nothing.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+const TRAILER: &str = "AVIARY-SAMPLE-VERSION=";
+
+/// systemd's `Type=notify` protocol: `READY=1` to `NOTIFY_SOCKET` (a path, or `@name` in
+/// the abstract namespace); nothing without it.
+fn notify_ready() {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let target = target.to_string_lossy().into_owned();
+    let addr = match target.strip_prefix('@') {
+        Some(name) => SocketAddr::from_abstract_name(name.as_bytes()),
+        None => SocketAddr::from_pathname(&target),
+    };
+    let sent = addr.and_then(|addr| UnixDatagram::unbound()?.send_to_addr(b"READY=1\n", &addr));
+    if let Err(e) = sent {
+        eprintln!("sample: NOTIFY_SOCKET {target}: {e}");
+    }
+}
+
+fn version() -> String {
+    let Ok(exe) = std::env::current_exe().and_then(std::fs::read) else {
+        return "unknown".into();
+    };
+    let tail = &exe[exe.len().saturating_sub(64)..];
+    let text = String::from_utf8_lossy(tail);
+    text.rfind(TRAILER)
+        .map(|i| text[i + TRAILER.len()..].trim().to_owned())
+        .unwrap_or_else(|| "unstamped".into())
+}
+
+/// The socket from the daemon, if it passed one to this very process.
+fn inherited() -> Option<TcpListener> {
+    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    if fds < 1 || pid != std::process::id() {
+        return None;
+    }
+    // fd 3 is ours by the LISTEN_FDS contract; nothing else in this process owns it.
+    Some(fd3())
+}
+
+#[allow(unsafe_code)]
+fn fd3() -> TcpListener {
+    use std::os::fd::FromRawFd;
+    // SAFETY: the LISTEN_FDS protocol hands this process fd 3 as a listening socket, and
+    // nothing else in the process has taken ownership of it.
+    unsafe { TcpListener::from_raw_fd(3) }
+}
+
+async fn handle(stream: tokio::net::TcpStream, version: Arc<String>, ready: bool) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (read, mut write) = stream.into_split();
+    let mut reader = tokio::io::BufReader::new(read);
+    let mut line = String::new();
+    let read_request = async {
+        reader.read_line(&mut line).await?;
+        // Drain the headers.
+        let mut header = String::new();
+        while reader.read_line(&mut header).await? > 2 {
+            header.clear();
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    if tokio::time::timeout(Duration::from_secs(5), read_request)
+        .await
+        .map_or(true, |r| r.is_err())
+    {
+        return;
+    }
+    let path = line.split_whitespace().nth(1).unwrap_or("/");
+    let (status, body) = match path {
+        "/healthz" if ready => ("200 OK", "ok\n".to_owned()),
+        "/healthz" => ("503 Service Unavailable", "not ready\n".to_owned()),
+        _ => ("200 OK", format!("{version}\n")),
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = write.write_all(reply.as_bytes()).await;
+    // Tell the client we are done (it may read to EOF), then close.
+    let _ = write.shutdown().await;
+}
+
+/// Runs the sample module with its own command-line `args` (after `sample-module`).
+pub async fn run(args: Vec<String>) {
+    if let Some(pos) = args.iter().position(|a| a == "--stamp") {
+        // --stamp VERSION OUT: this binary with a version trailer.
+        let (Some(v), Some(out)) = (args.get(pos + 1), args.get(pos + 2)) else {
+            eprintln!("usage: aviary sample-module --stamp VERSION OUT");
+            std::process::exit(64);
+        };
+        let result = std::env::current_exe()
+            .and_then(std::fs::read)
+            .and_then(|mut exe| {
+                exe.extend_from_slice(format!("\n{TRAILER}{v}").as_bytes());
+                std::fs::write(out, exe)
+            });
+        if let Err(e) = result {
+            eprintln!("aviary sample-module: --stamp: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let version = Arc::new(version());
+    if flag("--crash-at-start") {
+        eprintln!("ERROR sample {version}: crashing at start as asked");
+        std::process::exit(3);
+    }
+    let listener = match inherited() {
+        Some(l) => l,
+        None => {
+            let port = args
+                .iter()
+                .position(|a| a == "--port")
+                .and_then(|i| args.get(i + 1))
+                .and_then(|p| p.parse::<u16>().ok())
+                .unwrap_or(8080);
+            match TcpListener::bind(("127.0.0.1", port)) {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("ERROR sample {version}: bind 127.0.0.1:{port}: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+    };
+    let listener = match listener
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::TcpListener::from_std(listener))
+    {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("ERROR sample {version}: listener: {e}");
+            std::process::exit(1);
+        }
+    };
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        eprintln!("ERROR sample {version}: cannot handle SIGTERM");
+        std::process::exit(1);
+    };
+    let ready = !flag("--never-ready");
+    let log_errors = flag("--log-errors");
+    println!("sample {version} serving (ready: {ready})");
+    if ready {
+        notify_ready();
+    }
+    let mut inflight = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                if log_errors {
+                    eprintln!("ERROR sample {version}: something went wrong");
+                }
+                inflight.spawn(handle(stream, version.clone(), ready));
+            }
+        }
+    }
+    // Graceful: stop accepting (a successor shares the socket), finish what was accepted.
+    drop(listener);
+    while inflight.join_next().await.is_some() {}
+    println!("sample {version} stopped");
+}
