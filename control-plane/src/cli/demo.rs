@@ -1,8 +1,10 @@
 //! `aviary demo`: a whole fleet on loopback in one process: fresh PKI, a control plane and
-//! N edge daemons with region/tier labels, driven through the real admin API over mTLS.
+//! N edge daemons with region/tier labels, driven through the real admin API over mTLS:
+//! weights drain a region, then a signed sample module is deployed and hot-swapped to its
+//! next version as a delta.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -21,7 +23,11 @@ struct DemoEdge {
 }
 
 /// Runs the demo (see the module docs).
-pub(crate) async fn run(nodes: usize, exit_when_done: bool) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    nodes: usize,
+    exit_when_done: bool,
+    sample_module: Option<PathBuf>,
+) -> anyhow::Result<()> {
     if nodes == 0 || nodes > 200 {
         bail!("--nodes must be between 1 and 200");
     }
@@ -44,7 +50,9 @@ pub(crate) async fn run(nodes: usize, exit_when_done: bool) -> anyhow::Result<()
         let node_id = format!("gw-{:02}", i + 1);
         aviary_certs::issue_edge(&pki_dir, &node_id)?;
         let region = REGIONS[i % REGIONS.len()];
-        let local = start_edge(dir.path(), &url, &node_id, region, shutdown.clone()).await?;
+        // The first node also runs the sample module (one port on this one host).
+        let local =
+            start_edge(dir.path(), &url, &node_id, region, i == 0, shutdown.clone()).await?;
         edges.push(DemoEdge {
             node_id,
             region,
@@ -89,6 +97,8 @@ pub(crate) async fn run(nodes: usize, exit_when_done: bool) -> anyhow::Result<()
             view.revision
         );
     }
+    let sample = deploy_sample(&mut admin, dir.path(), sample_module).await?;
+
     let events = admin
         .audit
         .list_events(pb::ListEventsRequest::default())
@@ -115,6 +125,10 @@ pub(crate) async fn run(nodes: usize, exit_when_done: bool) -> anyhow::Result<()
             if view.weights.get(MODULE).copied() != Some(expected(edge)) || !view.connected {
                 bail!("demo check failed: {} reports {:?}", edge.node_id, view);
             }
+        }
+        let serving = http_get_body(sample).await?;
+        if serving != "1.1.0" {
+            bail!("demo check failed: the sample module serves {serving:?}, not 1.1.0");
         }
         println!("\ndemo OK");
     } else {
@@ -152,6 +166,7 @@ async fn start_edge(
     url: &str,
     node_id: &str,
     region: &str,
+    runs_sample: bool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
     let mut args = aviary_edge::config::Args {
@@ -166,6 +181,9 @@ async fn start_edge(
         ("region".into(), region.into()),
         ("tier".into(), "edge".into()),
     ];
+    if runs_sample {
+        args.labels.push(("role".into(), "sample".into()));
+    }
     let config = args.resolve()?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     let id = node_id.to_owned();
@@ -243,4 +261,150 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Uploads two signed versions of the sample module, deploys 1.0.0 to the `role=sample`
+/// node, then 1.1.0 (a delta, hot-swapped); returns where it serves.
+async fn deploy_sample(
+    admin: &mut Admin,
+    dir: &Path,
+    sample_module: Option<PathBuf>,
+) -> anyhow::Result<SocketAddr> {
+    use aviary_proto::manifest::{Manifest, ProbeSpec, RunSpec};
+    let (exe, args) = match sample_module {
+        Some(path) => (path, Vec::new()),
+        None => (std::env::current_exe()?, vec!["sample-module".to_owned()]),
+    };
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let run = RunSpec {
+        args,
+        listen: Some(listen.clone()),
+        notify: Some(true),
+        probes: vec![ProbeSpec {
+            http: Some(format!("http://{listen}/healthz")),
+            interval: Some("1s".into()),
+            ..ProbeSpec::default()
+        }],
+        ..RunSpec::default()
+    };
+    let signer = aviary_certs::ReleaseSigner::load(&dir.join("pki/release-signing.key"))?;
+    let mut full_size = 0;
+    for version in ["1.0.0", "1.1.0"] {
+        let file = dir.join(format!("sample-{version}"));
+        super::sample::stamp(&exe, version, &file)?;
+        let bytes = std::fs::read(&file)?;
+        full_size = bytes.len();
+        let manifest = Manifest {
+            module: "sample".into(),
+            version: version.into(),
+            target: aviary_proto::manifest::host_target().into(),
+            sha256: aviary_proto::digest::Sha256::of(&bytes).hex(),
+            size: bytes.len() as u64,
+            run: Some(run.clone()),
+        };
+        let manifest_bytes = manifest.to_json();
+        let signature = signer.sign(&manifest_bytes);
+        super::release::upload(
+            admin,
+            &file,
+            &manifest,
+            manifest_bytes,
+            signature,
+            Vec::new(),
+        )
+        .await?;
+    }
+    println!(
+        "\n▸ released sample 1.0.0 and 1.1.0 ({:.1} MB each), manifests signed with the release key",
+        full_size as f64 / 1e6
+    );
+    for version in ["1.0.0", "1.1.0"] {
+        println!(
+            "$ aviary rollout create --module sample --version {version} --selector role=sample"
+        );
+        let id = admin
+            .rollouts
+            .create_rollout(pb::CreateRolloutRequest {
+                module: "sample".into(),
+                version: version.into(),
+                selector: "role=sample".into(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .id;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let r = loop {
+            let r = admin
+                .rollouts
+                .get_rollout(pb::GetRolloutRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            if r.state != pb::RolloutState::Progressing as i32 {
+                break r;
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for rollout {id}: {}", r.message);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if r.state != pb::RolloutState::Succeeded as i32 {
+            bail!(
+                "rollout {} of sample {version} ended {:?}: {}",
+                r.id,
+                r.state,
+                r.message
+            );
+        }
+        let serving = http_get_body(listen.parse()?).await?;
+        println!(
+            "▸ {} succeeded: gw-01 serves sample {serving} on http://{listen}/",
+            r.id
+        );
+    }
+    // What crossed the fleet stream: the payloads the control plane built and cached.
+    let payloads = dir.join("control-plane/payloads");
+    let mut full = 0;
+    let mut delta = 0;
+    for entry in std::fs::read_dir(&payloads)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with(".json") {
+            continue;
+        }
+        let info: aviary_proto::bundle::PayloadInfo =
+            serde_json::from_slice(&std::fs::read(entry.path())?)?;
+        match info.encoding {
+            aviary_proto::bundle::Encoding::FullZstd => full = full.max(info.size),
+            aviary_proto::bundle::Encoding::BsdiffZstd => delta = info.size,
+        }
+    }
+    println!(
+        "▸ 1.0.0 went as the full artifact zstd-compressed ({:.1} MB); 1.1.0 as a bsdiff delta of {:.1} KB \
+         ({:.2}% of the {:.1} MB artifact), hot-swapped on a shared socket",
+        full as f64 / 1e6,
+        delta as f64 / 1e3,
+        delta as f64 * 100.0 / full_size as f64,
+        full_size as f64 / 1e6
+    );
+    Ok(listen.parse()?)
+}
+
+/// The body of `GET /` at `addr` (the sample module's version), trimmed.
+async fn http_get_body(addr: SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
 }

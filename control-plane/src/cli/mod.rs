@@ -55,6 +55,10 @@ pub enum Command {
         /// Check the results and exit instead of serving until Ctrl-C.
         #[arg(long)]
         exit_when_done: bool,
+        /// Deploy this executable as the sample module instead of `aviary sample-module`
+        /// (tests use the small `aviary-sample-module`).
+        #[arg(long, hide = true)]
+        sample_module: Option<PathBuf>,
     },
     /// The fleet's nodes.
     Nodes {
@@ -182,7 +186,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo {
             nodes,
             exit_when_done,
-        } => demo::run(nodes, exit_when_done).await,
+            sample_module,
+        } => demo::run(nodes, exit_when_done, sample_module).await,
         Command::Release { command } => {
             release::run(
                 command,

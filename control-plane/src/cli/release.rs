@@ -360,7 +360,7 @@ fn attachment(path: &Path) -> anyhow::Result<pb::Attachment> {
 }
 
 /// Streams the upload; restarts it from scratch when the connection fails.
-async fn upload(
+pub(crate) async fn upload(
     admin: &mut Admin,
     file: &Path,
     manifest: &Manifest,

@@ -102,6 +102,15 @@ async fn handle(stream: tokio::net::TcpStream, version: Arc<String>, ready: bool
     let _ = write.shutdown().await;
 }
 
+/// Writes `exe` with a version trailer to `out` (a "release" of the sample module).
+pub fn stamp(exe: &std::path::Path, version: &str, out: &std::path::Path) -> std::io::Result<()> {
+    let mut bytes = std::fs::read(exe)?;
+    bytes.extend_from_slice(format!("\n{TRAILER}{version}").as_bytes());
+    std::fs::write(out, bytes)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o755))
+}
+
 /// Runs the sample module with its own command-line `args` (after `sample-module`).
 pub async fn run(args: Vec<String>) {
     if let Some(pos) = args.iter().position(|a| a == "--stamp") {
@@ -110,12 +119,8 @@ pub async fn run(args: Vec<String>) {
             eprintln!("usage: aviary sample-module --stamp VERSION OUT");
             std::process::exit(64);
         };
-        let result = std::env::current_exe()
-            .and_then(std::fs::read)
-            .and_then(|mut exe| {
-                exe.extend_from_slice(format!("\n{TRAILER}{v}").as_bytes());
-                std::fs::write(out, exe)
-            });
+        let result =
+            std::env::current_exe().and_then(|exe| stamp(&exe, v, std::path::Path::new(out)));
         if let Err(e) = result {
             eprintln!("aviary sample-module: --stamp: {e}");
             std::process::exit(1);

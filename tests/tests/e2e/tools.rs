@@ -240,7 +240,8 @@ fn systemd_units_verify_cleanly_and_are_hardened() -> anyhow::Result<()> {
 #[test]
 fn the_quickstart_demo_runs_and_checks_itself() -> anyhow::Result<()> {
     let out = Command::new(bin("aviary")?)
-        .args(["demo", "--exit-when-done"])
+        .args(["demo", "--exit-when-done", "--sample-module"])
+        .arg(bin("aviary-sample-module")?)
         .output()?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -250,6 +251,10 @@ fn the_quickstart_demo_runs_and_checks_itself() -> anyhow::Result<()> {
     );
     assert!(
         stdout.contains("drained region eu-west") && stdout.contains("demo OK"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("serves sample 1.1.0") && stdout.contains("as a bsdiff delta"),
         "{stdout}"
     );
     assert!(
