@@ -55,17 +55,11 @@ pub async fn run(
         trusted,
         config.arch.clone(),
     ));
-    // Whatever was installed runs again, with or without a control plane.
-    if let Ok(installed) = modules.list() {
-        for (name, _) in installed {
-            let runtime = runtime.clone();
-            tokio::spawn(async move {
-                if let Err(e) = runtime.activate(&name).await {
-                    tracing::error!(module = %name, error = %e, "installed module does not start");
-                }
-            });
-        }
-    }
+    let local = Arc::new(session::Local {
+        installer,
+        runtime: runtime.clone(),
+        busy: tokio::sync::Mutex::new(()),
+    });
 
     let mut tasks = tokio::task::JoinSet::new();
     let mut local_addr = None;
@@ -84,6 +78,7 @@ pub async fn run(
         ));
     }
     tasks.spawn(expire_weights(weights.clone(), shutdown.clone()));
+    tasks.spawn(reconcile(local.clone(), shutdown.clone()));
     tasks.spawn(watchdog(shutdown.clone()));
 
     // Ready means serving local state, not connected: a gateway must work offline.
@@ -97,10 +92,6 @@ pub async fn run(
         labels: config.labels.clone(),
         arch: config.arch.clone(),
     };
-    let local = Arc::new(session::Local {
-        installer,
-        runtime: runtime.clone(),
-    });
     session::run(link, identity, weights, local, shutdown.clone()).await;
     runtime.stop_all();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
@@ -108,6 +99,66 @@ pub async fn run(
     while tasks.join_next().await.is_some() {}
     tracing::info!("edge daemon stopped");
     Ok(())
+}
+
+/// Keeps module processes matching the slots on disk: at start (whatever was installed
+/// runs again, with or without a control plane) and after `aviary-edge apply` on a
+/// running daemon. A version that does not become ready is rolled back locally.
+async fn reconcile(local: Arc<session::Local>, shutdown: CancellationToken) {
+    // Slots seen failing to start: not tried again (no flip-flopping between two bad ones).
+    let mut failed: std::collections::HashSet<(String, String)> = Default::default();
+    loop {
+        let installed = {
+            let installer = local.installer.clone();
+            tokio::task::spawn_blocking(move || installer.modules().list())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default()
+        };
+        for (name, state) in installed {
+            let Some(current) = state.current.clone() else {
+                continue;
+            };
+            if failed.contains(&(name.clone(), current.id.clone())) {
+                continue;
+            }
+            let _busy = local.busy.lock().await;
+            let Err(reason) = local.runtime.activate(&name).await else {
+                continue;
+            };
+            failed.insert((name.clone(), current.id.clone()));
+            tracing::warn!(module = %name, %reason, "installed version not ready: rolling back locally");
+            let installer = local.installer.clone();
+            let (n, revision) = (name.clone(), state.revision);
+            let previous_failed = state
+                .previous
+                .as_ref()
+                .is_some_and(|p| failed.contains(&(name.clone(), p.id.clone())));
+            if previous_failed {
+                tracing::error!(module = %name, "neither the current nor the previous version starts");
+                continue;
+            }
+            let back =
+                tokio::task::spawn_blocking(move || installer.rollback(&n, None, revision)).await;
+            match back {
+                Ok(Ok(slot)) => {
+                    metrics::counter!("aviary_edge_local_rollbacks_total").increment(1);
+                    if let Err(e) = local.runtime.activate(&name).await {
+                        tracing::error!(module = %name, version = %slot.version, error = %e, "previous version does not start either");
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(module = %name, error = %e, "no version to roll back to")
+                }
+                Err(e) => tracing::error!(module = %name, error = %e, "rollback task failed"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }
 
 /// Drops the weights to 0 when their TTL runs out without a control plane.

@@ -32,6 +32,9 @@ const TOUCH_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) struct Local {
     pub(crate) installer: Arc<Installer>,
     pub(crate) runtime: Arc<Runtime>,
+    /// Held from install to activation, so the reconciler never sees a slot switch
+    /// half-done (and never rolls back what the stream is about to ACK).
+    pub(crate) busy: tokio::sync::Mutex<()>,
 }
 
 /// Who this daemon is, for the Hello.
@@ -224,6 +227,7 @@ async fn handle(
             }
             let revision = update.revision;
             let module = update.module.clone();
+            let _busy = local.busy.lock().await;
             match start_update(update, local).await {
                 Ok(Started::Done(what)) => {
                     tracing::info!(%module, revision, "{what}");
@@ -272,6 +276,7 @@ async fn handle(
             send(tx, progress_of(&inc.receiving)).await?;
             let (nonce, revision) = (inc.nonce.clone(), inc.revision);
             let module = inc.checked.manifest.module.clone();
+            let _busy = local.busy.lock().await;
             let previous_revision = local
                 .installer
                 .modules()

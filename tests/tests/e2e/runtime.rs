@@ -413,3 +413,63 @@ async fn kill9_of_the_daemon_during_installs_and_swaps_always_leaves_old_or_new(
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_bundle_applied_beside_a_running_daemon_is_picked_up_without_a_control_plane(
+) -> anyhow::Result<()> {
+    // No control plane at all: the daemon runs what its state dir holds.
+    let ws = Workspace::new()?;
+    let edge = Edge::start_via(
+        &ws,
+        "https://127.0.0.1:9",
+        "gw-1",
+        &[],
+        &["--arch", "x86_64"],
+    )
+    .await?;
+    let port = free_port()?.port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let spec_file = ws.path("run.toml");
+    std::fs::write(&spec_file, spec(port, ""))?;
+    for version in ["1.0.0", "2.0.0"] {
+        let file = stamped(&ws, version)?;
+        let bundle = ws.path(&format!("sample-{version}.bundle"));
+        let o = Command::new(bin("aviary")?)
+            .args([
+                "release",
+                "bundle",
+                "--module",
+                "sample",
+                "--version",
+                version,
+                "--target",
+                "x86_64",
+                "--file",
+            ])
+            .arg(&file)
+            .arg("--run-spec")
+            .arg(&spec_file)
+            .arg("--sign-key")
+            .arg(ws.pki.dir.join("release-signing.key"))
+            .arg("--out")
+            .arg(&bundle)
+            .output()?;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = Command::new(bin("aviary-edge")?)
+            .args(["apply", "--arch", "x86_64", "--state-dir"])
+            .arg(&edge.state_dir)
+            .arg("--certs")
+            .arg(&ws.pki.dir)
+            .arg(&bundle)
+            .output()?;
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        eventually(
+            Duration::from_secs(20),
+            &format!("{version} to serve"),
+            || async { Ok(get(addr).await.ok().filter(|v| v == version).map(|_| ())) },
+        )
+        .await
+        .with_context(|| edge.log())?;
+    }
+    Ok(())
+}
