@@ -82,6 +82,27 @@ async fn state_of(admin: &mut Admin, id: &str) -> anyhow::Result<pb::Rollout> {
         .into_inner())
 }
 
+/// gw-1's module transfer (offset, size), while one runs.
+async fn transfer_in_flight(
+    ws: &Workspace,
+    cp: &ControlPlane,
+) -> anyhow::Result<Option<(u64, u64)>> {
+    let mut admin = ws.admin(cp).await?;
+    let node = admin
+        .nodes
+        .get_node(pb::GetNodeRequest {
+            node_id: "gw-1".into(),
+        })
+        .await?
+        .into_inner();
+    Ok(node
+        .module_rollouts
+        .iter()
+        .filter_map(|m| m.transfer.as_ref())
+        .map(|t| (t.offset, t.size))
+        .next())
+}
+
 async fn wait_installed(edges: &[&Edge], version: &str, bytes: &[u8]) -> anyhow::Result<()> {
     for edge in edges {
         eventually(
@@ -207,6 +228,11 @@ async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_
         Some("0.24.1")
     );
     let r3 = rollout(&mut admin, "0.24.2").await?;
+    // The rollout is durable before any node hears of it: a crash right after the
+    // create loses nothing.
+    let mut cp = cp;
+    cp.kill9().await?;
+    cp.restart().await?;
     wait_installed(&edges.iter().collect::<Vec<_>>(), "0.24.2", &v2_bytes).await?;
     eventually(Duration::from_secs(20), "rollout 3 to succeed", || async {
         let mut admin = ws.admin(&cp).await?;
@@ -228,15 +254,16 @@ async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_
 }
 
 #[tokio::test]
-async fn a_transfer_cut_in_the_middle_resumes_from_the_offset_reached() -> anyhow::Result<()> {
+async fn a_weight_overtakes_a_transfer_and_a_cut_transfer_resumes_where_it_stopped(
+) -> anyhow::Result<()> {
     use aviary_tests::proxy::{Mode, Proxy};
     let (v1, _) = pair()?;
     let v1_bytes = std::fs::read(&v1)?;
     let ws = Workspace::new()?;
     let cp = ControlPlane::start(&ws, &[]).await?;
     let proxy = Proxy::start(cp.addr).await?;
-    // A slow uplink, so the cut lands mid-transfer.
-    proxy.set(Mode::Throttle(2 << 20));
+    // A slow uplink (512 KiB/s: the 4 MB payload takes ~8 s), so the cut lands mid-transfer.
+    proxy.set(Mode::Throttle(512 << 10));
     let edge = Edge::start_via(
         &ws,
         &format!("https://{}", proxy.addr),
@@ -248,6 +275,29 @@ async fn a_transfer_cut_in_the_middle_resumes_from_the_offset_reached() -> anyho
     upload(&ws, &cp, "0.24.1", &v1)?;
     let mut admin = ws.admin(&cp).await?;
     rollout(&mut admin, "0.24.1").await?;
+
+    // A weight change in the middle of the transfer overtakes the rest of the payload:
+    // control messages wait behind at most one chunk.
+    eventually(Duration::from_secs(30), "the transfer to start", || async {
+        Ok(transfer_in_flight(&ws, &cp).await?.filter(|(o, _)| *o > 0))
+    })
+    .await?;
+    admin
+        .nodes
+        .set_weight(pb::SetWeightRequest {
+            module: "gateway".into(),
+            weight: 42,
+            selector: String::new(),
+        })
+        .await?;
+    edge.wait_weight("gateway", 42).await?;
+    let (offset, size) = transfer_in_flight(&ws, &cp)
+        .await?
+        .context("transfer still running")?;
+    assert!(
+        offset < size / 2,
+        "the weight arrived only after {offset} of {size} payload bytes"
+    );
 
     // Wait until the edge holds over 1.5 MiB (past its first fsynced checkpoint), then cut.
     let size = eventually(
