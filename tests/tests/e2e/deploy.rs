@@ -458,3 +458,41 @@ async fn an_edge_refuses_a_release_its_own_keys_did_not_sign_and_it_is_not_resen
     assert_eq!(cp.metric("aviary_module_updates_sent_total").await?, sent);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_node_whose_arch_has_no_artifact_is_skipped_never_sent_a_foreign_binary(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let x86 = Edge::start(&ws, &cp, "gw-x86", &[], &["--arch", "x86_64"]).await?;
+    let arm = Edge::start(&ws, &cp, "gw-arm", &[], &["--arch", "aarch64"]).await?;
+    let artifact = ws.path("tool");
+    std::fs::write(&artifact, b"an x86_64 build")?;
+    upload(&ws, &cp, "1.0.0", &artifact)?;
+    let mut admin = ws.admin(&cp).await?;
+    let id = rollout(&mut admin, "1.0.0").await?;
+    wait_installed(&[&x86], "1.0.0", &std::fs::read(&artifact)?).await?;
+    let r = eventually(Duration::from_secs(20), "the rollout to settle", || async {
+        let mut admin = ws.admin(&cp).await?;
+        let r = state_of(&mut admin, &id).await?;
+        Ok((r.state != pb::RolloutState::Progressing as i32).then_some(r))
+    })
+    .await?;
+    assert_eq!(r.state, pb::RolloutState::Succeeded as i32, "{r:?}");
+    assert!(r.message.contains("1 node(s) skipped"), "{r:?}");
+    assert!(installed(&arm).is_none(), "gw-arm got a foreign binary");
+    let node = admin
+        .nodes
+        .get_node(pb::GetNodeRequest {
+            node_id: "gw-arm".into(),
+        })
+        .await?
+        .into_inner();
+    assert!(
+        node.module_rollouts[0]
+            .nack_error
+            .contains("no artifact of esbuild 1.0.0 for aarch64"),
+        "{node:?}"
+    );
+    Ok(())
+}
