@@ -1,15 +1,20 @@
-//! Deployments: a rollout without canary steps moves one module to one release on every
-//! node a selector matches. Like weights, a node's desired modules are not stored per
-//! node: they are a function of the (durable) deployments and the node's labels, so a
-//! deployment to 100,000 nodes commits one record.
+//! Deployments (rollouts): one module moves to one release on the nodes a selector
+//! matches, all at once or in canary steps. Like weights, a node's desired modules are not
+//! stored per node: they are a function of the (durable) deployments, the node's id and
+//! its labels, so a deployment to 100,000 nodes commits one record.
 //!
-//! For each module, the newest deployment (by `seq`) whose selector matches the node
-//! decides. An aborted deployment sends its nodes back to the previous slot: the version
-//! of the newest earlier, not aborted, deployment of that module that matches the node —
-//! the edge keeps it in its previous slot, so nothing is downloaded.
+//! Canaries: each node has a stable bucket in 0..10000 from a hash of rollout id and node
+//! id; at canary scale `p` % the nodes with bucket < 100·p run the new version. The scale
+//! only grows, so earlier canaries stay canaries. A rollout without steps is scale 100 from
+//! its first revision.
 //!
-//! Invariant: a module revision (`seq` of a deployment, or `abort_seq` once aborted) names
-//! exactly one desired version for a node, and only grows.
+//! For each module the deployments are walked in `seq` order: a node covered by a live or
+//! finished deployment gets its version; an aborted deployment sends the nodes it covered
+//! back to the version they ran before it (kept in the edge's previous slot: nothing is
+//! downloaded). Nodes a deployment does not cover keep what earlier ones gave them.
+//!
+//! Invariant: a module revision (the `seq` of the scale change that first covered the
+//! node, or `abort_seq`) names exactly one desired version for a node, and only grows.
 
 use std::collections::BTreeMap;
 
@@ -17,21 +22,48 @@ use serde::{Deserialize, Serialize};
 
 use crate::selector::Selector;
 
-/// Where a deployment stands (the `Rollout.state` values that apply without steps).
+/// Where a deployment stands (`Rollout.state`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum DeployState {
-    /// Nodes are being updated.
+    /// Steps are being carried out.
     Progressing,
+    /// Held by an operator (or by a `pause` step without a duration).
+    Paused,
     /// Every selected node runs the release.
     Succeeded,
-    /// Every selected node answered, and some refused it (their NACKs say why).
+    /// Every selected node answered and some refused it, or a step missed its deadline.
     Failed,
-    /// Stopped by an operator: nodes go back to their previous slot.
+    /// Stopped: covered nodes go back to their previous slot.
     Aborted,
 }
 
+impl DeployState {
+    /// Still moving (or held): it owns its module.
+    pub(crate) fn is_active(self) -> bool {
+        matches!(self, DeployState::Progressing | DeployState::Paused)
+    }
+}
+
+/// One Argo-Rollouts-style canary step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Step {
+    /// Share of the selected nodes that run the new version (1..=100).
+    CanaryScale(u32),
+    /// Wait this long; 0 = until `PromoteRollout`.
+    Pause(u32),
+}
+
+/// A change of the canary scale, at a revision.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct ScaleChange {
+    /// 0..=100.
+    pub percent: u32,
+    /// Revision of the change.
+    pub seq: u64,
+}
+
 /// One deployment as persisted.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub(crate) struct Deployment {
     /// `r-SEQ`.
     pub id: String,
@@ -53,6 +85,58 @@ pub(crate) struct Deployment {
     pub created_ms: u64,
     /// Unix ms.
     pub updated_ms: u64,
+    /// Canary steps; none = everywhere at once.
+    #[serde(default)]
+    pub steps: Vec<Step>,
+    /// Index of the step being carried out (`steps.len()` once all are done).
+    #[serde(default)]
+    pub current_step: u32,
+    /// When the current step began (Unix ms), for timed pauses and deadlines.
+    #[serde(default)]
+    pub step_started_ms: u64,
+    /// Scale changes so far, oldest first (empty in records from before canaries: 100 %).
+    #[serde(default)]
+    pub scale: Vec<ScaleChange>,
+    /// A step that waits on nodes longer than this fails the rollout (0 = no deadline).
+    #[serde(default)]
+    pub progress_deadline_seconds: u32,
+}
+
+impl Deployment {
+    /// The scale history (records without one were 100 % from the start).
+    pub(crate) fn scale_history(&self) -> Vec<ScaleChange> {
+        if self.scale.is_empty() && self.steps.is_empty() {
+            vec![ScaleChange {
+                percent: 100,
+                seq: self.seq,
+            }]
+        } else {
+            self.scale.clone()
+        }
+    }
+
+    /// The current canary scale.
+    pub(crate) fn percent(&self) -> u32 {
+        self.scale_history().last().map_or(0, |s| s.percent)
+    }
+
+    /// The revision at which `node_id` joined the canaries, if it has.
+    pub(crate) fn covers(&self, node_id: &str) -> Option<u64> {
+        let bucket = canary_bucket(&self.id, node_id);
+        self.scale_history()
+            .iter()
+            .find(|s| bucket < s.percent * 100)
+            .map(|s| s.seq)
+    }
+}
+
+/// A node's stable place in 0..10000 for rollout `id`.
+pub(crate) fn canary_bucket(rollout_id: &str, node_id: &str) -> u32 {
+    let d = aviary_proto::digest::Sha256::of(format!("{rollout_id}\0{node_id}").as_bytes());
+    let n = u64::from_be_bytes([
+        d.0[0], d.0[1], d.0[2], d.0[3], d.0[4], d.0[5], d.0[6], d.0[7],
+    ]);
+    (n % 10_000) as u32
 }
 
 /// What a node should do about one module.
@@ -71,15 +155,19 @@ pub(crate) struct DesiredModule {
 /// module -> desired.
 pub(crate) type DesiredModules = BTreeMap<String, DesiredModule>;
 
-/// What `deployments` (sorted by `seq`) want of a node with `labels`.
+/// What `deployments` (sorted by `seq`) want of node `node_id` with `labels`.
 pub(crate) fn desired_modules(
     deployments: &[Deployment],
+    node_id: &str,
     labels: &BTreeMap<String, String>,
 ) -> DesiredModules {
     let mut out = DesiredModules::new();
-    // The newest not-aborted version per module, as we walk forward in time.
+    // The deployment whose version the node runs, per module, as we walk forward in time.
     let mut standing: BTreeMap<&str, &Deployment> = BTreeMap::new();
     for d in deployments.iter().filter(|d| d.selector.matches(labels)) {
+        let Some(covered_at) = d.covers(node_id) else {
+            continue; // not (yet) a canary: keeps what earlier deployments gave it
+        };
         match d.state {
             DeployState::Aborted => match standing.get(d.module.as_str()) {
                 Some(prev) => {
@@ -97,12 +185,12 @@ pub(crate) fn desired_modules(
                     out.remove(&d.module);
                 }
             },
-            DeployState::Progressing | DeployState::Succeeded | DeployState::Failed => {
+            _ => {
                 standing.insert(&d.module, d);
                 out.insert(
                     d.module.clone(),
                     DesiredModule {
-                        revision: d.seq,
+                        revision: covered_at,
                         version: d.version.clone(),
                         rollback: false,
                         deployment: d.id.clone(),
@@ -136,6 +224,11 @@ mod tests {
             message: String::new(),
             created_ms: 0,
             updated_ms: 0,
+            steps: Vec::new(),
+            current_step: 0,
+            step_started_ms: 0,
+            scale: Vec::new(),
+            progress_deadline_seconds: 0,
         }
     }
 
@@ -147,22 +240,118 @@ mod tests {
             dep(3, "1.0.0", "", DeployState::Succeeded, 0),
             dep(7, "2.0.0", "region=eu", DeployState::Progressing, 0),
         ];
-        assert_eq!(desired_modules(&deps, &eu)["gateway"].version, "2.0.0");
-        assert_eq!(desired_modules(&deps, &us)["gateway"].version, "1.0.0");
+        assert_eq!(
+            desired_modules(&deps, "gw-1", &eu)["gateway"].version,
+            "2.0.0"
+        );
+        assert_eq!(
+            desired_modules(&deps, "gw-1", &us)["gateway"].version,
+            "1.0.0"
+        );
         deps[1].state = DeployState::Aborted;
         deps[1].abort_seq = 9;
-        let back = &desired_modules(&deps, &eu)["gateway"];
+        let back = &desired_modules(&deps, "gw-1", &eu)["gateway"];
         assert_eq!(
             (back.version.as_str(), back.rollback, back.revision),
             ("1.0.0", true, 9)
         );
         assert_eq!(
-            desired_modules(&deps, &us)["gateway"].revision,
+            desired_modules(&deps, "gw-1", &us)["gateway"].revision,
             3,
             "us untouched"
         );
         // Aborting the first deployment of a module leaves nothing to go back to.
         let only = vec![dep(3, "1.0.0", "", DeployState::Aborted, 4)];
-        assert!(desired_modules(&only, &eu).is_empty());
+        assert!(desired_modules(&only, "gw-1", &eu).is_empty());
+    }
+}
+
+#[cfg(test)]
+mod canary_tests {
+    use super::*;
+
+    #[test]
+    fn canaries_are_stable_grow_with_the_scale_and_abort_only_touches_them() {
+        let mut d = Deployment {
+            id: "r-10".into(),
+            seq: 10,
+            module: "gateway".into(),
+            version: "2.0.0".into(),
+            selector: Selector::parse("").expect("selector"),
+            state: DeployState::Progressing,
+            abort_seq: 0,
+            message: String::new(),
+            created_ms: 0,
+            updated_ms: 0,
+            steps: vec![Step::CanaryScale(20), Step::CanaryScale(50)],
+            current_step: 0,
+            step_started_ms: 0,
+            scale: vec![ScaleChange {
+                percent: 20,
+                seq: 11,
+            }],
+            progress_deadline_seconds: 0,
+        };
+        let nodes: Vec<String> = (0..1000).map(|i| format!("gw-{i}")).collect();
+        let at20: Vec<&String> = nodes.iter().filter(|n| d.covers(n).is_some()).collect();
+        assert!(
+            (150..250).contains(&at20.len()),
+            "{} canaries at 20 %",
+            at20.len()
+        );
+        d.scale.push(ScaleChange {
+            percent: 50,
+            seq: 12,
+        });
+        let at50: Vec<&String> = nodes.iter().filter(|n| d.covers(n).is_some()).collect();
+        assert!(
+            (420..580).contains(&at50.len()),
+            "{} canaries at 50 %",
+            at50.len()
+        );
+        // Earlier canaries stay canaries, with the revision that first covered them.
+        for n in &at20 {
+            assert_eq!(d.covers(n), Some(11));
+        }
+        let labels = BTreeMap::new();
+        let stable = Deployment {
+            id: "r-3".into(),
+            seq: 3,
+            version: "1.0.0".into(),
+            steps: Vec::new(),
+            scale: Vec::new(),
+            state: DeployState::Succeeded,
+            ..d.clone()
+        };
+        let deps = vec![stable.clone(), d.clone()];
+        let outsider = nodes
+            .iter()
+            .find(|n| d.covers(n).is_none())
+            .expect("a non-canary");
+        assert_eq!(
+            desired_modules(&deps, outsider, &labels)["gateway"].version,
+            "1.0.0"
+        );
+        assert_eq!(
+            desired_modules(&deps, at20[0], &labels)["gateway"].version,
+            "2.0.0"
+        );
+        // Abort: canaries roll back, the others never moved.
+        let aborted = Deployment {
+            state: DeployState::Aborted,
+            abort_seq: 13,
+            ..d
+        };
+        let deps = vec![stable, aborted];
+        let back = &desired_modules(&deps, at20[0], &labels)["gateway"];
+        assert_eq!(
+            (back.version.as_str(), back.rollback, back.revision),
+            ("1.0.0", true, 13)
+        );
+        let same = &desired_modules(&deps, outsider, &labels)["gateway"];
+        assert_eq!(
+            (same.version.as_str(), same.rollback, same.revision),
+            ("1.0.0", false, 3)
+        );
     }
 }

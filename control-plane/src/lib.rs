@@ -19,6 +19,7 @@ mod listener;
 mod node;
 mod registry;
 mod release;
+mod rollout;
 mod selector;
 mod server;
 mod store;

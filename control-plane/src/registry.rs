@@ -20,7 +20,7 @@ use prost::Message;
 use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::audit::{now_ms, timestamp, Event, EventFilter, NewEvent};
-use crate::deploy::{desired_modules, DeployState, Deployment, DesiredModules};
+use crate::deploy::{desired_modules, DeployState, Deployment, DesiredModules, ScaleChange, Step};
 use crate::error::ControlPlaneError;
 use crate::node::{
     desired, DesiredWeights, HealthRecord, ModuleRecord, NackRecord, NodeRecord, NodeStatus,
@@ -76,6 +76,9 @@ pub(crate) struct HelloInfo {
     pub modules: Vec<ModuleRecord>,
     /// The weights revision the node says it has applied.
     pub applied_weights: u64,
+    /// Module revisions the node says it has applied (its state dir is the truth: an ACK
+    /// whose status flush a crash lost is recovered from here).
+    pub applied_modules: BTreeMap<String, u64>,
 }
 
 /// A session's link to the registry, returned by `attach`.
@@ -95,11 +98,28 @@ pub(crate) struct Attachment {
     pub modules_parked: BTreeMap<String, u64>,
 }
 
+/// What `create_deployment` is asked for.
+#[derive(Clone, Debug)]
+pub(crate) struct NewDeployment {
+    /// Module.
+    pub module: String,
+    /// Release version (uploaded).
+    pub version: String,
+    /// Which nodes.
+    pub selector: Selector,
+    /// Canary steps; none = everywhere at once.
+    pub steps: Vec<Step>,
+    /// Seconds a step may wait on nodes (0 = forever).
+    pub progress_deadline_seconds: u32,
+}
+
 /// Node counts of a deployment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct DeployProgress {
     /// Nodes the selector matches.
     pub selected: u32,
+    /// Of those, the nodes the canary scale covers so far.
+    pub canaries: u32,
     /// Nodes that acknowledged this deployment's revision.
     pub installed: u32,
     /// Nodes that refused it.
@@ -169,7 +189,7 @@ impl Registry {
                     .or_insert_with(|| Arc::new(Desired::new(&current, ttl_seconds, now)))
                     .clone();
                 let status = statuses.remove(&record.node_id).unwrap_or_default();
-                let modules = desired_modules(&snap.deployments, &record.labels);
+                let modules = desired_modules(&snap.deployments, &record.node_id, &record.labels);
                 let entry = Entry {
                     status,
                     current,
@@ -247,6 +267,8 @@ impl Registry {
         hello: HelloInfo,
     ) -> Result<Attachment, ControlPlaneError> {
         let _writer = self.writer.lock().await;
+        let applied_modules = hello.applied_modules.clone();
+        let applied_weights = hello.applied_weights;
         let (record, is_new, new_revision) = {
             let st = self.state();
             let existing = st.nodes.get(node_id);
@@ -337,7 +359,7 @@ impl Registry {
             }
             entry.record = record;
         }
-        let modules = desired_modules(&deployments, &entry.record.labels);
+        let modules = desired_modules(&deployments, &entry.record.node_id, &entry.record.labels);
         if **entry.modules.borrow() != modules {
             entry.modules.send_replace(Arc::new(modules));
         }
@@ -350,6 +372,13 @@ impl Registry {
             ));
         }
         entry.status.last_seen_ms = now_ms();
+        for (module, revision) in &applied_modules {
+            let p = entry.status.modules.entry(module.clone()).or_default();
+            p.acked_revision = p.acked_revision.max(*revision);
+        }
+        if applied_weights <= entry.current.revision {
+            entry.status.acked_revision = entry.status.acked_revision.max(applied_weights);
+        }
         let attachment = Attachment {
             session_id,
             desired: entry.desired.subscribe(),
@@ -589,17 +618,23 @@ impl Registry {
     pub(crate) async fn create_deployment(
         &self,
         actor: &Identity,
-        module: &str,
-        version: &str,
-        selector: Selector,
+        plan: NewDeployment,
     ) -> Result<Deployment, ControlPlaneError> {
+        let NewDeployment {
+            module,
+            version,
+            selector,
+            steps,
+            progress_deadline_seconds,
+        } = plan;
+        let (module, version) = (module.as_str(), version.as_str());
         let _writer = self.writer.lock().await;
         let deployment = {
             let st = self.state();
             if let Some(busy) = st
                 .deployments
                 .iter()
-                .find(|d| d.module == module && d.state == DeployState::Progressing)
+                .find(|d| d.module == module && d.state.is_active())
             {
                 return Err(ControlPlaneError::FailedPrecondition(format!(
                     "rollout {} of {module} {} is in progress; abort it or wait for it",
@@ -616,9 +651,23 @@ impl Registry {
                 selector,
                 state: DeployState::Progressing,
                 abort_seq: 0,
-                message: "deploying to every selected node".into(),
+                message: if steps.is_empty() {
+                    "deploying to every selected node".into()
+                } else {
+                    format!("step 1 of {}", steps.len())
+                },
                 created_ms: now,
                 updated_ms: now,
+                // No steps: everywhere, from this revision on.
+                scale: if steps.is_empty() {
+                    vec![ScaleChange { percent: 100, seq }]
+                } else {
+                    Vec::new()
+                },
+                steps,
+                current_step: 0,
+                step_started_ms: now,
+                progress_deadline_seconds,
             }
         };
         // Persisted before any node hears of it.
@@ -663,7 +712,7 @@ impl Registry {
                 .iter()
                 .find(|d| d.id == id)
                 .ok_or_else(|| ControlPlaneError::NotFound(format!("rollout {id}")))?;
-            if d.state != DeployState::Progressing {
+            if !d.state.is_active() {
                 return Err(ControlPlaneError::FailedPrecondition(format!(
                     "rollout {id} is {:?}, only a rollout in progress can be aborted",
                     d.state
@@ -697,6 +746,65 @@ impl Registry {
         }
         republish_modules(&mut st, &deployment.selector);
         Ok(deployment)
+    }
+
+    /// Changes deployment `id` (the engine's step transitions, promote, pause, resume):
+    /// `change` gets the deployment and the next revision and says whether it moved the
+    /// canary scale (which takes that revision). Persisted, with its audit event, before
+    /// any node hears of it.
+    pub(crate) async fn update_deployment(
+        &self,
+        actor: &str,
+        id: &str,
+        action: &str,
+        change: impl FnOnce(&mut Deployment, u64) -> Result<bool, ControlPlaneError>,
+    ) -> Result<Deployment, ControlPlaneError> {
+        let _writer = self.writer.lock().await;
+        let (deployment, scaled, next) = {
+            let st = self.state();
+            let mut d = st
+                .deployments
+                .iter()
+                .find(|d| d.id == id)
+                .cloned()
+                .ok_or_else(|| ControlPlaneError::NotFound(format!("rollout {id}")))?;
+            let next = st.revision + 1;
+            let scaled = change(&mut d, next)?;
+            d.updated_ms = now_ms();
+            (d, scaled, next)
+        };
+        self.commit(Change {
+            deployments: vec![deployment.clone()],
+            revision: scaled.then_some(next),
+            events: vec![NewEvent::new(
+                actor.to_owned(),
+                action,
+                format!("rollout/{id}"),
+                deployment.message.clone(),
+            )],
+            durable: true,
+            ..Default::default()
+        })
+        .await?;
+        let mut st = self.state();
+        if scaled {
+            st.revision = st.revision.max(next);
+        }
+        if let Some(d) = st.deployments.iter_mut().find(|d| d.id == id) {
+            *d = deployment.clone();
+        }
+        if scaled {
+            republish_modules(&mut st, &deployment.selector);
+        }
+        Ok(deployment)
+    }
+
+    /// Completes the active deployment of `module` if every node has answered.
+    pub(crate) async fn check_complete(&self, module: &str) {
+        let done = completed(&self.state(), module);
+        if let Some(d) = done {
+            self.finish_deployment(d).await;
+        }
     }
 
     /// Deployments (of `module`, or all), oldest first, with their node counts.
@@ -824,7 +932,7 @@ impl Registry {
             .state()
             .deployments
             .iter()
-            .any(|x| x.id == d.id && x.state == DeployState::Progressing)
+            .any(|x| x.id == d.id && x.state.is_active())
         {
             return;
         }
@@ -943,7 +1051,7 @@ fn republish_modules(st: &mut State, selector: &Selector) {
     let deployments = std::mem::take(&mut st.deployments);
     for entry in st.nodes.values_mut() {
         if selector.matches(&entry.record.labels) {
-            let next = desired_modules(&deployments, &entry.record.labels);
+            let next = desired_modules(&deployments, &entry.record.node_id, &entry.record.labels);
             if **entry.modules.borrow() != next {
                 entry.modules.send_replace(Arc::new(next));
             }
@@ -960,7 +1068,17 @@ fn progress(st: &State, d: &Deployment) -> DeployProgress {
             continue;
         }
         p.selected += 1;
-        let wanted = entry.modules.borrow().get(&d.module).map(|m| m.revision);
+        if d.covers(&entry.record.node_id).is_none() {
+            continue;
+        }
+        p.canaries += 1;
+        // Only answers to this deployment's desire count for it.
+        let wanted = entry
+            .modules
+            .borrow()
+            .get(&d.module)
+            .filter(|m| m.deployment == d.id)
+            .map(|m| m.revision);
         let Some(wanted) = wanted else { continue };
         let answers = entry.status.modules.get(&d.module);
         if answers.is_some_and(|a| a.acked_revision >= wanted) {
@@ -985,6 +1103,10 @@ fn completed(st: &State, module: &str) -> Option<Deployment> {
         .deployments
         .iter()
         .find(|d| d.module == module && d.state == DeployState::Progressing)?;
+    // Canary steps still to go: not finished, whatever the nodes say.
+    if (d.current_step as usize) < d.steps.len() || d.percent() < 100 {
+        return None;
+    }
     let p = progress(st, d);
     (p.selected > 0 && p.installed + p.skipped + p.failed == p.selected).then(|| d.clone())
 }

@@ -96,6 +96,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     let flusher = tokio::spawn(flush_statuses(registry.clone(), shutdown.clone()));
+    let engine = tokio::spawn(crate::rollout::run(registry.clone(), shutdown.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in [
@@ -169,6 +170,7 @@ pub async fn run(
     let result = serve.await;
     accept.abort();
     let _ = flusher.await;
+    let _ = engine.await;
     registry.flush_statuses().await?;
     tracing::info!("control plane stopped");
     result.map_err(Into::into)

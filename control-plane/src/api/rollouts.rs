@@ -1,5 +1,5 @@
-//! `aviary.v1.Rollouts`: deployments without steps (everywhere at once) and aborts. Canary
-//! steps, pause/resume/promote and watching arrive with the rollout engine (issue 4).
+//! `aviary.v1.Rollouts`: rollouts everywhere at once or in canary steps (scale and pause;
+//! `rollout.rs` carries them out), pause, resume, promote, abort and watch.
 
 use std::sync::Arc;
 
@@ -11,9 +11,10 @@ use tonic::{Request, Response, Status};
 use super::caller;
 use crate::audit::timestamp;
 use crate::catalog::Catalog;
+use crate::deploy::Step;
 use crate::deploy::{DeployState, Deployment};
 use crate::error::ControlPlaneError;
-use crate::registry::{DeployProgress, Registry};
+use crate::registry::{DeployProgress, NewDeployment, Registry};
 use crate::selector::Selector;
 
 /// The Rollouts service.
@@ -29,10 +30,44 @@ impl RolloutsApi {
     }
 }
 
-fn issue4(what: &str) -> Status {
+fn not_yet(what: &str) -> Status {
     Status::unimplemented(format!(
-        "{what} arrives with canary rollouts (issue 4); rollouts without steps deploy everywhere at once"
+        "{what} arrives with the next slice of the rollout engine (issue 4)"
     ))
+}
+
+/// Validates the wire steps into the engine's.
+fn steps_of(steps: &[pb::Step]) -> Result<Vec<Step>, Status> {
+    use pb::step::Kind;
+    let mut out = Vec::with_capacity(steps.len());
+    let mut scale = 0;
+    for (i, s) in steps.iter().enumerate() {
+        match &s.kind {
+            Some(Kind::SetCanaryScale(c)) => {
+                if c.percent == 0 || c.percent > 100 || c.percent < scale {
+                    return Err(Status::invalid_argument(format!(
+                        "step {}: canary scale {} must be 1..=100 and not below the previous {scale}",
+                        i + 1,
+                        c.percent
+                    )));
+                }
+                scale = c.percent;
+                out.push(Step::CanaryScale(c.percent));
+            }
+            Some(Kind::Pause(p)) => out.push(Step::Pause(p.seconds)),
+            Some(Kind::SetWeight(_)) => return Err(not_yet("the set_weight step")),
+            Some(Kind::Analysis(_)) => return Err(not_yet("the analysis step")),
+            None => return Err(Status::invalid_argument(format!("step {} is empty", i + 1))),
+        }
+    }
+    if out.len() > 64 {
+        return Err(Status::invalid_argument("at most 64 steps"));
+    }
+    Ok(out)
+}
+
+fn d_is_active(state: i32) -> bool {
+    state == pb::RolloutState::Progressing as i32 || state == pb::RolloutState::Paused as i32
 }
 
 /// The wire form of a deployment.
@@ -44,12 +79,24 @@ fn view(d: &Deployment, p: DeployProgress) -> pb::Rollout {
         selector: d.selector.to_string(),
         state: match d.state {
             DeployState::Progressing => pb::RolloutState::Progressing,
+            DeployState::Paused => pb::RolloutState::Paused,
             DeployState::Succeeded => pb::RolloutState::Succeeded,
             DeployState::Aborted => pb::RolloutState::Aborted,
             DeployState::Failed => pb::RolloutState::Failed,
         } as i32,
-        current_step: 0,
-        steps: Vec::new(),
+        current_step: d.current_step,
+        steps: d
+            .steps
+            .iter()
+            .map(|s| pb::Step {
+                kind: Some(match s {
+                    Step::CanaryScale(p) => {
+                        pb::step::Kind::SetCanaryScale(pb::SetCanaryScale { percent: *p })
+                    }
+                    Step::Pause(secs) => pb::step::Kind::Pause(pb::Pause { seconds: *secs }),
+                }),
+            })
+            .collect(),
         message: if p.skipped > 0 {
             format!(
                 "{} ({} node(s) skipped: no artifact for their arch)",
@@ -62,7 +109,7 @@ fn view(d: &Deployment, p: DeployProgress) -> pb::Rollout {
         updated_at: Some(timestamp(d.updated_ms)),
         progress: Some(pb::StepProgress {
             selected: p.selected,
-            canaries: p.selected,
+            canaries: p.canaries,
             installed: p.installed,
             healthy: p.installed,
             failed: p.failed,
@@ -78,9 +125,7 @@ impl Rollouts for RolloutsApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         let actor = caller(&request)?;
         let r = request.into_inner();
-        if !r.steps.is_empty() {
-            return Err(issue4("a rollout with canary steps"));
-        }
+        let steps = steps_of(&r.steps)?;
         aviary_proto::manifest::validate_module_name(&r.module)
             .map_err(|e| ControlPlaneError::InvalidArgument(e.to_string()))?;
         aviary_proto::manifest::parse_version(&r.version)
@@ -95,7 +140,16 @@ impl Rollouts for RolloutsApi {
         }
         let d = self
             .registry
-            .create_deployment(&actor, &r.module, &r.version, selector)
+            .create_deployment(
+                &actor,
+                NewDeployment {
+                    module: r.module.clone(),
+                    version: r.version.clone(),
+                    selector,
+                    steps,
+                    progress_deadline_seconds: r.progress_deadline_seconds,
+                },
+            )
             .await?;
         let (d, p) = self.registry.deployment(&d.id)?;
         Ok(Response::new(view(&d, p)))
@@ -126,23 +180,88 @@ impl Rollouts for RolloutsApi {
 
     async fn pause_rollout(
         &self,
-        _: Request<pb::RolloutRef>,
+        request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        Err(issue4("PauseRollout"))
+        let actor = caller(&request)?.to_string();
+        let id = request.into_inner().id;
+        self.registry
+            .update_deployment(&actor, &id, "rollout.paused", |d, _| {
+                if d.state != DeployState::Progressing {
+                    return Err(ControlPlaneError::FailedPrecondition(format!(
+                        "rollout {id} is {:?}, only a progressing rollout can be paused",
+                        d.state
+                    )));
+                }
+                d.state = DeployState::Paused;
+                d.message = format!("paused by {actor} at step {}", d.current_step + 1);
+                Ok(false)
+            })
+            .await?;
+        let (d, p) = self.registry.deployment(&id)?;
+        Ok(Response::new(view(&d, p)))
     }
 
     async fn resume_rollout(
         &self,
-        _: Request<pb::RolloutRef>,
+        request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        Err(issue4("ResumeRollout"))
+        let actor = caller(&request)?.to_string();
+        let id = request.into_inner().id;
+        self.registry
+            .update_deployment(&actor, &id, "rollout.resumed", |d, _| {
+                if d.state != DeployState::Paused {
+                    return Err(ControlPlaneError::FailedPrecondition(format!(
+                        "rollout {id} is {:?}, not paused",
+                        d.state
+                    )));
+                }
+                // Resuming an open-ended pause step is what it waits for.
+                if matches!(d.steps.get(d.current_step as usize), Some(Step::Pause(0))) {
+                    d.current_step += 1;
+                }
+                d.state = DeployState::Progressing;
+                d.step_started_ms = crate::audit::now_ms();
+                d.message = format!("resumed by {actor} at step {}", d.current_step + 1);
+                Ok(false)
+            })
+            .await?;
+        let (d, p) = self.registry.deployment(&id)?;
+        Ok(Response::new(view(&d, p)))
     }
 
     async fn promote_rollout(
         &self,
-        _: Request<pb::PromoteRolloutRequest>,
+        request: Request<pb::PromoteRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        Err(issue4("PromoteRollout"))
+        let actor = caller(&request)?.to_string();
+        let r = request.into_inner();
+        let id = r.id.clone();
+        self.registry
+            .update_deployment(&actor, &r.id, "rollout.promoted", |d, _| {
+                if !d.state.is_active() {
+                    return Err(ControlPlaneError::FailedPrecondition(format!(
+                        "rollout {id} is {:?}, nothing to promote",
+                        d.state
+                    )));
+                }
+                let total = d.steps.len() as u32;
+                d.current_step = if r.full {
+                    total
+                } else {
+                    (d.current_step + 1).min(total)
+                };
+                d.state = DeployState::Progressing;
+                d.step_started_ms = crate::audit::now_ms();
+                d.message = if r.full {
+                    format!("promoted to the end by {actor}")
+                } else {
+                    format!("promoted by {actor} to step {}", d.current_step + 1)
+                };
+                Ok(false)
+            })
+            .await?;
+        let (d, p) = self.registry.deployment(&r.id)?;
+        Ok(Response::new(view(&d, p)))
     }
 
     async fn abort_rollout(
@@ -161,8 +280,39 @@ impl Rollouts for RolloutsApi {
     type WatchRolloutStream = ReceiverStream<Result<pb::Rollout, Status>>;
     async fn watch_rollout(
         &self,
-        _: Request<pb::RolloutRef>,
+        request: Request<pb::RolloutRef>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
-        Err(issue4("WatchRollout"))
+        let id = request.into_inner().id;
+        let (d, p) = self.registry.deployment(&id)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let registry = self.registry.clone();
+        tokio::spawn(async move {
+            // The rollout now, then every change of state, step or node counts; the stream
+            // ends after a final state.
+            let mut last = view(&d, p);
+            if tx.send(Ok(last.clone())).await.is_err() {
+                return;
+            }
+            loop {
+                if !d_is_active(last.state) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                let Ok((d, p)) = registry.deployment(&id) else {
+                    return;
+                };
+                let mut now = view(&d, p);
+                // Timestamps alone are no news.
+                now.updated_at = last.updated_at;
+                if now != last {
+                    now.updated_at = view(&d, p).updated_at;
+                    if tx.send(Ok(now.clone())).await.is_err() {
+                        return;
+                    }
+                    last = now;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

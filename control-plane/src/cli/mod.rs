@@ -124,6 +124,13 @@ pub enum RolloutCommand {
         /// Label selector; empty means every node.
         #[arg(long, default_value = "")]
         selector: String,
+        /// Canary steps in order: `canary=20` (scale %), `pause=30s`, `pause` (until
+        /// promoted). None: every selected node at once.
+        #[arg(long = "step")]
+        steps: Vec<String>,
+        /// A step that waits on nodes longer than this fails the rollout (e.g. 10m).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        progress_deadline: Option<std::time::Duration>,
     },
     /// Shows one rollout with its node counts.
     Get {
@@ -141,6 +148,59 @@ pub enum RolloutCommand {
         /// Rollout id.
         id: String,
     },
+    /// Holds a progressing rollout where it stands.
+    Pause {
+        /// Rollout id.
+        id: String,
+    },
+    /// Continues a paused rollout (an open-ended pause step counts as done).
+    Resume {
+        /// Rollout id.
+        id: String,
+    },
+    /// Skips the current step; `--full` skips to the end (every selected node).
+    Promote {
+        /// Rollout id.
+        id: String,
+        /// Skip every remaining step.
+        #[arg(long)]
+        full: bool,
+    },
+    /// Follows a rollout: one line per change (state, step, node counts) until it ends.
+    Watch {
+        /// Rollout id.
+        id: String,
+    },
+}
+
+/// Parses `--step` values into the wire steps.
+fn parse_steps(steps: &[String]) -> anyhow::Result<Vec<pb::Step>> {
+    use pb::step::Kind;
+    steps
+        .iter()
+        .map(|s| {
+            let kind = match s.split_once('=') {
+                Some(("canary", p)) => Kind::SetCanaryScale(pb::SetCanaryScale {
+                    percent: p
+                        .trim_end_matches('%')
+                        .parse()
+                        .with_context(|| format!("--step {s}"))?,
+                }),
+                Some(("pause", d)) => Kind::Pause(pb::Pause {
+                    seconds: u32::try_from(
+                        humantime::parse_duration(d)
+                            .with_context(|| format!("--step {s}"))?
+                            .as_secs(),
+                    )
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+                }),
+                None if s == "pause" => Kind::Pause(pb::Pause { seconds: 0 }),
+                _ => anyhow::bail!("--step {s}: use canary=PERCENT, pause=DURATION or pause"),
+            };
+            Ok(pb::Step { kind: Some(kind) })
+        })
+        .collect()
 }
 
 /// `aviary nodes ...`
@@ -203,6 +263,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     module,
                     version,
                     selector,
+                    steps,
+                    progress_deadline,
                 } => {
                     let r = admin
                         .rollouts
@@ -210,6 +272,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             module,
                             version,
                             selector,
+                            steps: parse_steps(&steps)?,
+                            progress_deadline_seconds: progress_deadline
+                                .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
                             ..Default::default()
                         })
                         .await?
@@ -241,6 +306,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .await?
                         .into_inner();
                     output::rollouts(format, &[r]);
+                }
+                RolloutCommand::Pause { id } => {
+                    let r = admin
+                        .rollouts
+                        .pause_rollout(pb::RolloutRef { id })
+                        .await?
+                        .into_inner();
+                    output::rollouts(format, &[r]);
+                }
+                RolloutCommand::Resume { id } => {
+                    let r = admin
+                        .rollouts
+                        .resume_rollout(pb::RolloutRef { id })
+                        .await?
+                        .into_inner();
+                    output::rollouts(format, &[r]);
+                }
+                RolloutCommand::Promote { id, full } => {
+                    let r = admin
+                        .rollouts
+                        .promote_rollout(pb::PromoteRolloutRequest { id, full })
+                        .await?
+                        .into_inner();
+                    output::rollouts(format, &[r]);
+                }
+                RolloutCommand::Watch { id } => {
+                    let mut stream = admin
+                        .rollouts
+                        .watch_rollout(pb::RolloutRef { id })
+                        .await?
+                        .into_inner();
+                    while let Some(r) = stream.message().await? {
+                        output::rollout_line(format, &r);
+                    }
                 }
             }
             Ok(())

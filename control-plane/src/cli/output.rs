@@ -347,3 +347,31 @@ pub(crate) fn rollouts(format: Format, rollouts: &[pb::Rollout]) {
         }
     }
 }
+
+/// One line per rollout change (`aviary rollout watch`), JSON lines for scripts.
+pub(crate) fn rollout_line(format: Format, r: &pb::Rollout) {
+    let p = r.progress.unwrap_or_default();
+    match format {
+        Format::Json => println!(
+            "{}",
+            json!({
+                "id": r.id, "state": rollout_state(r.state), "currentStep": r.current_step,
+                "steps": r.steps.len(), "message": r.message,
+                "progress": {"selected": p.selected, "canaries": p.canaries,
+                             "installed": p.installed, "failed": p.failed},
+            })
+        ),
+        Format::Table => println!(
+            "{} {} step {}/{} canaries {}/{} installed {} failed {}  {}",
+            time(&r.updated_at),
+            rollout_state(r.state).trim_start_matches("ROLLOUT_STATE_"),
+            (r.current_step as usize + 1).min(r.steps.len().max(1)),
+            r.steps.len(),
+            p.canaries,
+            p.selected,
+            p.installed,
+            p.failed,
+            r.message
+        ),
+    }
+}

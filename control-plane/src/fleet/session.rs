@@ -102,6 +102,7 @@ pub(super) async fn open(
         .collect();
     let mut info = hello_info(hello)?;
     info.applied_weights = applied;
+    info.applied_modules = applied_modules.clone();
     let node = NodeView {
         arch: info.arch.clone(),
         installed: info
@@ -169,6 +170,7 @@ fn hello_info(hello: pb::Hello) -> Result<HelloInfo, Status> {
         daemon_version: hello.daemon_version,
         modules,
         applied_weights: 0,
+        applied_modules: BTreeMap::new(),
     })
 }
 

@@ -3,6 +3,7 @@
 
 mod auth;
 mod bundles;
+mod canary;
 mod deploy;
 mod durability;
 mod lifecycle;

@@ -1,0 +1,266 @@
+//! Canary rollouts: scale steps over a stable hash of the nodes, pauses until promoted,
+//! and a control-plane crash in the middle.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use aviary_proto::digest::Sha256;
+use aviary_proto::v1 as pb;
+use aviary_tests::{bin, eventually, ControlPlane, Edge, Workspace};
+
+fn aviary(ws: &Workspace, cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
+    let o = Command::new(bin("aviary")?)
+        .args(["--control-plane", &cp.url(), "--certs"])
+        .arg(&ws.pki.dir)
+        .args(args)
+        .output()?;
+    if !o.status.success() {
+        bail!("aviary {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(String::from_utf8(o.stdout)?)
+}
+
+fn upload(ws: &Workspace, cp: &ControlPlane, version: &str) -> anyhow::Result<Vec<u8>> {
+    let bytes = format!("model weights {version}").into_bytes();
+    let file = ws.path(&format!("model-{version}"));
+    std::fs::write(&file, &bytes)?;
+    aviary(
+        ws,
+        cp,
+        &[
+            "release",
+            "upload",
+            "--module",
+            "model",
+            "--version",
+            version,
+            "--target",
+            "x86_64",
+            "--file",
+            file.to_str().unwrap_or_default(),
+            "--sign-key",
+            ws.pki
+                .dir
+                .join("release-signing.key")
+                .to_str()
+                .unwrap_or_default(),
+        ],
+    )?;
+    Ok(bytes)
+}
+
+/// The version in a node's current slot of `model`.
+fn version_on(edge: &Edge) -> Option<String> {
+    let st: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(edge.state_dir.join("modules/model/state.json")).ok()?,
+    )
+    .ok()?;
+    st["current"]["version"].as_str().map(str::to_owned)
+}
+
+/// Nodes a rollout's canary scale covers, computed as the control plane does: a stable
+/// bucket from sha256("ROLLOUT\0NODE").
+fn canaries(rollout: &str, nodes: &[String], percent: u32) -> Vec<String> {
+    nodes
+        .iter()
+        .filter(|n| {
+            let d = Sha256::of(format!("{rollout}\0{n}").as_bytes());
+            let v = u64::from_be_bytes([
+                d.0[0], d.0[1], d.0[2], d.0[3], d.0[4], d.0[5], d.0[6], d.0[7],
+            ]);
+            ((v % 10_000) as u32) < percent * 100
+        })
+        .cloned()
+        .collect()
+}
+
+async fn rollout(ws: &Workspace, cp: &ControlPlane, id: &str) -> anyhow::Result<pb::Rollout> {
+    let mut admin = ws.admin(cp).await?;
+    Ok(admin
+        .rollouts
+        .get_rollout(pb::GetRolloutRequest { id: id.into() })
+        .await?
+        .into_inner())
+}
+
+async fn wait_versions(
+    edges: &[Edge],
+    expect: impl Fn(&str) -> &'static str,
+) -> anyhow::Result<()> {
+    for e in edges {
+        let want = expect(&e.node_id);
+        eventually(
+            Duration::from_secs(30),
+            &format!("{} to run {want}", e.node_id),
+            || async { Ok((version_on(e).as_deref() == Some(want)).then_some(())) },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_promoted(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let mut cp = ControlPlane::start(&ws, &[]).await?;
+    let mut edges = Vec::new();
+    for i in 0..10 {
+        edges.push(
+            Edge::start(
+                &ws,
+                &cp,
+                &format!("gw-{i:02}"),
+                &[("tier", "edge")],
+                &["--arch", "x86_64"],
+            )
+            .await?,
+        );
+    }
+    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect();
+    upload(&ws, &cp, "1.0.0")?;
+    upload(&ws, &cp, "2.0.0")?;
+    aviary(
+        &ws,
+        &cp,
+        &[
+            "rollout",
+            "create",
+            "--module",
+            "model",
+            "--version",
+            "1.0.0",
+        ],
+    )?;
+    wait_versions(&edges, |_| "1.0.0").await?;
+    eventually(Duration::from_secs(20), "rollout 1 to finish", || async {
+        let list = aviary(&ws, &cp, &["-o", "json", "rollout", "list"])?;
+        Ok(list.contains("ROLLOUT_STATE_SUCCEEDED").then_some(()))
+    })
+    .await?;
+
+    let created: serde_json::Value = serde_json::from_str(&aviary(
+        &ws,
+        &cp,
+        &[
+            "-o",
+            "json",
+            "rollout",
+            "create",
+            "--module",
+            "model",
+            "--version",
+            "2.0.0",
+            "--selector",
+            "tier=edge",
+            "--step",
+            "canary=20",
+            "--step",
+            "pause",
+            "--step",
+            "canary=50",
+            "--step",
+            "pause=1s",
+        ],
+    )?)?;
+    let id = created["rollouts"][0]["id"]
+        .as_str()
+        .context("rollout id")?
+        .to_owned();
+
+    // Step 1 scales to 20 %, step 2 holds until promoted.
+    let paused = eventually(
+        Duration::from_secs(30),
+        "the rollout to pause at step 2",
+        || async {
+            let r = rollout(&ws, &cp, &id).await?;
+            Ok((r.state == pb::RolloutState::Paused as i32).then_some(r))
+        },
+    )
+    .await?;
+    assert_eq!(paused.current_step, 1, "{paused:?}");
+    let at20 = canaries(&id, &nodes, 20);
+    assert_eq!(paused.progress.map(|p| p.canaries), Some(at20.len() as u32));
+    wait_versions(&edges, |n| {
+        if at20.iter().any(|c| c == n) {
+            "2.0.0"
+        } else {
+            "1.0.0"
+        }
+    })
+    .await?;
+
+    // A crash while paused: it comes back paused at the same step, nothing re-sent.
+    cp.kill9().await?;
+    cp.restart().await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let r = rollout(&ws, &cp, &id).await?;
+    assert_eq!(
+        (r.state, r.current_step),
+        (pb::RolloutState::Paused as i32, 1),
+        "{r:?}"
+    );
+    wait_versions(&edges, |n| {
+        if at20.iter().any(|c| c == n) {
+            "2.0.0"
+        } else {
+            "1.0.0"
+        }
+    })
+    .await?;
+
+    // Promote: 50 %, a timed pause, then everyone.
+    aviary(&ws, &cp, &["rollout", "promote", &id])?;
+    let done = eventually(
+        Duration::from_secs(30),
+        "the rollout to succeed",
+        || async {
+            let r = rollout(&ws, &cp, &id).await?;
+            Ok((r.state == pb::RolloutState::Succeeded as i32).then_some(()))
+        },
+    )
+    .await;
+    if let Err(e) = done {
+        bail!("{e}: {:?}\n{}", rollout(&ws, &cp, &id).await?, cp.log());
+    }
+    wait_versions(&edges, |_| "2.0.0").await?;
+    let at50 = canaries(&id, &nodes, 50);
+    assert!(
+        at20.iter().all(|n| at50.contains(n)),
+        "20 % canaries stay canaries at 50 %"
+    );
+
+    // The audit log tells the story; watch prints the final state and ends.
+    let mut admin = ws.admin(&cp).await?;
+    let events = admin
+        .audit
+        .list_events(pb::ListEventsRequest {
+            filter: Some(pb::EventFilter {
+                action: "rollout.".into(),
+                ..Default::default()
+            }),
+            after_seq: 0,
+            limit: 0,
+        })
+        .await?
+        .into_inner()
+        .events;
+    let actions: Vec<&str> = events
+        .iter()
+        .filter(|e| e.target == format!("rollout/{id}"))
+        .map(|e| e.action.as_str())
+        .collect();
+    for a in [
+        "rollout.created",
+        "rollout.step",
+        "rollout.paused",
+        "rollout.promoted",
+        "rollout.succeeded",
+    ] {
+        assert!(actions.contains(&a), "{a} missing from {actions:?}");
+    }
+    let watched = aviary(&ws, &cp, &["rollout", "watch", &id])?;
+    assert!(watched.contains("SUCCEEDED"), "{watched}");
+    Ok(())
+}
