@@ -51,6 +51,8 @@ pub(crate) enum Step {
     CanaryScale(u32),
     /// Wait this long; 0 = until `PromoteRollout`.
     Pause(u32),
+    /// The canary nodes' weight for the module (0..=100), until the rollout ends.
+    Weight(u32),
 }
 
 /// A change of the canary scale, at a revision.
@@ -58,6 +60,15 @@ pub(crate) enum Step {
 pub(crate) struct ScaleChange {
     /// 0..=100.
     pub percent: u32,
+    /// Revision of the change.
+    pub seq: u64,
+}
+
+/// A change of the canary nodes' weight, at a revision (`None`: released to the rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct WeightChange {
+    /// The weight, or none once the rollout ended.
+    pub weight: Option<u32>,
     /// Revision of the change.
     pub seq: u64,
 }
@@ -100,6 +111,9 @@ pub(crate) struct Deployment {
     /// A step that waits on nodes longer than this fails the rollout (0 = no deadline).
     #[serde(default)]
     pub progress_deadline_seconds: u32,
+    /// Canary weight changes so far, oldest first.
+    #[serde(default)]
+    pub weight: Vec<WeightChange>,
 }
 
 impl Deployment {
@@ -127,6 +141,25 @@ impl Deployment {
             .iter()
             .find(|s| bucket < s.percent * 100)
             .map(|s| s.seq)
+    }
+}
+
+impl Deployment {
+    /// What this rollout does to node `node_id`'s weights: the revision it contributes and
+    /// the weight it imposes on its module, if any.
+    pub(crate) fn weight_for(&self, node_id: &str) -> Option<(u64, Option<u32>)> {
+        let last = self.weight.last()?;
+        if self.state == DeployState::Aborted {
+            // Back to the stable weights, at the abort's revision, for nodes it covered.
+            return self
+                .covers(node_id)
+                .map(|_| (self.abort_seq.max(last.seq), None));
+        }
+        let covered_at = self.covers(node_id)?;
+        match last.weight {
+            Some(w) => Some((last.seq.max(covered_at), Some(w))),
+            None => Some((last.seq, None)),
+        }
     }
 }
 
@@ -229,6 +262,7 @@ mod tests {
             step_started_ms: 0,
             scale: Vec::new(),
             progress_deadline_seconds: 0,
+            weight: Vec::new(),
         }
     }
 
@@ -291,6 +325,7 @@ mod canary_tests {
                 seq: 11,
             }],
             progress_deadline_seconds: 0,
+            weight: Vec::new(),
         };
         let nodes: Vec<String> = (0..1000).map(|i| format!("gw-{i}")).collect();
         let at20: Vec<&String> = nodes.iter().filter(|n| d.covers(n).is_some()).collect();

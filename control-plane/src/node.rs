@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::deploy::Deployment;
 use crate::selector::Selector;
 
 /// Upper bound of a weight (a percentage-like relative weight, as Envoy endpoint weights).
@@ -162,18 +163,33 @@ impl WeightRule {
     }
 }
 
-/// The desired weights of `node` under `rules` (sorted by `seq`).
-pub(crate) fn desired(rules: &[WeightRule], node: &NodeRecord) -> DesiredWeights {
+/// The desired weights of `node` under `rules` (sorted by `seq`), with the canary
+/// weights of the rollouts that cover it laid over them.
+pub(crate) fn desired(
+    rules: &[WeightRule],
+    deployments: &[Deployment],
+    node: &NodeRecord,
+) -> DesiredWeights {
     let newest_rule = rules
         .iter()
         .filter(|r| r.selector.matches(&node.labels))
         .map(|r| r.seq)
         .max()
         .unwrap_or(0);
-    DesiredWeights {
-        revision: node.label_revision.max(newest_rule),
-        weights: effective_weights(rules, &node.labels),
+    let mut revision = node.label_revision.max(newest_rule);
+    let mut weights = effective_weights(rules, &node.labels);
+    for d in deployments
+        .iter()
+        .filter(|d| d.selector.matches(&node.labels))
+    {
+        if let Some((seq, weight)) = d.weight_for(&node.node_id) {
+            revision = revision.max(seq);
+            if let Some(w) = weight {
+                weights.insert(d.module.clone(), w);
+            }
+        }
     }
+    DesiredWeights { revision, weights }
 }
 
 /// The weights `rules` (sorted by `seq`) give a node with `labels`.
@@ -235,13 +251,13 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            desired(&rules, &node).revision,
+            desired(&rules, &[], &node).revision,
             4,
             "the eu rule does not touch us"
         );
         node.labels.insert("region".into(), "eu".into());
-        assert_eq!(desired(&rules, &node).revision, 9);
+        assert_eq!(desired(&rules, &[], &node).revision, 9);
         node.label_revision = 12;
-        assert_eq!(desired(&rules, &node).revision, 12);
+        assert_eq!(desired(&rules, &[], &node).revision, 12);
     }
 }

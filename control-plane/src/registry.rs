@@ -20,7 +20,9 @@ use prost::Message;
 use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::audit::{now_ms, timestamp, Event, EventFilter, NewEvent};
-use crate::deploy::{desired_modules, DeployState, Deployment, DesiredModules, ScaleChange, Step};
+use crate::deploy::{
+    desired_modules, DeployState, Deployment, DesiredModules, ScaleChange, Step, WeightChange,
+};
 use crate::error::ControlPlaneError;
 use crate::node::{
     desired, DesiredWeights, HealthRecord, ModuleRecord, NackRecord, NodeRecord, NodeStatus,
@@ -183,7 +185,7 @@ impl Registry {
             .nodes
             .into_iter()
             .map(|record| {
-                let current = desired(&snap.rules, &record);
+                let current = desired(&snap.rules, &snap.deployments, &record);
                 let message = shared
                     .entry(current.clone())
                     .or_insert_with(|| Arc::new(Desired::new(&current, ttl_seconds, now)))
@@ -294,7 +296,7 @@ impl Registry {
             // crash): give it a fresh revision rather than reuse a number for another map.
             let unknown_history = existing.is_none()
                 && hello.applied_weights > 0
-                && hello.applied_weights >= desired(&st.rules, &record).revision;
+                && hello.applied_weights >= desired(&st.rules, &st.deployments, &record).revision;
             let mut new_revision = None;
             if labels_changed || unknown_history {
                 let revision = st.revision + 1;
@@ -350,7 +352,7 @@ impl Registry {
             session: None,
         });
         if let Some(record) = record {
-            let current = desired(&rules, &record);
+            let current = desired(&rules, &deployments, &record);
             if entry.current != current {
                 entry
                     .desired
@@ -483,6 +485,16 @@ impl Registry {
         let started = Instant::now();
         let (rule, rules, changed, matched) = {
             let st = self.state();
+            if let Some(owner) = st.deployments.iter().find(|d| {
+                d.module == module
+                    && d.state.is_active()
+                    && d.steps.iter().any(|s| matches!(s, Step::Weight(_)))
+            }) {
+                return Err(ControlPlaneError::FailedPrecondition(format!(
+                    "rollout {} owns the weights of {module} until it ends; abort or promote it first",
+                    owner.id
+                )));
+            }
             let rule = WeightRule {
                 seq: st.revision + 1,
                 module: module.to_owned(),
@@ -498,7 +510,7 @@ impl Registry {
                 if selector.matches(&entry.record.labels) {
                     matched.push(entry.record.node_id.clone());
                     // Only nodes the rule matches can change; their revision is the rule's.
-                    let next = desired(&rules, &entry.record);
+                    let next = desired(&rules, &st.deployments, &entry.record);
                     if next != entry.current {
                         changed.push((entry.record.node_id.clone(), next));
                     }
@@ -668,6 +680,7 @@ impl Registry {
                 current_step: 0,
                 step_started_ms: now,
                 progress_deadline_seconds,
+                weight: Vec::new(),
             }
         };
         // Persisted before any node hears of it.
@@ -693,7 +706,11 @@ impl Registry {
         let mut st = self.state();
         st.revision = deployment.seq;
         st.deployments.push(deployment.clone());
-        republish_modules(&mut st, &deployment.selector);
+        let updates = republish(&mut st, &deployment.selector, self.ttl_seconds);
+        drop(st);
+        for u in updates {
+            let _ = self.weights.send(u);
+        }
         Ok(deployment)
     }
 
@@ -744,7 +761,11 @@ impl Registry {
         if let Some(d) = st.deployments.iter_mut().find(|d| d.id == id) {
             *d = deployment.clone();
         }
-        republish_modules(&mut st, &deployment.selector);
+        let updates = republish(&mut st, &deployment.selector, self.ttl_seconds);
+        drop(st);
+        for u in updates {
+            let _ = self.weights.send(u);
+        }
         Ok(deployment)
     }
 
@@ -793,8 +814,14 @@ impl Registry {
         if let Some(d) = st.deployments.iter_mut().find(|d| d.id == id) {
             *d = deployment.clone();
         }
-        if scaled {
-            republish_modules(&mut st, &deployment.selector);
+        let updates = if scaled {
+            republish(&mut st, &deployment.selector, self.ttl_seconds)
+        } else {
+            Vec::new()
+        };
+        drop(st);
+        for u in updates {
+            let _ = self.weights.send(u);
         }
         Ok(deployment)
     }
@@ -952,9 +979,19 @@ impl Registry {
             DeployState::Succeeded => ("rollout.succeeded", "succeeded"),
             _ => ("rollout.failed", "failed"),
         };
+        // The canary weight ends with the rollout: back to the rules, at a new revision.
+        let release = d.weight.last().is_some_and(|w| w.weight.is_some());
+        let next = self.state().revision + 1;
+        if release {
+            d.weight.push(WeightChange {
+                weight: None,
+                seq: next,
+            });
+        }
         let result = self
             .commit(Change {
                 deployments: vec![d.clone()],
+                revision: release.then_some(next),
                 events: vec![NewEvent::new(
                     "control-plane",
                     action,
@@ -969,8 +1006,21 @@ impl Registry {
             Ok(_) => {
                 metrics::counter!("aviary_rollout_transitions_total", "to" => to).increment(1);
                 let mut st = self.state();
+                if release {
+                    st.revision = st.revision.max(next);
+                }
+                let selector = d.selector.clone();
                 if let Some(x) = st.deployments.iter_mut().find(|x| x.id == d.id) {
                     *x = d;
+                }
+                let updates = if release {
+                    republish(&mut st, &selector, self.ttl_seconds)
+                } else {
+                    Vec::new()
+                };
+                drop(st);
+                for u in updates {
+                    let _ = self.weights.send(u);
                 }
             }
             Err(e) => tracing::warn!(error = %e, rollout = %d.id, "could not record the outcome"),
@@ -1046,18 +1096,33 @@ impl Registry {
     }
 }
 
-/// Recomputes the desired modules of the nodes `selector` matches and publishes changes.
-fn republish_modules(st: &mut State, selector: &Selector) {
+/// Recomputes the desired modules and weights of the nodes `selector` matches and
+/// publishes what changed; returns the weight updates for `WatchWeights`.
+fn republish(st: &mut State, selector: &Selector, ttl: u32) -> Vec<pb::NodeWeights> {
     let deployments = std::mem::take(&mut st.deployments);
+    let rules = std::mem::take(&mut st.rules);
+    let now = Instant::now();
+    let mut updates = Vec::new();
     for entry in st.nodes.values_mut() {
         if selector.matches(&entry.record.labels) {
             let next = desired_modules(&deployments, &entry.record.node_id, &entry.record.labels);
             if **entry.modules.borrow() != next {
                 entry.modules.send_replace(Arc::new(next));
             }
+            // Canary weights ride on the same rollouts.
+            let weights = desired(&rules, &deployments, &entry.record);
+            if weights != entry.current {
+                entry
+                    .desired
+                    .send_replace(Arc::new(Desired::new(&weights, ttl, now)));
+                entry.current = weights;
+                updates.push(weights_update(entry));
+            }
         }
     }
     st.deployments = deployments;
+    st.rules = rules;
+    updates
 }
 
 /// Node counts of `d` from the nodes' answers.

@@ -5,6 +5,7 @@
 //!              ▼                                   │
 //!   Progressing ── pause step (0 s) / PauseRollout ─► Paused
 //!        │  ├─ canary scale p: scale → p, wait until every canary installed it
+//!        │  ├─ set weight w: the canaries' module weight is w until the rollout ends
 //!        │  ├─ pause s: wait s seconds
 //!        │  └─ steps done: scale → 100, wait for every node
 //!        ├──► Succeeded (every node installed or skipped)
@@ -22,7 +23,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::audit::now_ms;
-use crate::deploy::{DeployState, Deployment, ScaleChange, Step};
+use crate::deploy::{DeployState, Deployment, ScaleChange, Step, WeightChange};
 use crate::registry::{DeployProgress, Registry};
 
 /// How often the engine looks at the rollouts.
@@ -55,6 +56,8 @@ pub(crate) async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
 enum Next {
     /// Move the canary scale to this percent.
     Scale(u32),
+    /// Give the canaries this weight, and go on.
+    Weight(u32),
     /// The step is done: go to the next.
     Advance(String),
     /// Hold until promoted.
@@ -82,6 +85,7 @@ fn next(d: &Deployment, p: DeployProgress, now: u64) -> Next {
             p.installed, p.canaries, d.progress_deadline_seconds
         )),
         Some(Step::CanaryScale(_)) => Next::Wait,
+        Some(Step::Weight(w)) => Next::Weight(*w),
         Some(Step::Pause(0)) => Next::Hold,
         Some(Step::Pause(secs)) if elapsed_ms >= u64::from(*secs) * 1000 => {
             Next::Advance(format!("paused {secs}s"))
@@ -120,6 +124,23 @@ async fn advance(
                 })
                 .await?;
             metrics::counter!("aviary_rollout_transitions_total", "to" => "step").increment(1);
+        }
+        Next::Weight(weight) => {
+            registry
+                .update_deployment(ENGINE, &d.id, "rollout.step", |d, seq| {
+                    d.weight.push(WeightChange {
+                        weight: Some(weight),
+                        seq,
+                    });
+                    d.current_step += 1;
+                    d.step_started_ms = now_ms();
+                    d.message = format!(
+                        "step {} of {total} done: canary weight {weight}",
+                        d.current_step
+                    );
+                    Ok(true)
+                })
+                .await?;
         }
         Next::Advance(done) => {
             registry

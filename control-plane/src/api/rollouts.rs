@@ -55,7 +55,16 @@ fn steps_of(steps: &[pb::Step]) -> Result<Vec<Step>, Status> {
                 out.push(Step::CanaryScale(c.percent));
             }
             Some(Kind::Pause(p)) => out.push(Step::Pause(p.seconds)),
-            Some(Kind::SetWeight(_)) => return Err(not_yet("the set_weight step")),
+            Some(Kind::SetWeight(w)) => {
+                if w.weight > crate::node::MAX_WEIGHT {
+                    return Err(Status::invalid_argument(format!(
+                        "step {}: weight {} is out of range 0..=100",
+                        i + 1,
+                        w.weight
+                    )));
+                }
+                out.push(Step::Weight(w.weight));
+            }
             Some(Kind::Analysis(_)) => return Err(not_yet("the analysis step")),
             None => return Err(Status::invalid_argument(format!("step {} is empty", i + 1))),
         }
@@ -94,6 +103,7 @@ fn view(d: &Deployment, p: DeployProgress) -> pb::Rollout {
                         pb::step::Kind::SetCanaryScale(pb::SetCanaryScale { percent: *p })
                     }
                     Step::Pause(secs) => pb::step::Kind::Pause(pb::Pause { seconds: *secs }),
+                    Step::Weight(w) => pb::step::Kind::SetWeight(pb::SetWeight { weight: *w }),
                 }),
             })
             .collect(),

@@ -124,8 +124,9 @@ pub enum RolloutCommand {
         /// Label selector; empty means every node.
         #[arg(long, default_value = "")]
         selector: String,
-        /// Canary steps in order: `canary=20` (scale %), `pause=30s`, `pause` (until
-        /// promoted). None: every selected node at once.
+        /// Canary steps in order: `canary=20` (scale %), `weight=10` (the canaries'
+        /// module weight), `pause=30s`, `pause` (until promoted). None: every selected
+        /// node at once.
         #[arg(long = "step")]
         steps: Vec<String>,
         /// A step that waits on nodes longer than this fails the rollout (e.g. 10m).
@@ -195,8 +196,13 @@ fn parse_steps(steps: &[String]) -> anyhow::Result<Vec<pb::Step>> {
                     .unwrap_or(u32::MAX)
                     .max(1),
                 }),
+                Some(("weight", w)) => Kind::SetWeight(pb::SetWeight {
+                    weight: w.parse().with_context(|| format!("--step {s}"))?,
+                }),
                 None if s == "pause" => Kind::Pause(pb::Pause { seconds: 0 }),
-                _ => anyhow::bail!("--step {s}: use canary=PERCENT, pause=DURATION or pause"),
+                _ => anyhow::bail!(
+                    "--step {s}: use canary=PERCENT, weight=N, pause=DURATION or pause"
+                ),
             };
             Ok(pb::Step { kind: Some(kind) })
         })

@@ -140,6 +140,18 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     })
     .await?;
 
+    aviary(
+        &ws,
+        &cp,
+        &[
+            "nodes",
+            "set-weight",
+            "--module",
+            "model",
+            "--weight",
+            "100",
+        ],
+    )?;
     let created: serde_json::Value = serde_json::from_str(&aviary(
         &ws,
         &cp,
@@ -156,6 +168,8 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
             "tier=edge",
             "--step",
             "canary=20",
+            "--step",
+            "weight=10",
             "--step",
             "pause",
             "--step",
@@ -179,7 +193,7 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
         },
     )
     .await?;
-    assert_eq!(paused.current_step, 1, "{paused:?}");
+    assert_eq!(paused.current_step, 2, "{paused:?}");
     let at20 = canaries(&id, &nodes, 20);
     assert_eq!(paused.progress.map(|p| p.canaries), Some(at20.len() as u32));
     wait_versions(&edges, |n| {
@@ -191,6 +205,24 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     })
     .await?;
 
+    // The canaries carry the step's weight, the others the operator's; the rollout owns
+    // the module's weights until it ends.
+    for e in &edges {
+        let want = if at20.contains(&e.node_id) { 10 } else { 100 };
+        e.wait_weight("model", want).await?;
+    }
+    let refused = aviary(
+        &ws,
+        &cp,
+        &["nodes", "set-weight", "--module", "model", "--weight", "0"],
+    );
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("owns the weights")),
+        "{refused:?}"
+    );
+
     // A crash while paused: it comes back paused at the same step, nothing re-sent.
     cp.kill9().await?;
     cp.restart().await?;
@@ -198,7 +230,7 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     let r = rollout(&ws, &cp, &id).await?;
     assert_eq!(
         (r.state, r.current_step),
-        (pb::RolloutState::Paused as i32, 1),
+        (pb::RolloutState::Paused as i32, 2),
         "{r:?}"
     );
     wait_versions(&edges, |n| {
@@ -225,6 +257,9 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
         bail!("{e}: {:?}\n{}", rollout(&ws, &cp, &id).await?, cp.log());
     }
     wait_versions(&edges, |_| "2.0.0").await?;
+    for e in &edges {
+        e.wait_weight("model", 100).await?;
+    }
     let at50 = canaries(&id, &nodes, 50);
     assert!(
         at20.iter().all(|n| at50.contains(n)),
