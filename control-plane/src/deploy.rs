@@ -53,6 +53,8 @@ pub(crate) enum Step {
     Pause(u32),
     /// The canary nodes' weight for the module (0..=100), until the rollout ends.
     Weight(u32),
+    /// Judge the canaries' health over a window (`analysis.rs`).
+    Analysis(crate::analysis::AnalysisSpec),
 }
 
 /// A change of the canary scale, at a revision.
@@ -114,6 +116,9 @@ pub(crate) struct Deployment {
     /// Canary weight changes so far, oldest first.
     #[serde(default)]
     pub weight: Vec<WeightChange>,
+    /// Failed measurements of the current analysis step.
+    #[serde(default)]
+    pub analysis_failures: u32,
 }
 
 impl Deployment {
@@ -263,6 +268,7 @@ mod tests {
             scale: Vec::new(),
             progress_deadline_seconds: 0,
             weight: Vec::new(),
+            analysis_failures: 0,
         }
     }
 
@@ -326,6 +332,7 @@ mod canary_tests {
             }],
             progress_deadline_seconds: 0,
             weight: Vec::new(),
+            analysis_failures: 0,
         };
         let nodes: Vec<String> = (0..1000).map(|i| format!("gw-{i}")).collect();
         let at20: Vec<&String> = nodes.iter().filter(|n| d.covers(n).is_some()).collect();

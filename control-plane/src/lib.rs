@@ -3,6 +3,7 @@
 //! CLI (`cli`), which talks to it as an admin.
 
 mod admission;
+mod analysis;
 mod api;
 mod audit;
 mod auth;

@@ -19,6 +19,7 @@ use bytes::Bytes;
 use prost::Message;
 use tokio::sync::{broadcast, oneshot, watch};
 
+use crate::analysis::Figures;
 use crate::audit::{now_ms, timestamp, Event, EventFilter, NewEvent};
 use crate::deploy::{
     desired_modules, DeployState, Deployment, DesiredModules, ScaleChange, Step, WeightChange,
@@ -143,8 +144,13 @@ struct Entry {
     desired: watch::Sender<Arc<Desired>>,
     /// `deploy::desired_modules(deployments, labels)`, kept current likewise.
     modules: watch::Sender<Arc<DesiredModules>>,
+    /// Recent health reports per module (memory only), for rollout analysis.
+    history: HashMap<String, std::collections::VecDeque<HealthRecord>>,
     session: Option<Session>,
 }
+
+/// Health reports kept per node and module (10 minutes at one a second).
+const HISTORY: usize = 600;
 
 /// Prefix of the NACK record of a node whose architecture has no artifact.
 pub(crate) const SKIPPED: &str = "skipped: ";
@@ -197,6 +203,7 @@ impl Registry {
                     current,
                     desired: watch::Sender::new(message),
                     modules: watch::Sender::new(Arc::new(modules)),
+                    history: HashMap::new(),
                     session: None,
                     record,
                 };
@@ -349,6 +356,7 @@ impl Registry {
                 Instant::now(),
             ))),
             modules: watch::Sender::new(Arc::new(DesiredModules::new())),
+            history: HashMap::new(),
             session: None,
         });
         if let Some(record) = record {
@@ -681,6 +689,7 @@ impl Registry {
                 step_started_ms: now,
                 progress_deadline_seconds,
                 weight: Vec::new(),
+                analysis_failures: 0,
             }
         };
         // Persisted before any node hears of it.
@@ -826,6 +835,63 @@ impl Registry {
         Ok(deployment)
     }
 
+    /// Canary and stable health of deployment `d` since `since_ms` (for analysis).
+    pub(crate) fn figures(&self, d: &Deployment, since_ms: u64) -> Figures {
+        let st = self.state();
+        let mut f = Figures::default();
+        for entry in st.nodes.values() {
+            if entry.record.revoked || !d.selector.matches(&entry.record.labels) {
+                continue;
+            }
+            let canary = d.covers(&entry.record.node_id).is_some();
+            if canary {
+                let nacked = entry
+                    .status
+                    .modules
+                    .get(&d.module)
+                    .and_then(|p| p.nacked.as_ref())
+                    .is_some_and(|n| n.revision >= d.seq && !n.error.starts_with(SKIPPED));
+                if nacked {
+                    f.nacks += 1;
+                }
+            }
+            let group = if canary {
+                &mut f.canary
+            } else {
+                &mut f.baseline
+            };
+            group.nodes += 1;
+            let Some(history) = entry.history.get(&d.module) else {
+                continue;
+            };
+            // Canaries count once they run the new version; stable nodes while they don't.
+            let window: Vec<&HealthRecord> = history
+                .iter()
+                .filter(|h| h.at_ms >= since_ms && (h.version == d.version) == canary)
+                .collect();
+            let mut previous: Option<&HealthRecord> = None;
+            for h in &window {
+                group.reports += 1;
+                group.successes += h.probe_successes;
+                group.failures += h.probe_failures;
+                group.p99_ms = group.p99_ms.max(h.latency_p99_ms);
+                // Totals since the daemon started: count increases (a restart resets them).
+                if let Some(p) = previous {
+                    group.log_matches += h.log_matches.saturating_sub(p.log_matches);
+                    group.restarts += u64::from(h.restarts.saturating_sub(p.restarts));
+                }
+                previous = Some(h);
+            }
+            if window
+                .last()
+                .is_some_and(|h| h.process_state == "running" && h.probe_failures == 0)
+            {
+                group.healthy += 1;
+            }
+        }
+        f
+    }
+
     /// Completes the active deployment of `module` if every node has answered.
     pub(crate) async fn check_complete(&self, module: &str) {
         let done = completed(&self.state(), module);
@@ -898,6 +964,11 @@ impl Registry {
                 version: cut(&m.version),
                 detail: cut(&m.detail),
             };
+            let history = entry.history.entry(cut(&m.module)).or_default();
+            if history.len() >= HISTORY {
+                history.pop_front();
+            }
+            history.push_back(health.clone());
             entry
                 .status
                 .modules

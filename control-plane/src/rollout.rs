@@ -7,6 +7,8 @@
 //!        │  ├─ canary scale p: scale → p, wait until every canary installed it
 //!        │  ├─ set weight w: the canaries' module weight is w until the rollout ends
 //!        │  ├─ pause s: wait s seconds
+//!        │  ├─ analysis: judge canaries vs stable over a window; failed → Aborted,
+//!        │  │            too little data by the deadline → Paused
 //!        │  └─ steps done: scale → 100, wait for every node
 //!        ├──► Succeeded (every node installed or skipped)
 //!        ├──► Failed (nodes refused it, or a step missed its progress deadline)
@@ -22,6 +24,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::analysis::{judge, AnalysisSpec, Judgement};
 use crate::audit::now_ms;
 use crate::deploy::{DeployState, Deployment, ScaleChange, Step, WeightChange};
 use crate::registry::{DeployProgress, Registry};
@@ -58,6 +61,8 @@ enum Next {
     Scale(u32),
     /// Give the canaries this weight, and go on.
     Weight(u32),
+    /// The analysis window is over: judge it.
+    Judge(AnalysisSpec),
     /// The step is done: go to the next.
     Advance(String),
     /// Hold until promoted.
@@ -86,6 +91,10 @@ fn next(d: &Deployment, p: DeployProgress, now: u64) -> Next {
         )),
         Some(Step::CanaryScale(_)) => Next::Wait,
         Some(Step::Weight(w)) => Next::Weight(*w),
+        Some(Step::Analysis(a)) if elapsed_ms >= u64::from(a.window_seconds) * 1000 => {
+            Next::Judge(a.clone())
+        }
+        Some(Step::Analysis(_)) => Next::Wait,
         Some(Step::Pause(0)) => Next::Hold,
         Some(Step::Pause(secs)) if elapsed_ms >= u64::from(*secs) * 1000 => {
             Next::Advance(format!("paused {secs}s"))
@@ -141,6 +150,73 @@ async fn advance(
                     Ok(true)
                 })
                 .await?;
+        }
+        Next::Judge(spec) => {
+            let figures = registry.figures(d, d.step_started_ms);
+            let numbers = serde_json::to_string(&figures).unwrap_or_default();
+            match judge(&spec, &figures) {
+                Judgement::Successful => {
+                    registry
+                        .update_deployment(ENGINE, &d.id, "rollout.analysis", |d, _| {
+                            d.current_step += 1;
+                            d.step_started_ms = now_ms();
+                            d.analysis_failures = 0;
+                            d.message = format!("analysis passed: {numbers}");
+                            Ok(false)
+                        })
+                        .await?;
+                    metrics::counter!("aviary_rollout_transitions_total", "to" => "analysis_passed")
+                        .increment(1);
+                }
+                Judgement::Failed(reasons) => {
+                    let reasons = reasons.join("; ");
+                    let limit = spec.failure_limit.max(1);
+                    registry
+                        .update_deployment(ENGINE, &d.id, "rollout.analysis", |d, seq| {
+                            d.analysis_failures += 1;
+                            if d.analysis_failures >= limit {
+                                // Canaries back to the previous slot, weights to stable.
+                                d.state = DeployState::Aborted;
+                                d.abort_seq = seq;
+                                d.message = format!(
+                                    "aborted: analysis failed {} time(s): {reasons}; figures {numbers}",
+                                    d.analysis_failures
+                                );
+                                Ok(true)
+                            } else {
+                                d.step_started_ms = now_ms();
+                                d.message = format!(
+                                    "analysis failed ({} of {limit}): {reasons}; figures {numbers}",
+                                    d.analysis_failures
+                                );
+                                Ok(false)
+                            }
+                        })
+                        .await?;
+                    metrics::counter!("aviary_rollout_transitions_total", "to" => "analysis_failed")
+                        .increment(1);
+                }
+                Judgement::Inconclusive(why) => {
+                    // Not enough data: keep measuring until the deadline (or three
+                    // windows), then hold with the reason for an operator.
+                    let waited = now_ms().saturating_sub(d.step_started_ms);
+                    let limit_ms = if d.progress_deadline_seconds > 0 {
+                        u64::from(d.progress_deadline_seconds) * 1000
+                    } else {
+                        u64::from(spec.window_seconds) * 3000
+                    };
+                    if waited >= limit_ms {
+                        registry
+                            .update_deployment(ENGINE, &d.id, "rollout.paused", |d, _| {
+                                d.state = DeployState::Paused;
+                                d.message =
+                                    format!("analysis inconclusive: {why}; figures {numbers}");
+                                Ok(false)
+                            })
+                            .await?;
+                    }
+                }
+            }
         }
         Next::Advance(done) => {
             registry

@@ -30,12 +30,6 @@ impl RolloutsApi {
     }
 }
 
-fn not_yet(what: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} arrives with the next slice of the rollout engine (issue 4)"
-    ))
-}
-
 /// Validates the wire steps into the engine's.
 fn steps_of(steps: &[pb::Step]) -> Result<Vec<Step>, Status> {
     use pb::step::Kind;
@@ -65,7 +59,35 @@ fn steps_of(steps: &[pb::Step]) -> Result<Vec<Step>, Status> {
                 }
                 out.push(Step::Weight(w.weight));
             }
-            Some(Kind::Analysis(_)) => return Err(not_yet("the analysis step")),
+            Some(Kind::Analysis(a)) => {
+                let bad = |what: &str| {
+                    Err(Status::invalid_argument(format!(
+                        "step {} (analysis): {what}",
+                        i + 1
+                    )))
+                };
+                if a.window_seconds == 0 {
+                    return bad("window_seconds must be at least 1");
+                }
+                if !(0.0..=1.0).contains(&a.max_error_rate)
+                    || !(0.0..=1.0).contains(&a.max_error_rate_vs_baseline)
+                {
+                    return bad("error rates are fractions 0..1");
+                }
+                if !(0.0..=100.0).contains(&a.min_healthy_percent) || a.max_p99_latency_ms < 0.0 {
+                    return bad("min_healthy_percent is 0..100, max_p99_latency_ms not negative");
+                }
+                out.push(Step::Analysis(crate::analysis::AnalysisSpec {
+                    window_seconds: a.window_seconds,
+                    max_error_rate: a.max_error_rate,
+                    max_p99_latency_ms: a.max_p99_latency_ms,
+                    max_log_matches: a.max_log_matches,
+                    min_healthy_percent: a.min_healthy_percent,
+                    max_error_rate_vs_baseline: a.max_error_rate_vs_baseline,
+                    min_reports: a.min_reports,
+                    failure_limit: a.failure_limit.max(1),
+                }));
+            }
             None => return Err(Status::invalid_argument(format!("step {} is empty", i + 1))),
         }
     }
@@ -104,6 +126,16 @@ fn view(d: &Deployment, p: DeployProgress) -> pb::Rollout {
                     }
                     Step::Pause(secs) => pb::step::Kind::Pause(pb::Pause { seconds: *secs }),
                     Step::Weight(w) => pb::step::Kind::SetWeight(pb::SetWeight { weight: *w }),
+                    Step::Analysis(a) => pb::step::Kind::Analysis(pb::Analysis {
+                        window_seconds: a.window_seconds,
+                        max_error_rate: a.max_error_rate,
+                        max_p99_latency_ms: a.max_p99_latency_ms,
+                        max_log_matches: a.max_log_matches,
+                        min_healthy_percent: a.min_healthy_percent,
+                        max_error_rate_vs_baseline: a.max_error_rate_vs_baseline,
+                        min_reports: a.min_reports,
+                        failure_limit: a.failure_limit,
+                    }),
                 }),
             })
             .collect(),

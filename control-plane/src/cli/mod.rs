@@ -125,13 +125,16 @@ pub enum RolloutCommand {
         #[arg(long, default_value = "")]
         selector: String,
         /// Canary steps in order: `canary=20` (scale %), `weight=10` (the canaries'
-        /// module weight), `pause=30s`, `pause` (until promoted). None: every selected
-        /// node at once.
+        /// module weight), `pause=30s`, `pause` (until promoted), `analysis=60s` (judge
+        /// the canaries with the thresholds below). None: every selected node at once.
         #[arg(long = "step")]
         steps: Vec<String>,
         /// A step that waits on nodes longer than this fails the rollout (e.g. 10m).
         #[arg(long, value_parser = humantime::parse_duration)]
         progress_deadline: Option<std::time::Duration>,
+        /// Thresholds of every `analysis=WINDOW` step.
+        #[command(flatten)]
+        analysis: AnalysisArgs,
     },
     /// Shows one rollout with its node counts.
     Get {
@@ -174,8 +177,34 @@ pub enum RolloutCommand {
     },
 }
 
+/// Thresholds for `--step analysis=WINDOW` (0 disables a check).
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct AnalysisArgs {
+    /// Canary probe error rate above which analysis fails (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    pub max_error_rate: f64,
+    /// Canary probe p99 latency (ms) above which analysis fails.
+    #[arg(long, default_value_t = 0.0)]
+    pub max_p99_ms: f64,
+    /// Canary log-pattern matches above which analysis fails.
+    #[arg(long, default_value_t = 0)]
+    pub max_log_matches: u64,
+    /// Share of healthy canaries (%) below which analysis fails.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_healthy_percent: f64,
+    /// Canary error rate minus the stable nodes' above which analysis fails (0..1).
+    #[arg(long, default_value_t = 0.0)]
+    pub max_error_rate_vs_baseline: f64,
+    /// Canary health reports needed before judging.
+    #[arg(long, default_value_t = 1)]
+    pub min_reports: u32,
+    /// Failed measurements before the rollout aborts.
+    #[arg(long, default_value_t = 1)]
+    pub failure_limit: u32,
+}
+
 /// Parses `--step` values into the wire steps.
-fn parse_steps(steps: &[String]) -> anyhow::Result<Vec<pb::Step>> {
+fn parse_steps(steps: &[String], a: &AnalysisArgs) -> anyhow::Result<Vec<pb::Step>> {
     use pb::step::Kind;
     steps
         .iter()
@@ -196,12 +225,28 @@ fn parse_steps(steps: &[String]) -> anyhow::Result<Vec<pb::Step>> {
                     .unwrap_or(u32::MAX)
                     .max(1),
                 }),
+                Some(("analysis", d)) => Kind::Analysis(pb::Analysis {
+                    window_seconds: u32::try_from(
+                        humantime::parse_duration(d)
+                            .with_context(|| format!("--step {s}"))?
+                            .as_secs(),
+                    )
+                    .unwrap_or(u32::MAX)
+                    .max(1),
+                    max_error_rate: a.max_error_rate,
+                    max_p99_latency_ms: a.max_p99_ms,
+                    max_log_matches: a.max_log_matches,
+                    min_healthy_percent: a.min_healthy_percent,
+                    max_error_rate_vs_baseline: a.max_error_rate_vs_baseline,
+                    min_reports: a.min_reports,
+                    failure_limit: a.failure_limit,
+                }),
                 Some(("weight", w)) => Kind::SetWeight(pb::SetWeight {
                     weight: w.parse().with_context(|| format!("--step {s}"))?,
                 }),
                 None if s == "pause" => Kind::Pause(pb::Pause { seconds: 0 }),
                 _ => anyhow::bail!(
-                    "--step {s}: use canary=PERCENT, weight=N, pause=DURATION or pause"
+                    "--step {s}: use canary=PERCENT, weight=N, pause=DURATION, pause or analysis=WINDOW"
                 ),
             };
             Ok(pb::Step { kind: Some(kind) })
@@ -271,6 +316,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     selector,
                     steps,
                     progress_deadline,
+                    analysis,
                 } => {
                     let r = admin
                         .rollouts
@@ -278,7 +324,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             module,
                             version,
                             selector,
-                            steps: parse_steps(&steps)?,
+                            steps: parse_steps(&steps, &analysis)?,
                             progress_deadline_seconds: progress_deadline
                                 .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
                             ..Default::default()

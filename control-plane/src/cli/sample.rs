@@ -8,7 +8,8 @@
 //!   same program with different bytes, as a small real delta
 //!   (`aviary sample-module --stamp VERSION OUT` writes one).
 //! * Misbehaviour on demand, for rollback tests: `--crash-at-start`, `--never-ready`
-//!   (healthz answers 503), `--log-errors` (prints ERROR lines).
+//!   (healthz answers 503), `--log-errors` (prints ERROR lines); `--idle` runs without a
+//!   server (with `--log-errors`, an ERROR line every 200 ms).
 //! * SIGTERM is graceful: it stops accepting and finishes the requests it accepted, so a
 //!   hot swap through a shared socket loses nothing.
 
@@ -132,6 +133,27 @@ pub async fn run(args: Vec<String>) {
     if flag("--crash-at-start") {
         eprintln!("ERROR sample {version}: crashing at start as asked");
         std::process::exit(3);
+    }
+    if flag("--idle") {
+        // No server: a worker process (for analysis tests and file-like services).
+        println!("sample {version} running idle");
+        notify_ready();
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            std::process::exit(1);
+        };
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                _ = term.recv() => return,
+                _ = tick.tick() => {
+                    if flag("--log-errors") {
+                        eprintln!("ERROR sample {version}: something went wrong");
+                    }
+                }
+            }
+        }
     }
     let listener = match inherited() {
         Some(l) => l,

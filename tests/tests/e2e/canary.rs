@@ -299,3 +299,198 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     assert!(watched.contains("SUCCEEDED"), "{watched}");
     Ok(())
 }
+
+fn upload_worker(
+    ws: &Workspace,
+    cp: &ControlPlane,
+    version: &str,
+    args: &str,
+) -> anyhow::Result<()> {
+    let file = ws.path(&format!("worker-{version}"));
+    let o = Command::new(bin("aviary-sample-module")?)
+        .args(["--stamp", version])
+        .arg(&file)
+        .output()?;
+    if !o.status.success() {
+        bail!("stamp: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let spec = ws.path(&format!("worker-{version}.toml"));
+    std::fs::write(
+        &spec,
+        format!("args = [{args}]\nlog_patterns = [\"ERROR\"]\nready_timeout = \"5s\"\n"),
+    )?;
+    aviary(
+        ws,
+        cp,
+        &[
+            "release",
+            "upload",
+            "--module",
+            "worker",
+            "--version",
+            version,
+            "--target",
+            "x86_64",
+            "--file",
+            file.to_str().unwrap_or_default(),
+            "--run-spec",
+            spec.to_str().unwrap_or_default(),
+            "--sign-key",
+            ws.pki
+                .dir
+                .join("release-signing.key")
+                .to_str()
+                .unwrap_or_default(),
+        ],
+    )?;
+    Ok(())
+}
+
+fn worker_version(edge: &Edge) -> Option<String> {
+    let st: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(edge.state_dir.join("modules/worker/state.json")).ok()?,
+    )
+    .ok()?;
+    st["current"]["version"].as_str().map(str::to_owned)
+}
+
+async fn settle(ws: &Workspace, cp: &ControlPlane, id: &str) -> anyhow::Result<pb::Rollout> {
+    eventually(
+        Duration::from_secs(60),
+        &format!("rollout {id} to end"),
+        || async {
+            let r = rollout(ws, cp, id).await?;
+            let ended = ![
+                pb::RolloutState::Progressing as i32,
+                pb::RolloutState::Paused as i32,
+            ]
+            .contains(&r.state);
+            Ok(ended.then_some(r))
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() -> anyhow::Result<()>
+{
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let mut edges = Vec::new();
+    for i in 0..10 {
+        edges.push(Edge::start(&ws, &cp, &format!("gw-{i:02}"), &[], &["--arch", "x86_64"]).await?);
+    }
+    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect();
+    upload_worker(&ws, &cp, "1.0.0", "\"--idle\"")?;
+    upload_worker(&ws, &cp, "2.0.0", "\"--idle\", \"--log-errors\"")?;
+    upload_worker(&ws, &cp, "3.0.0", "\"--idle\"")?;
+    aviary(
+        &ws,
+        &cp,
+        &[
+            "nodes",
+            "set-weight",
+            "--module",
+            "worker",
+            "--weight",
+            "100",
+        ],
+    )?;
+    let first: serde_json::Value = serde_json::from_str(&aviary(
+        &ws,
+        &cp,
+        &[
+            "-o",
+            "json",
+            "rollout",
+            "create",
+            "--module",
+            "worker",
+            "--version",
+            "1.0.0",
+        ],
+    )?)?;
+    settle(&ws, &cp, first["rollouts"][0]["id"].as_str().context("id")?).await?;
+
+    let canary_steps = [
+        "--step",
+        "canary=30",
+        "--step",
+        "weight=10",
+        "--step",
+        "analysis=3s",
+        "--max-log-matches",
+        "0",
+        "--min-reports",
+        "2",
+    ];
+    let create = |version: &str| -> anyhow::Result<String> {
+        let mut args = vec![
+            "-o",
+            "json",
+            "rollout",
+            "create",
+            "--module",
+            "worker",
+            "--version",
+            version,
+        ];
+        args.extend(canary_steps);
+        let v: serde_json::Value = serde_json::from_str(&aviary(&ws, &cp, &args)?)?;
+        Ok(v["rollouts"][0]["id"].as_str().context("id")?.to_owned())
+    };
+
+    // The bad one logs errors: its analysis fails and it is aborted automatically.
+    let bad = create("2.0.0")?;
+    let r = settle(&ws, &cp, &bad).await?;
+    assert_eq!(r.state, pb::RolloutState::Aborted as i32, "{r:?}");
+    assert!(r.message.contains("log-pattern match"), "{}", r.message);
+    let canaries = canaries(&bad, &nodes, 30);
+    assert!(!canaries.is_empty());
+    for e in &edges {
+        eventually(
+            Duration::from_secs(20),
+            &format!("{} back on 1.0.0", e.node_id),
+            || async { Ok((worker_version(e).as_deref() == Some("1.0.0")).then_some(())) },
+        )
+        .await?;
+        e.wait_weight("worker", 100).await?;
+    }
+    let mut admin = ws.admin(&cp).await?;
+    let events = admin
+        .audit
+        .list_events(pb::ListEventsRequest {
+            filter: Some(pb::EventFilter {
+                action: "rollout.analysis".into(),
+                ..Default::default()
+            }),
+            after_seq: 0,
+            limit: 0,
+        })
+        .await?
+        .into_inner()
+        .events;
+    let judged = events
+        .iter()
+        .find(|e| e.target == format!("rollout/{bad}"))
+        .context("no analysis event")?;
+    assert!(
+        judged.detail.contains("\"log_matches\"") && judged.detail.contains("aborted"),
+        "the audit log holds the numbers: {}",
+        judged.detail
+    );
+
+    // The good one passes and completes.
+    let good = create("3.0.0")?;
+    let r = settle(&ws, &cp, &good).await?;
+    assert_eq!(r.state, pb::RolloutState::Succeeded as i32, "{r:?}");
+    for e in &edges {
+        eventually(
+            Duration::from_secs(20),
+            &format!("{} on 3.0.0", e.node_id),
+            || async { Ok((worker_version(e).as_deref() == Some("3.0.0")).then_some(())) },
+        )
+        .await?;
+    }
+    Ok(())
+}
