@@ -487,3 +487,113 @@ async fn grpcurl_uploads_a_release_signed_with_the_cli_and_reads_it_back() -> an
     assert_eq!(got["size"], "44");
     Ok(())
 }
+
+#[tokio::test]
+async fn grpcurl_drives_a_canary_rollout_and_a_conflicting_one_is_refused() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let _edge = Edge::start(&ws, &cp, "gw-1", &[], &["--arch", "x86_64"]).await?;
+    let artifact = ws.path("model.bin");
+    std::fs::write(&artifact, b"model 1")?;
+    run(Command::new(bin("aviary")?)
+        .args(["--control-plane", &cp.url(), "--certs"])
+        .arg(&ws.pki.dir)
+        .args([
+            "release",
+            "upload",
+            "--module",
+            "model",
+            "--version",
+            "1.0.0",
+            "--target",
+            "x86_64",
+            "--file",
+        ])
+        .arg(&artifact)
+        .arg("--sign-key")
+        .arg(ws.pki.dir.join("release-signing.key")))?;
+    let g = grpcurl()?;
+    let addr = cp.addr.to_string();
+    let call = |method: &str, body: &str| -> anyhow::Result<serde_json::Value> {
+        let out = run(Command::new(&g).args(tls_args(&ws.pki.dir)).args([
+            "-d",
+            body,
+            &addr,
+            &format!("aviary.v1.Rollouts/{method}"),
+        ]))?;
+        Ok(serde_json::from_str(&out)?)
+    };
+    let created = call(
+        "CreateRollout",
+        r#"{"module":"model","version":"1.0.0","steps":[{"setCanaryScale":{"percent":100}},{"pause":{}}]}"#,
+    )?;
+    let id = created["id"].as_str().context("id")?.to_owned();
+    let paused = eventually(Duration::from_secs(20), "the open-ended pause", || async {
+        let r = call("GetRollout", &format!(r#"{{"id":"{id}"}}"#))?;
+        Ok((r["state"] == "ROLLOUT_STATE_PAUSED").then_some(r))
+    })
+    .await?;
+    assert_eq!(paused["currentStep"], 1);
+
+    // A second rollout of the module is refused, naming the one in the way.
+    let out = Command::new(&g)
+        .args(tls_args(&ws.pki.dir))
+        .args([
+            "-d",
+            r#"{"module":"model","version":"1.0.0"}"#,
+            &addr,
+            "aviary.v1.Rollouts/CreateRollout",
+        ])
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("FailedPrecondition") && err.contains(&id),
+        "{err}"
+    );
+
+    let r = call("ResumeRollout", &format!(r#"{{"id":"{id}"}}"#))?;
+    assert_eq!(r["state"], "ROLLOUT_STATE_PROGRESSING");
+    eventually(Duration::from_secs(20), "success", || async {
+        let r = call("GetRollout", &format!(r#"{{"id":"{id}"}}"#))?;
+        Ok((r["state"] == "ROLLOUT_STATE_SUCCEEDED").then_some(()))
+    })
+    .await?;
+    // Finished rollouts cannot be paused, promoted or aborted.
+    for method in ["PauseRollout", "PromoteRollout", "AbortRollout"] {
+        let out = Command::new(&g)
+            .args(tls_args(&ws.pki.dir))
+            .args([
+                "-d",
+                &format!(r#"{{"id":"{id}"}}"#),
+                &addr,
+                &format!("aviary.v1.Rollouts/{method}"),
+            ])
+            .output()?;
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"),
+            "{method}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // A rollout in progress can be paused, resumed, promoted and aborted.
+    let r = call(
+        "CreateRollout",
+        r#"{"module":"model","version":"1.0.0","steps":[{"pause":{"seconds":3600}},{"pause":{"seconds":3600}}]}"#,
+    )?;
+    let id2 = r["id"].as_str().context("id")?.to_owned();
+    let body = format!(r#"{{"id":"{id2}"}}"#);
+    assert_eq!(
+        call("PauseRollout", &body)?["state"],
+        "ROLLOUT_STATE_PAUSED"
+    );
+    assert_eq!(
+        call("ResumeRollout", &body)?["state"],
+        "ROLLOUT_STATE_PROGRESSING"
+    );
+    assert_eq!(call("PromoteRollout", &body)?["currentStep"], 1);
+    assert_eq!(
+        call("AbortRollout", &body)?["state"],
+        "ROLLOUT_STATE_ABORTED"
+    );
+    Ok(())
+}
