@@ -4,6 +4,7 @@ mod client;
 mod demo;
 mod output;
 pub mod release;
+mod rollout_file;
 pub mod sample;
 
 use std::path::PathBuf;
@@ -115,12 +116,16 @@ pub enum RolloutCommand {
     /// Deploys a release; without steps, to every selected node at once (canary steps
     /// arrive with issue 4).
     Create {
-        /// Module.
+        /// Module (or `module` in --file).
+        #[arg(long, required_unless_present = "file")]
+        module: Option<String>,
+        /// Release version, uploaded before (or `version` in --file).
+        #[arg(long, required_unless_present = "file")]
+        version: Option<String>,
+        /// A rollout.toml with module, version, selector, progress_deadline and [[step]]s
+        /// (flags given as well win for module, version and selector).
         #[arg(long)]
-        module: String,
-        /// Release version (uploaded before).
-        #[arg(long)]
-        version: String,
+        file: Option<PathBuf>,
         /// Label selector; empty means every node.
         #[arg(long, default_value = "")]
         selector: String,
@@ -313,24 +318,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 RolloutCommand::Create {
                     module,
                     version,
+                    file,
                     selector,
                     steps,
                     progress_deadline,
                     analysis,
                 } => {
-                    let r = admin
-                        .rollouts
-                        .create_rollout(pb::CreateRolloutRequest {
-                            module,
-                            version,
-                            selector,
-                            steps: parse_steps(&steps, &analysis)?,
-                            progress_deadline_seconds: progress_deadline
-                                .map_or(0, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX)),
-                            ..Default::default()
-                        })
-                        .await?
-                        .into_inner();
+                    let mut request = match &file {
+                        Some(path) => rollout_file::read(path)?,
+                        None => pb::CreateRolloutRequest::default(),
+                    };
+                    if let Some(m) = module {
+                        request.module = m;
+                    }
+                    if let Some(v) = version {
+                        request.version = v;
+                    }
+                    if !selector.is_empty() {
+                        request.selector = selector;
+                    }
+                    if !steps.is_empty() {
+                        request.steps = parse_steps(&steps, &analysis)?;
+                    }
+                    if let Some(d) = progress_deadline {
+                        request.progress_deadline_seconds =
+                            u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+                    }
+                    let r = admin.rollouts.create_rollout(request).await?.into_inner();
                     output::rollouts(format, &[r]);
                 }
                 RolloutCommand::Get { id } => {
