@@ -64,6 +64,36 @@ pub(crate) struct ScaleChange {
     pub percent: u32,
     /// Revision of the change.
     pub seq: u64,
+    /// Nodes with a bucket below this are canaries. Chosen when the scale changed so that
+    /// ⌈percent × selected ÷ 100⌉ of the nodes selected then are in (20 % of 5 nodes is one
+    /// node, not "none by chance"); never lower than the previous cutoff. 0 in old
+    /// records: `percent × 100`.
+    #[serde(default)]
+    pub cutoff: u32,
+}
+
+impl ScaleChange {
+    fn bound(&self) -> u32 {
+        if self.cutoff == 0 {
+            self.percent * 100
+        } else {
+            self.cutoff
+        }
+    }
+}
+
+/// The bucket bound that makes ⌈percent × n ÷ 100⌉ of `buckets` canaries, at least `floor`.
+pub(crate) fn cutoff_for(percent: u32, mut buckets: Vec<u32>, floor: u32) -> u32 {
+    if percent >= 100 {
+        return 10_000;
+    }
+    buckets.sort_unstable();
+    let k = (percent as usize * buckets.len()).div_ceil(100);
+    let bound = match k {
+        0 => 0,
+        k => buckets[k - 1] + 1,
+    };
+    bound.max(floor).max(1)
 }
 
 /// A change of the canary nodes' weight, at a revision (`None`: released to the rules).
@@ -128,6 +158,7 @@ impl Deployment {
             vec![ScaleChange {
                 percent: 100,
                 seq: self.seq,
+                cutoff: 10_000,
             }]
         } else {
             self.scale.clone()
@@ -144,7 +175,7 @@ impl Deployment {
         let bucket = canary_bucket(&self.id, node_id);
         self.scale_history()
             .iter()
-            .find(|s| bucket < s.percent * 100)
+            .find(|s| bucket < s.bound())
             .map(|s| s.seq)
     }
 }
@@ -311,6 +342,23 @@ mod canary_tests {
     use super::*;
 
     #[test]
+    fn a_cutoff_makes_the_share_exact_even_in_tiny_fleets() {
+        let buckets: Vec<u32> = (0..5)
+            .map(|i| canary_bucket("r-1", &format!("gw-{i}")))
+            .collect();
+        for (percent, want) in [(20, 1), (40, 2), (50, 3), (100, 5)] {
+            let cut = cutoff_for(percent, buckets.clone(), 0);
+            assert_eq!(
+                buckets.iter().filter(|b| **b < cut).count(),
+                want,
+                "{percent}%"
+            );
+        }
+        // Never below an earlier cutoff: earlier canaries stay canaries.
+        assert_eq!(cutoff_for(20, buckets.clone(), 9_999), 9_999);
+    }
+
+    #[test]
     fn canaries_are_stable_grow_with_the_scale_and_abort_only_touches_them() {
         let mut d = Deployment {
             id: "r-10".into(),
@@ -329,6 +377,7 @@ mod canary_tests {
             scale: vec![ScaleChange {
                 percent: 20,
                 seq: 11,
+                cutoff: 0,
             }],
             progress_deadline_seconds: 0,
             weight: Vec::new(),
@@ -344,6 +393,7 @@ mod canary_tests {
         d.scale.push(ScaleChange {
             percent: 50,
             seq: 12,
+            cutoff: 0,
         });
         let at50: Vec<&String> = nodes.iter().filter(|n| d.covers(n).is_some()).collect();
         assert!(

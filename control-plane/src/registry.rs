@@ -680,7 +680,11 @@ impl Registry {
                 updated_ms: now,
                 // No steps: everywhere, from this revision on.
                 scale: if steps.is_empty() {
-                    vec![ScaleChange { percent: 100, seq }]
+                    vec![ScaleChange {
+                        percent: 100,
+                        seq,
+                        cutoff: 10_000,
+                    }]
                 } else {
                     Vec::new()
                 },
@@ -833,6 +837,19 @@ impl Registry {
             let _ = self.weights.send(u);
         }
         Ok(deployment)
+    }
+
+    /// The canary bucket bound for `percent` of the nodes `d` selects now.
+    pub(crate) fn canary_cutoff(&self, d: &Deployment, percent: u32) -> u32 {
+        let st = self.state();
+        let buckets = st
+            .nodes
+            .values()
+            .filter(|e| !e.record.revoked && d.selector.matches(&e.record.labels))
+            .map(|e| crate::deploy::canary_bucket(&d.id, &e.record.node_id))
+            .collect();
+        let floor = d.scale.last().map_or(0, |s| s.cutoff);
+        crate::deploy::cutoff_for(percent, buckets, floor)
     }
 
     /// Canary and stable health of deployment `d` since `since_ms` (for analysis).

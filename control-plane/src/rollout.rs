@@ -118,9 +118,14 @@ async fn advance(
     let total = d.steps.len();
     match next(d, p, now_ms()) {
         Next::Scale(percent) => {
+            let cutoff = registry.canary_cutoff(d, percent);
             registry
                 .update_deployment(ENGINE, &d.id, "rollout.step", |d, seq| {
-                    d.scale.push(ScaleChange { percent, seq });
+                    d.scale.push(ScaleChange {
+                        percent,
+                        seq,
+                        cutoff,
+                    });
                     d.message = if (d.current_step as usize) < d.steps.len() {
                         format!(
                             "step {} of {total}: canary scale {percent}%",

@@ -97,7 +97,8 @@ pub(crate) async fn run(
             view.revision
         );
     }
-    let sample = deploy_sample(&mut admin, dir.path(), sample_module).await?;
+    let sample = deploy_sample(&mut admin, dir.path(), sample_module.clone()).await?;
+    let (bad, good) = canary_demo(&mut admin, dir.path(), sample_module).await?;
 
     let events = admin
         .audit
@@ -129,6 +130,9 @@ pub(crate) async fn run(
         let serving = http_get_body(sample).await?;
         if serving != "1.1.0" {
             bail!("demo check failed: the sample module serves {serving:?}, not 1.1.0");
+        }
+        if bad != pb::RolloutState::Aborted as i32 || good != pb::RolloutState::Succeeded as i32 {
+            bail!("demo check failed: the bad canary ended {bad}, the good one {good}");
         }
         println!("\ndemo OK");
     } else {
@@ -390,6 +394,131 @@ async fn deploy_sample(
         full_size as f64 / 1e6
     );
     Ok(listen.parse()?)
+}
+
+/// A canary rollout of a bad worker version (it logs errors: analysis aborts it), then of
+/// a good one that goes all the way. Returns both final states.
+async fn canary_demo(
+    admin: &mut Admin,
+    dir: &Path,
+    sample_module: Option<PathBuf>,
+) -> anyhow::Result<(i32, i32)> {
+    use aviary_proto::manifest::{Manifest, RunSpec};
+    let (exe, base) = match sample_module {
+        Some(path) => (path, Vec::new()),
+        None => (std::env::current_exe()?, vec!["sample-module".to_owned()]),
+    };
+    let signer = aviary_certs::ReleaseSigner::load(&dir.join("pki/release-signing.key"))?;
+    let release = |version: &'static str, extra: &'static [&'static str]| {
+        let mut args = base.clone();
+        args.push("--idle".into());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let file = dir.join(format!("worker-{version}"));
+        let run = RunSpec {
+            args,
+            log_patterns: vec!["ERROR".into()],
+            ..RunSpec::default()
+        };
+        (file, version, run)
+    };
+    let releases = [
+        release("1.0.0", &[]),
+        release("2.0.0", &["--log-errors"]),
+        release("3.0.0", &[]),
+    ];
+    for (file, version, run) in &releases {
+        super::sample::stamp(&exe, version, file)?;
+        let bytes = std::fs::read(file)?;
+        let manifest = Manifest {
+            module: "worker".into(),
+            version: (*version).into(),
+            target: aviary_proto::manifest::host_target().into(),
+            sha256: aviary_proto::digest::Sha256::of(&bytes).hex(),
+            size: bytes.len() as u64,
+            run: Some(run.clone()),
+        };
+        let manifest_bytes = manifest.to_json();
+        let signature = signer.sign(&manifest_bytes);
+        super::release::upload(
+            admin,
+            file,
+            &manifest,
+            manifest_bytes,
+            signature,
+            Vec::new(),
+        )
+        .await?;
+    }
+    println!(
+        "\n▸ released worker 1.0.0, 2.0.0 (logs ERROR lines) and 3.0.0, a module on every node"
+    );
+    let create = |version: &str, steps: Vec<pb::Step>| pb::CreateRolloutRequest {
+        module: "worker".into(),
+        version: version.into(),
+        steps,
+        progress_deadline_seconds: 60,
+        ..Default::default()
+    };
+    let step = |kind| pb::Step { kind: Some(kind) };
+    let canary = || {
+        use pb::step::Kind;
+        vec![
+            step(Kind::SetCanaryScale(pb::SetCanaryScale { percent: 20 })),
+            step(Kind::SetWeight(pb::SetWeight { weight: 10 })),
+            step(Kind::Analysis(pb::Analysis {
+                window_seconds: 3,
+                max_log_matches: 0,
+                min_reports: 2,
+                failure_limit: 1,
+                ..Default::default()
+            })),
+            step(Kind::SetCanaryScale(pb::SetCanaryScale { percent: 100 })),
+        ]
+    };
+    let mut outcomes = Vec::new();
+    for (version, steps, cli) in [
+        ("1.0.0", Vec::new(), String::new()),
+        ("2.0.0", canary(), " --step canary=20 --step weight=10 --step analysis=3s --max-log-matches 0 --step canary=100".into()),
+        ("3.0.0", canary(), " (same steps)".into()),
+    ] {
+        println!("$ aviary rollout create --module worker --version {version}{cli}");
+        let id = admin
+            .rollouts
+            .create_rollout(create(version, steps))
+            .await?
+            .into_inner()
+            .id;
+        let mut stream = admin
+            .rollouts
+            .watch_rollout(pb::RolloutRef { id: id.clone() })
+            .await?
+            .into_inner();
+        let mut last = None;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while let Some(r) = tokio::time::timeout_at(deadline.into(), stream.message())
+            .await
+            .context("rollout took too long")??
+        {
+            if !version.starts_with('1') {
+                let p = r.progress.unwrap_or_default();
+                println!(
+                    "    {} step {}/{}  canaries {}/{}  installed {}  {}",
+                    super::output::state_name(r.state),
+                    (r.current_step as usize + 1).min(r.steps.len()),
+                    r.steps.len(),
+                    p.canaries,
+                    p.selected,
+                    p.installed,
+                    r.message.chars().take(110).collect::<String>()
+                );
+            }
+            last = Some(r);
+        }
+        let r = last.context("no rollout state")?;
+        println!("▸ {} ended {}", r.id, super::output::state_name(r.state));
+        outcomes.push(r.state);
+    }
+    Ok((outcomes[1], outcomes[2]))
 }
 
 /// The body of `GET /` at `addr` (the sample module's version), trimmed.

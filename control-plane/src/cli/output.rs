@@ -278,6 +278,11 @@ pub(crate) fn release(format: Format, r: &pb::Release) {
     }
 }
 
+/// `ROLLOUT_STATE_X` without its prefix.
+pub(crate) fn state_name(state: i32) -> &'static str {
+    rollout_state(state).trim_start_matches("ROLLOUT_STATE_")
+}
+
 fn rollout_state(state: i32) -> &'static str {
     match pb::RolloutState::try_from(state) {
         Ok(pb::RolloutState::Progressing) => "ROLLOUT_STATE_PROGRESSING",

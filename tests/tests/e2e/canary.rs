@@ -59,19 +59,26 @@ fn version_on(edge: &Edge) -> Option<String> {
     st["current"]["version"].as_str().map(str::to_owned)
 }
 
-/// Nodes a rollout's canary scale covers, computed as the control plane does: a stable
-/// bucket from sha256("ROLLOUT\0NODE").
+/// Nodes a rollout's canary scale covers, computed as the control plane does: each node
+/// has a stable bucket from sha256("ROLLOUT\0NODE"), and the ⌈percent × n ÷ 100⌉ nodes with
+/// the smallest buckets are the canaries.
 fn canaries(rollout: &str, nodes: &[String], percent: u32) -> Vec<String> {
-    nodes
+    let mut by_bucket: Vec<(u64, &String)> = nodes
         .iter()
-        .filter(|n| {
+        .map(|n| {
             let d = Sha256::of(format!("{rollout}\0{n}").as_bytes());
             let v = u64::from_be_bytes([
                 d.0[0], d.0[1], d.0[2], d.0[3], d.0[4], d.0[5], d.0[6], d.0[7],
             ]);
-            ((v % 10_000) as u32) < percent * 100
+            (v % 10_000, n)
         })
-        .cloned()
+        .collect();
+    by_bucket.sort();
+    let k = (percent as usize * nodes.len()).div_ceil(100);
+    by_bucket
+        .into_iter()
+        .take(k)
+        .map(|(_, n)| n.clone())
         .collect()
 }
 

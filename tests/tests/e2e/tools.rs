@@ -258,6 +258,10 @@ fn the_quickstart_demo_runs_and_checks_itself() -> anyhow::Result<()> {
         "{stdout}"
     );
     assert!(
+        stdout.contains("ended ABORTED") && stdout.contains("analysis failed"),
+        "the bad canary is aborted by analysis: {stdout}"
+    );
+    assert!(
         stdout.contains("grpcurl -cacert"),
         "the demo prints how to explore it"
     );
