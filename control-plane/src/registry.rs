@@ -123,6 +123,8 @@ pub(crate) struct DeployProgress {
     pub selected: u32,
     /// Of those, the nodes the canary scale covers so far.
     pub canaries: u32,
+    /// Canaries with a live stream (a step waits only for these; the others catch up).
+    pub connected_canaries: u32,
     /// Nodes that acknowledged this deployment's revision.
     pub installed: u32,
     /// Nodes that refused it.
@@ -1225,6 +1227,9 @@ fn progress(st: &State, d: &Deployment) -> DeployProgress {
             continue;
         }
         p.canaries += 1;
+        if entry.session.is_some() {
+            p.connected_canaries += 1;
+        }
         // Only answers to this deployment's desire count for it.
         let wanted = entry
             .modules

@@ -78,7 +78,8 @@ fn next(d: &Deployment, p: DeployProgress, now: u64) -> Next {
     let elapsed_ms = now.saturating_sub(d.step_started_ms);
     let overdue = d.progress_deadline_seconds > 0
         && elapsed_ms > u64::from(d.progress_deadline_seconds) * 1000;
-    let canaries_done = p.installed + p.skipped >= p.canaries;
+    // Offline canaries do not hold a step: they get their version when they come back.
+    let canaries_done = p.installed + p.skipped >= p.connected_canaries;
     match d.steps.get(step) {
         Some(Step::CanaryScale(percent)) if d.percent() < *percent => Next::Scale(*percent),
         Some(Step::CanaryScale(percent)) if canaries_done => Next::Advance(format!(

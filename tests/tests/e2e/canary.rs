@@ -501,3 +501,109 @@ async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() 
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_it(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let mut cp = ControlPlane::start(&ws, &[]).await?;
+    let mut edges = Vec::new();
+    for i in 0..8 {
+        edges.push(Edge::start(&ws, &cp, &format!("gw-{i:02}"), &[], &["--arch", "x86_64"]).await?);
+    }
+    upload_worker(&ws, &cp, "1.0.0", "\"--idle\"")?;
+    upload_worker(&ws, &cp, "2.0.0", "\"--idle\"")?;
+    let first: serde_json::Value = serde_json::from_str(&aviary(
+        &ws,
+        &cp,
+        &[
+            "-o",
+            "json",
+            "rollout",
+            "create",
+            "--module",
+            "worker",
+            "--version",
+            "1.0.0",
+        ],
+    )?)?;
+    settle(&ws, &cp, first["rollouts"][0]["id"].as_str().context("id")?).await?;
+
+    // Two nodes go offline before the rollout.
+    edges[6].kill9().await?;
+    edges[7].kill9().await?;
+    let created: serde_json::Value = serde_json::from_str(&aviary(
+        &ws,
+        &cp,
+        &[
+            "-o",
+            "json",
+            "rollout",
+            "create",
+            "--module",
+            "worker",
+            "--version",
+            "2.0.0",
+            "--step",
+            "canary=50",
+            "--step",
+            "analysis=3s",
+            "--min-reports",
+            "2",
+            "--max-log-matches",
+            "0",
+            "--step",
+            "canary=100",
+        ],
+    )?)?;
+    let id = created["rollouts"][0]["id"]
+        .as_str()
+        .context("id")?
+        .to_owned();
+    // Kill the control plane in the middle of the analysis window.
+    eventually(Duration::from_secs(30), "the analysis step", || async {
+        let r = rollout(&ws, &cp, &id).await?;
+        Ok((r.current_step == 1).then_some(()))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cp.kill9().await?;
+    cp.restart().await?;
+    // A new node joins and the offline ones come back mid-rollout.
+    edges.push(Edge::start(&ws, &cp, "gw-08", &[], &["--arch", "x86_64"]).await?);
+    edges[6].restart().await?;
+    edges[7].restart().await?;
+
+    let r = settle(&ws, &cp, &id).await?;
+    assert_eq!(r.state, pb::RolloutState::Succeeded as i32, "{r:?}");
+    for e in &edges {
+        eventually(
+            Duration::from_secs(30),
+            &format!("{} on 2.0.0", e.node_id),
+            || async { Ok((worker_version(e).as_deref() == Some("2.0.0")).then_some(())) },
+        )
+        .await?;
+    }
+    // One judgement of the analysis step, and it passed: no step repeated or skipped.
+    let mut admin = ws.admin(&cp).await?;
+    let events = admin
+        .audit
+        .list_events(pb::ListEventsRequest {
+            filter: Some(pb::EventFilter {
+                action: "rollout.analysis".into(),
+                ..Default::default()
+            }),
+            after_seq: 0,
+            limit: 0,
+        })
+        .await?
+        .into_inner()
+        .events;
+    let judged: Vec<_> = events
+        .iter()
+        .filter(|e| e.target == format!("rollout/{id}"))
+        .collect();
+    assert_eq!(judged.len(), 1, "{judged:?}");
+    assert!(judged[0].detail.contains("analysis passed"), "{judged:?}");
+    Ok(())
+}
