@@ -9,6 +9,8 @@ pub mod sample;
 
 use std::path::PathBuf;
 
+use std::io::IsTerminal;
+
 use anyhow::Context;
 use aviary_proto::v1 as pb;
 use clap::{Parser, Subcommand, ValueEnum};
@@ -403,8 +405,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .watch_rollout(pb::RolloutRef { id })
                         .await?
                         .into_inner();
+                    // On a terminal the line redraws in place; piped, a line per change.
+                    let live = format == Format::Table && std::io::stdout().is_terminal();
+                    let mut state = None;
                     while let Some(r) = stream.message().await? {
-                        output::rollout_line(format, &r);
+                        if live && state.is_some_and(|s| s != r.state) {
+                            println!();
+                        }
+                        state = Some(r.state);
+                        output::rollout_line(format, &r, live);
+                    }
+                    if live {
+                        println!();
                     }
                 }
             }

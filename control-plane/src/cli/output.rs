@@ -353,8 +353,9 @@ pub(crate) fn rollouts(format: Format, rollouts: &[pb::Rollout]) {
     }
 }
 
-/// One line per rollout change (`aviary rollout watch`), JSON lines for scripts.
-pub(crate) fn rollout_line(format: Format, r: &pb::Rollout) {
+/// One line per rollout change (`aviary rollout watch`), JSON lines for scripts; `live`
+/// redraws the line in place (a terminal).
+pub(crate) fn rollout_line(format: Format, r: &pb::Rollout, live: bool) {
     let p = r.progress.unwrap_or_default();
     match format {
         Format::Json => println!(
@@ -366,6 +367,21 @@ pub(crate) fn rollout_line(format: Format, r: &pb::Rollout) {
                              "installed": p.installed, "failed": p.failed},
             })
         ),
+        Format::Table if live => {
+            use std::io::Write;
+            print!(
+                "\r\x1b[2K{} step {}/{} canaries {}/{} installed {} failed {}  {}",
+                rollout_state(r.state).trim_start_matches("ROLLOUT_STATE_"),
+                (r.current_step as usize + 1).min(r.steps.len().max(1)),
+                r.steps.len(),
+                p.canaries,
+                p.selected,
+                p.installed,
+                p.failed,
+                r.message.chars().take(80).collect::<String>()
+            );
+            let _ = std::io::stdout().flush();
+        }
         Format::Table => println!(
             "{} {} step {}/{} canaries {}/{} installed {} failed {}  {}",
             time(&r.updated_at),

@@ -251,6 +251,14 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
 
     // Promote: 50 %, a timed pause, then everyone.
     aviary(&ws, &cp, &["rollout", "promote", &id])?;
+    // And a crash in the middle of the 50 % scale step: it resumes and finishes.
+    eventually(Duration::from_secs(20), "the 50 % step", || async {
+        let r = rollout(&ws, &cp, &id).await?;
+        Ok((r.current_step >= 3).then_some(()))
+    })
+    .await?;
+    cp.kill9().await?;
+    cp.restart().await?;
     let done = eventually(
         Duration::from_secs(30),
         "the rollout to succeed",
