@@ -152,35 +152,41 @@ pub(crate) struct Deployment {
 }
 
 impl Deployment {
-    /// The scale history (records without one were 100 % from the start).
-    pub(crate) fn scale_history(&self) -> Vec<ScaleChange> {
+    /// The scale history (records from before canaries have none: 100 % from the start).
+    fn scale_changes(&self) -> &[ScaleChange] {
+        const ALL: [ScaleChange; 1] = [ScaleChange {
+            percent: 100,
+            seq: 0,
+            cutoff: 10_000,
+        }];
         if self.scale.is_empty() && self.steps.is_empty() {
-            vec![ScaleChange {
-                percent: 100,
-                seq: self.seq,
-                cutoff: 10_000,
-            }]
+            &ALL
         } else {
-            self.scale.clone()
+            &self.scale
         }
     }
 
     /// The current canary scale.
     pub(crate) fn percent(&self) -> u32 {
-        self.scale_history().last().map_or(0, |s| s.percent)
+        self.scale_changes().last().map_or(0, |s| s.percent)
     }
 
     /// The revision at which `node_id` joined the canaries, if it has.
     pub(crate) fn covers(&self, node_id: &str) -> Option<u64> {
-        let bucket = canary_bucket(&self.id, node_id);
-        self.scale_history()
+        let changes = self.scale_changes();
+        let first = changes.first()?;
+        // Everyone from the first change (no steps): no hash needed.
+        let bucket = if first.bound() >= 10_000 {
+            0
+        } else {
+            canary_bucket(&self.id, node_id)
+        };
+        changes
             .iter()
             .find(|s| bucket < s.bound())
-            .map(|s| s.seq)
+            .map(|s| if s.seq == 0 { self.seq } else { s.seq })
     }
-}
 
-impl Deployment {
     /// What this rollout does to node `node_id`'s weights: the revision it contributes and
     /// the weight it imposes on its module, if any.
     pub(crate) fn weight_for(&self, node_id: &str) -> Option<(u64, Option<u32>)> {

@@ -919,6 +919,17 @@ impl Registry {
         }
     }
 
+    /// Progressing rollouts with their node counts (the engine's tick: finished ones are
+    /// not counted).
+    pub(crate) fn progressing(&self) -> Vec<(Deployment, DeployProgress)> {
+        let st = self.state();
+        st.deployments
+            .iter()
+            .filter(|d| d.state == DeployState::Progressing)
+            .map(|d| (d.clone(), progress(&st, d)))
+            .collect()
+    }
+
     /// Deployments (of `module`, or all), oldest first, with their node counts.
     pub(crate) fn deployments(&self, module: Option<&str>) -> Vec<(Deployment, DeployProgress)> {
         let st = self.state();
@@ -998,49 +1009,38 @@ impl Registry {
         st.dirty.insert(node_id.to_owned());
     }
 
-    /// Records a module ACK; completes the deployment when it was the last node.
-    pub(crate) async fn record_module_ack(&self, node_id: &str, module: &str, revision: u64) {
-        let done = {
-            let mut st = self.state();
-            let Some(entry) = st.nodes.get_mut(node_id) else {
-                return;
-            };
-            let p = entry.status.modules.entry(module.to_owned()).or_default();
-            p.acked_revision = p.acked_revision.max(revision);
-            p.transfer = None;
-            st.dirty.insert(node_id.to_owned());
-            completed(&st, module)
+    /// Records a module ACK. (Completion is the rollout engine's tick: counting the fleet
+    /// on every ACK would make a fleet-wide rollout quadratic.)
+    pub(crate) fn record_module_ack(&self, node_id: &str, module: &str, revision: u64) {
+        let mut st = self.state();
+        let Some(entry) = st.nodes.get_mut(node_id) else {
+            return;
         };
-        if let Some(d) = done {
-            self.finish_deployment(d).await;
-        }
+        let p = entry.status.modules.entry(module.to_owned()).or_default();
+        p.acked_revision = p.acked_revision.max(revision);
+        p.transfer = None;
+        st.dirty.insert(node_id.to_owned());
     }
 
     /// Records a module NACK (or a skip), parked until the desired module state changes.
-    pub(crate) async fn record_module_nack(
+    pub(crate) fn record_module_nack(
         &self,
         node_id: &str,
         module: &str,
         revision: u64,
         error: &str,
     ) {
-        let done = {
-            let mut st = self.state();
-            let Some(entry) = st.nodes.get_mut(node_id) else {
-                return;
-            };
-            let p = entry.status.modules.entry(module.to_owned()).or_default();
-            p.nacked = Some(NackRecord {
-                revision,
-                error: error.to_owned(),
-            });
-            p.transfer = None;
-            st.dirty.insert(node_id.to_owned());
-            completed(&st, module)
+        let mut st = self.state();
+        let Some(entry) = st.nodes.get_mut(node_id) else {
+            return;
         };
-        if let Some(d) = done {
-            self.finish_deployment(d).await;
-        }
+        let p = entry.status.modules.entry(module.to_owned()).or_default();
+        p.nacked = Some(NackRecord {
+            revision,
+            error: error.to_owned(),
+        });
+        p.transfer = None;
+        st.dirty.insert(node_id.to_owned());
     }
 
     async fn finish_deployment(&self, mut d: Deployment) {

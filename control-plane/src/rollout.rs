@@ -44,10 +44,7 @@ pub(crate) async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        for (d, p) in registry.deployments(None) {
-            if d.state != DeployState::Progressing {
-                continue;
-            }
+        for (d, p) in registry.progressing() {
             if let Err(e) = advance(&registry, &d, p).await {
                 tracing::warn!(rollout = %d.id, error = %e, "rollout step failed to commit");
             }

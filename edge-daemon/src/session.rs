@@ -253,26 +253,39 @@ async fn handle(
             }
         }
         Some(Kind::Chunk(chunk)) => {
-            let Some(inc) = incoming
-                .as_mut()
-                .filter(|i| i.receiving.record.transfer_id == chunk.transfer_id)
-            else {
+            if incoming
+                .as_ref()
+                .is_none_or(|i| i.receiving.record.transfer_id != chunk.transfer_id)
+            {
                 return Ok(()); // an aborted or superseded transfer
-            };
-            if let Err(e) = inc.receiving.append(chunk.offset, &chunk.data) {
-                let Some(inc) = incoming.take() else {
-                    return Ok(());
-                };
-                let module = inc.checked.manifest.module.clone();
-                inc.receiving.discard();
-                return nack(tx, inc.nonce, inc.revision, &module, &e).await;
             }
-            if !inc.receiving.complete() {
-                return send(tx, progress_of(&inc.receiving)).await;
-            }
-            let Some(inc) = incoming.take() else {
+            let Some(mut inc) = incoming.take() else {
                 return Ok(());
             };
+            // The write (and its fsync every MiB) stays off this single-threaded runtime.
+            let appended = tokio::task::spawn_blocking(move || {
+                let r = inc.receiving.append(chunk.offset, &chunk.data);
+                (inc, r)
+            })
+            .await;
+            let inc = match appended {
+                Ok((inc, Ok(_))) => inc,
+                Ok((inc, Err(e))) => {
+                    let module = inc.checked.manifest.module.clone();
+                    inc.receiving.discard();
+                    return nack(tx, inc.nonce, inc.revision, &module, &e).await;
+                }
+                Err(e) => {
+                    // Reconnecting resumes the transfer from its last checkpoint.
+                    tracing::error!(error = %e, "payload write task failed");
+                    return Err(StreamError::Closed);
+                }
+            };
+            if !inc.receiving.complete() {
+                let progress = progress_of(&inc.receiving);
+                *incoming = Some(inc);
+                return send(tx, progress).await;
+            }
             send(tx, progress_of(&inc.receiving)).await?;
             let (nonce, revision) = (inc.nonce.clone(), inc.revision);
             let module = inc.checked.manifest.module.clone();

@@ -270,6 +270,52 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// `aviary --control-plane URL --certs PKI ARGS...`: its stdout, or its stderr as the
+    /// error.
+    pub fn cli(&self, ws: &Workspace, args: &[&str]) -> anyhow::Result<String> {
+        let out = std::process::Command::new(bin("aviary")?)
+            .args(["--control-plane", &self.url(), "--certs"])
+            .arg(&ws.pki.dir)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("aviary {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `Nodes/GetNode` as the default admin.
+    pub async fn node(&self, ws: &Workspace, id: &str) -> anyhow::Result<aviary_proto::v1::Node> {
+        let mut admin = ws.admin(self).await?;
+        Ok(admin
+            .nodes
+            .get_node(aviary_proto::v1::GetNodeRequest { node_id: id.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Audit events whose action starts with `action`.
+    pub async fn events(
+        &self,
+        ws: &Workspace,
+        action: &str,
+    ) -> anyhow::Result<Vec<aviary_proto::v1::Event>> {
+        let mut admin = ws.admin(self).await?;
+        Ok(admin
+            .audit
+            .list_events(aviary_proto::v1::ListEventsRequest {
+                filter: Some(aviary_proto::v1::EventFilter {
+                    action: action.into(),
+                    ..Default::default()
+                }),
+                after_seq: 0,
+                limit: 0,
+            })
+            .await?
+            .into_inner()
+            .events)
+    }
+
     /// The control plane's log so far (for failure messages).
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

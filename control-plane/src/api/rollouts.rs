@@ -159,6 +159,35 @@ fn view(d: &Deployment, p: DeployProgress) -> pb::Rollout {
     }
 }
 
+impl RolloutsApi {
+    /// An operator's transition of rollout `id`: refused (saying `refused`) unless its
+    /// state is `allowed`; `change` edits the record, persisted with audit event `action`.
+    async fn operate(
+        &self,
+        actor: &str,
+        id: &str,
+        action: &str,
+        allowed: fn(DeployState) -> bool,
+        refused: &str,
+        change: impl FnOnce(&mut Deployment),
+    ) -> Result<Response<pb::Rollout>, Status> {
+        self.registry
+            .update_deployment(actor, id, action, |d, _| {
+                if !allowed(d.state) {
+                    return Err(ControlPlaneError::FailedPrecondition(format!(
+                        "rollout {id} is {:?}: {refused}",
+                        d.state
+                    )));
+                }
+                change(d);
+                Ok(false)
+            })
+            .await?;
+        let (d, p) = self.registry.deployment(id)?;
+        Ok(Response::new(view(&d, p)))
+    }
+}
+
 #[tonic::async_trait]
 impl Rollouts for RolloutsApi {
     async fn create_rollout(
@@ -226,21 +255,19 @@ impl Rollouts for RolloutsApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         let actor = caller(&request)?.to_string();
         let id = request.into_inner().id;
-        self.registry
-            .update_deployment(&actor, &id, "rollout.paused", |d, _| {
-                if d.state != DeployState::Progressing {
-                    return Err(ControlPlaneError::FailedPrecondition(format!(
-                        "rollout {id} is {:?}, only a progressing rollout can be paused",
-                        d.state
-                    )));
-                }
+        let only = |s| s == DeployState::Progressing;
+        self.operate(
+            &actor,
+            &id,
+            "rollout.paused",
+            only,
+            "only a progressing rollout can be paused",
+            |d| {
                 d.state = DeployState::Paused;
                 d.message = format!("paused by {actor} at step {}", d.current_step + 1);
-                Ok(false)
-            })
-            .await?;
-        let (d, p) = self.registry.deployment(&id)?;
-        Ok(Response::new(view(&d, p)))
+            },
+        )
+        .await
     }
 
     async fn resume_rollout(
@@ -249,26 +276,17 @@ impl Rollouts for RolloutsApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         let actor = caller(&request)?.to_string();
         let id = request.into_inner().id;
-        self.registry
-            .update_deployment(&actor, &id, "rollout.resumed", |d, _| {
-                if d.state != DeployState::Paused {
-                    return Err(ControlPlaneError::FailedPrecondition(format!(
-                        "rollout {id} is {:?}, not paused",
-                        d.state
-                    )));
-                }
-                // Resuming an open-ended pause step is what it waits for.
-                if matches!(d.steps.get(d.current_step as usize), Some(Step::Pause(0))) {
-                    d.current_step += 1;
-                }
-                d.state = DeployState::Progressing;
-                d.step_started_ms = crate::audit::now_ms();
-                d.message = format!("resumed by {actor} at step {}", d.current_step + 1);
-                Ok(false)
-            })
-            .await?;
-        let (d, p) = self.registry.deployment(&id)?;
-        Ok(Response::new(view(&d, p)))
+        let only = |s| s == DeployState::Paused;
+        self.operate(&actor, &id, "rollout.resumed", only, "not paused", |d| {
+            // Resuming an open-ended pause step is what it waits for.
+            if matches!(d.steps.get(d.current_step as usize), Some(Step::Pause(0))) {
+                d.current_step += 1;
+            }
+            d.state = DeployState::Progressing;
+            d.step_started_ms = crate::audit::now_ms();
+            d.message = format!("resumed by {actor} at step {}", d.current_step + 1);
+        })
+        .await
     }
 
     async fn promote_rollout(
@@ -277,15 +295,13 @@ impl Rollouts for RolloutsApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         let actor = caller(&request)?.to_string();
         let r = request.into_inner();
-        let id = r.id.clone();
-        self.registry
-            .update_deployment(&actor, &r.id, "rollout.promoted", |d, _| {
-                if !d.state.is_active() {
-                    return Err(ControlPlaneError::FailedPrecondition(format!(
-                        "rollout {id} is {:?}, nothing to promote",
-                        d.state
-                    )));
-                }
+        self.operate(
+            &actor,
+            &r.id,
+            "rollout.promoted",
+            DeployState::is_active,
+            "nothing to promote",
+            |d| {
                 let total = d.steps.len() as u32;
                 d.current_step = if r.full {
                     total
@@ -299,11 +315,9 @@ impl Rollouts for RolloutsApi {
                 } else {
                     format!("promoted by {actor} to step {}", d.current_step + 1)
                 };
-                Ok(false)
-            })
-            .await?;
-        let (d, p) = self.registry.deployment(&r.id)?;
-        Ok(Response::new(view(&d, p)))
+            },
+        )
+        .await
     }
 
     async fn abort_rollout(

@@ -382,15 +382,12 @@ impl Session {
             }
             Ok(Plan::Skip(reason)) => {
                 tracing::info!(module = %planned.module, %reason, "module skipped");
-                self.fleet
-                    .registry
-                    .record_module_nack(
-                        &self.node_id,
-                        &planned.module,
-                        planned.revision,
-                        &format!("{SKIPPED}{reason}"),
-                    )
-                    .await;
+                self.fleet.registry.record_module_nack(
+                    &self.node_id,
+                    &planned.module,
+                    planned.revision,
+                    &format!("{SKIPPED}{reason}"),
+                );
                 self.busy = None;
             }
             Err(reason) => {
@@ -451,8 +448,7 @@ impl Session {
                         tracing::info!(%module, revision = out.revision, "module update acknowledged");
                         self.fleet
                             .registry
-                            .record_module_ack(&self.node_id, &module, out.revision)
-                            .await;
+                            .record_module_ack(&self.node_id, &module, out.revision);
                         self.node
                             .applied_modules
                             .insert(module.clone(), out.revision);
@@ -480,10 +476,12 @@ impl Session {
                     }
                     Resource::Module(module) => {
                         self.modules_parked.insert(module.clone(), out.revision);
-                        self.fleet
-                            .registry
-                            .record_module_nack(&self.node_id, module, out.revision, &error)
-                            .await;
+                        self.fleet.registry.record_module_nack(
+                            &self.node_id,
+                            module,
+                            out.revision,
+                            &error,
+                        );
                         let module = module.clone();
                         self.end_module(&module);
                         format!("node/{}", self.node_id)

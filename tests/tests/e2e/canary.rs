@@ -9,25 +9,12 @@ use aviary_proto::digest::Sha256;
 use aviary_proto::v1 as pb;
 use aviary_tests::{bin, eventually, ControlPlane, Edge, Workspace};
 
-fn aviary(ws: &Workspace, cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
-    let o = Command::new(bin("aviary")?)
-        .args(["--control-plane", &cp.url(), "--certs"])
-        .arg(&ws.pki.dir)
-        .args(args)
-        .output()?;
-    if !o.status.success() {
-        bail!("aviary {args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    Ok(String::from_utf8(o.stdout)?)
-}
-
 fn upload(ws: &Workspace, cp: &ControlPlane, version: &str) -> anyhow::Result<Vec<u8>> {
     let bytes = format!("model weights {version}").into_bytes();
     let file = ws.path(&format!("model-{version}"));
     std::fs::write(&file, &bytes)?;
-    aviary(
+    cp.cli(
         ws,
-        cp,
         &[
             "release",
             "upload",
@@ -128,9 +115,8 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect();
     upload(&ws, &cp, "1.0.0")?;
     upload(&ws, &cp, "2.0.0")?;
-    aviary(
+    cp.cli(
         &ws,
-        &cp,
         &[
             "rollout",
             "create",
@@ -142,14 +128,13 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     )?;
     wait_versions(&edges, |_| "1.0.0").await?;
     eventually(Duration::from_secs(20), "rollout 1 to finish", || async {
-        let list = aviary(&ws, &cp, &["-o", "json", "rollout", "list"])?;
+        let list = cp.cli(&ws, &["-o", "json", "rollout", "list"])?;
         Ok(list.contains("ROLLOUT_STATE_SUCCEEDED").then_some(()))
     })
     .await?;
 
-    aviary(
+    cp.cli(
         &ws,
-        &cp,
         &[
             "nodes",
             "set-weight",
@@ -159,9 +144,8 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
             "100",
         ],
     )?;
-    let created: serde_json::Value = serde_json::from_str(&aviary(
+    let created: serde_json::Value = serde_json::from_str(&cp.cli(
         &ws,
-        &cp,
         &[
             "-o",
             "json",
@@ -218,9 +202,8 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
         let want = if at20.contains(&e.node_id) { 10 } else { 100 };
         e.wait_weight("model", want).await?;
     }
-    let refused = aviary(
+    let refused = cp.cli(
         &ws,
-        &cp,
         &["nodes", "set-weight", "--module", "model", "--weight", "0"],
     );
     assert!(
@@ -250,7 +233,7 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     .await?;
 
     // Promote: 50 %, a timed pause, then everyone.
-    aviary(&ws, &cp, &["rollout", "promote", &id])?;
+    cp.cli(&ws, &["rollout", "promote", &id])?;
     // And a crash in the middle of the 50 % scale step: it resumes and finishes.
     eventually(Duration::from_secs(20), "the 50 % step", || async {
         let r = rollout(&ws, &cp, &id).await?;
@@ -282,20 +265,7 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     );
 
     // The audit log tells the story; watch prints the final state and ends.
-    let mut admin = ws.admin(&cp).await?;
-    let events = admin
-        .audit
-        .list_events(pb::ListEventsRequest {
-            filter: Some(pb::EventFilter {
-                action: "rollout.".into(),
-                ..Default::default()
-            }),
-            after_seq: 0,
-            limit: 0,
-        })
-        .await?
-        .into_inner()
-        .events;
+    let events = cp.events(&ws, "rollout.").await?;
     let actions: Vec<&str> = events
         .iter()
         .filter(|e| e.target == format!("rollout/{id}"))
@@ -310,7 +280,7 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     ] {
         assert!(actions.contains(&a), "{a} missing from {actions:?}");
     }
-    let watched = aviary(&ws, &cp, &["rollout", "watch", &id])?;
+    let watched = cp.cli(&ws, &["rollout", "watch", &id])?;
     assert!(watched.contains("SUCCEEDED"), "{watched}");
     Ok(())
 }
@@ -334,9 +304,8 @@ fn upload_worker(
         &spec,
         format!("args = [{args}]\nlog_patterns = [\"ERROR\"]\nready_timeout = \"5s\"\n"),
     )?;
-    aviary(
+    cp.cli(
         ws,
-        cp,
         &[
             "release",
             "upload",
@@ -399,9 +368,8 @@ async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() 
     upload_worker(&ws, &cp, "1.0.0", "\"--idle\"")?;
     upload_worker(&ws, &cp, "2.0.0", "\"--idle\", \"--log-errors\"")?;
     upload_worker(&ws, &cp, "3.0.0", "\"--idle\"")?;
-    aviary(
+    cp.cli(
         &ws,
-        &cp,
         &[
             "nodes",
             "set-weight",
@@ -411,9 +379,8 @@ async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() 
             "100",
         ],
     )?;
-    let first: serde_json::Value = serde_json::from_str(&aviary(
+    let first: serde_json::Value = serde_json::from_str(&cp.cli(
         &ws,
-        &cp,
         &[
             "-o",
             "json",
@@ -451,7 +418,7 @@ async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() 
             version,
         ];
         args.extend(canary_steps);
-        let v: serde_json::Value = serde_json::from_str(&aviary(&ws, &cp, &args)?)?;
+        let v: serde_json::Value = serde_json::from_str(&cp.cli(&ws, &args)?)?;
         Ok(v["rollouts"][0]["id"].as_str().context("id")?.to_owned())
     };
 
@@ -471,20 +438,7 @@ async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() 
         .await?;
         e.wait_weight("worker", 100).await?;
     }
-    let mut admin = ws.admin(&cp).await?;
-    let events = admin
-        .audit
-        .list_events(pb::ListEventsRequest {
-            filter: Some(pb::EventFilter {
-                action: "rollout.analysis".into(),
-                ..Default::default()
-            }),
-            after_seq: 0,
-            limit: 0,
-        })
-        .await?
-        .into_inner()
-        .events;
+    let events = cp.events(&ws, "rollout.analysis").await?;
     let judged = events
         .iter()
         .find(|e| e.target == format!("rollout/{bad}"))
@@ -521,9 +475,8 @@ async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_
     }
     upload_worker(&ws, &cp, "1.0.0", "\"--idle\"")?;
     upload_worker(&ws, &cp, "2.0.0", "\"--idle\"")?;
-    let first: serde_json::Value = serde_json::from_str(&aviary(
+    let first: serde_json::Value = serde_json::from_str(&cp.cli(
         &ws,
-        &cp,
         &[
             "-o",
             "json",
@@ -540,9 +493,8 @@ async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_
     // Two nodes go offline before the rollout.
     edges[6].kill9().await?;
     edges[7].kill9().await?;
-    let created: serde_json::Value = serde_json::from_str(&aviary(
+    let created: serde_json::Value = serde_json::from_str(&cp.cli(
         &ws,
-        &cp,
         &[
             "-o",
             "json",
@@ -593,20 +545,7 @@ async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_
         .await?;
     }
     // One judgement of the analysis step, and it passed: no step repeated or skipped.
-    let mut admin = ws.admin(&cp).await?;
-    let events = admin
-        .audit
-        .list_events(pb::ListEventsRequest {
-            filter: Some(pb::EventFilter {
-                action: "rollout.analysis".into(),
-                ..Default::default()
-            }),
-            after_seq: 0,
-            limit: 0,
-        })
-        .await?
-        .into_inner()
-        .events;
+    let events = cp.events(&ws, "rollout.analysis").await?;
     let judged: Vec<_> = events
         .iter()
         .filter(|e| e.target == format!("rollout/{id}"))

@@ -87,14 +87,7 @@ async fn transfer_in_flight(
     ws: &Workspace,
     cp: &ControlPlane,
 ) -> anyhow::Result<Option<(u64, u64)>> {
-    let mut admin = ws.admin(cp).await?;
-    let node = admin
-        .nodes
-        .get_node(pb::GetNodeRequest {
-            node_id: "gw-1".into(),
-        })
-        .await?
-        .into_inner();
+    let node = cp.node(ws, "gw-1").await?;
     Ok(node
         .module_rollouts
         .iter()
@@ -204,14 +197,7 @@ async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_
     // 0.24.2, the delta built once and served from cache.
     edges[2].restart().await?;
     eventually(Duration::from_secs(20), "gw-3 to report", || async {
-        let mut admin = ws.admin(&cp).await?;
-        let node = admin
-            .nodes
-            .get_node(pb::GetNodeRequest {
-                node_id: "gw-3".into(),
-            })
-            .await?
-            .into_inner();
+        let node = cp.node(&ws, "gw-3").await?;
         Ok(node
             .module_rollouts
             .iter()
@@ -304,14 +290,7 @@ async fn a_weight_overtakes_a_transfer_and_a_cut_transfer_resumes_where_it_stopp
         Duration::from_secs(30),
         "the transfer to pass 1.5 MiB",
         || async {
-            let mut admin = ws.admin(&cp).await?;
-            let node = admin
-                .nodes
-                .get_node(pb::GetNodeRequest {
-                    node_id: "gw-1".into(),
-                })
-                .await?
-                .into_inner();
+            let node = cp.node(&ws, "gw-1").await?;
             Ok(node
                 .module_rollouts
                 .iter()
@@ -409,14 +388,7 @@ async fn an_edge_refuses_a_release_its_own_keys_did_not_sign_and_it_is_not_resen
 
     wait_installed(&[&good], "1.0.0", &std::fs::read(&artifact)?).await?;
     let node = eventually(Duration::from_secs(20), "gw-2's NACK", || async {
-        let mut admin = ws.admin(&cp).await?;
-        let node = admin
-            .nodes
-            .get_node(pb::GetNodeRequest {
-                node_id: "gw-2".into(),
-            })
-            .await?
-            .into_inner();
+        let node = cp.node(&ws, "gw-2").await?;
         Ok(node
             .module_rollouts
             .iter()
@@ -430,7 +402,13 @@ async fn an_edge_refuses_a_release_its_own_keys_did_not_sign_and_it_is_not_resen
         installed(&strict).is_none(),
         "gw-2 installed code its keys did not sign"
     );
-    let r = state_of(&mut admin, &id).await?;
+    // The rollout engine counts the answers on its next tick.
+    let r = eventually(Duration::from_secs(10), "the rollout to end", || async {
+        let mut admin = ws.admin(&cp).await?;
+        let r = state_of(&mut admin, &id).await?;
+        Ok((r.state != pb::RolloutState::Progressing as i32).then_some(r))
+    })
+    .await?;
     assert_eq!(
         r.progress.map(|p| (p.installed, p.failed)),
         Some((1, 1)),
@@ -443,14 +421,7 @@ async fn an_edge_refuses_a_release_its_own_keys_did_not_sign_and_it_is_not_resen
     let mut strict = strict;
     strict.restart().await?;
     eventually(Duration::from_secs(10), "gw-2 to reconnect", || async {
-        let mut admin = ws.admin(&cp).await?;
-        let node = admin
-            .nodes
-            .get_node(pb::GetNodeRequest {
-                node_id: "gw-2".into(),
-            })
-            .await?
-            .into_inner();
+        let node = cp.node(&ws, "gw-2").await?;
         Ok(node.connected.then_some(()))
     })
     .await?;
@@ -481,13 +452,7 @@ async fn a_node_whose_arch_has_no_artifact_is_skipped_never_sent_a_foreign_binar
     assert_eq!(r.state, pb::RolloutState::Succeeded as i32, "{r:?}");
     assert!(r.message.contains("1 node(s) skipped"), "{r:?}");
     assert!(installed(&arm).is_none(), "gw-arm got a foreign binary");
-    let node = admin
-        .nodes
-        .get_node(pb::GetNodeRequest {
-            node_id: "gw-arm".into(),
-        })
-        .await?
-        .into_inner();
+    let node = cp.node(&ws, "gw-arm").await?;
     assert!(
         node.module_rollouts[0]
             .nack_error

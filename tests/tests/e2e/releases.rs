@@ -2,31 +2,15 @@
 //! behind on the control plane.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use aviary_certs::ReleaseSigner;
 use aviary_proto::digest::Sha256;
 use aviary_proto::manifest::Manifest;
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, Admin, ControlPlane, Workspace};
+use aviary_tests::{eventually, Admin, ControlPlane, Workspace};
 use pb::upload_release_request::Kind;
-
-fn aviary(ws: &Workspace, cp: &ControlPlane, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(bin("aviary")?)
-        .args(["--control-plane", &cp.url(), "--certs"])
-        .arg(&ws.pki.dir)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "aviary {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
-}
 
 fn signing_key(ws: &Workspace) -> PathBuf {
     ws.pki.dir.join("release-signing.key")
@@ -104,9 +88,8 @@ async fn a_signed_upload_with_its_sbom_is_stored_listed_and_survives_kill9() -> 
         b"args = [\"--port\", \"8080\"]\nlisten = \"127.0.0.1:8080\"\n[[probe]]\nhttp = \"http://127.0.0.1:8080/healthz\"\n",
     )?;
     let key = signing_key(&ws);
-    let out = aviary(
+    let out = cp.cli(
         &ws,
-        &cp,
         &[
             "-o",
             "json",
@@ -153,9 +136,8 @@ async fn a_signed_upload_with_its_sbom_is_stored_listed_and_survives_kill9() -> 
 
     // Sign offline, upload elsewhere: a second version via --manifest/--signature.
     let v2 = write(&ws.path("sample-1.0.0b"), b"version two")?;
-    let signed = aviary(
+    let signed = cp.cli(
         &ws,
-        &cp,
         &[
             "release",
             "sign",
@@ -173,9 +155,8 @@ async fn a_signed_upload_with_its_sbom_is_stored_listed_and_survives_kill9() -> 
     )?;
     let paths: Vec<&str> = signed.lines().collect();
     assert_eq!(paths.len(), 2, "{signed}");
-    aviary(
+    cp.cli(
         &ws,
-        &cp,
         &[
             "release",
             "upload",
@@ -192,24 +173,19 @@ async fn a_signed_upload_with_its_sbom_is_stored_listed_and_survives_kill9() -> 
     cp.restart().await?;
     // Newest by SemVer precedence first: 1.0.0 > 1.0.0-rc.1.
     let list: serde_json::Value =
-        serde_json::from_str(&aviary(&ws, &cp, &["-o", "json", "release", "list"])?)?;
+        serde_json::from_str(&cp.cli(&ws, &["-o", "json", "release", "list"])?)?;
     let versions: Vec<&str> = list["releases"]
         .as_array()
         .map(|a| a.iter().filter_map(|r| r["version"].as_str()).collect())
         .unwrap_or_default();
     assert_eq!(versions, ["1.0.0", "1.0.0-rc.1+build.7"]);
-    let table = aviary(
-        &ws,
-        &cp,
-        &["release", "get", "sample", "1.0.0-rc.1+build.7"],
-    )?;
+    let table = cp.cli(&ws, &["release", "get", "sample", "1.0.0-rc.1+build.7"])?;
     assert!(
         table.contains("sbom.spdx.json") && table.contains("service"),
         "{table}"
     );
-    let sbom_back = aviary(
+    let sbom_back = cp.cli(
         &ws,
-        &cp,
         &[
             "release",
             "get",
@@ -221,20 +197,7 @@ async fn a_signed_upload_with_its_sbom_is_stored_listed_and_survives_kill9() -> 
     )?;
     assert_eq!(sbom_back.as_bytes(), std::fs::read(&sbom)?);
 
-    let mut admin = ws.admin(&cp).await?;
-    let events = admin
-        .audit
-        .list_events(pb::ListEventsRequest {
-            filter: Some(pb::EventFilter {
-                action: "release.upload".into(),
-                ..Default::default()
-            }),
-            after_seq: 0,
-            limit: 0,
-        })
-        .await?
-        .into_inner()
-        .events;
+    let events = cp.events(&ws, "release.upload").await?;
     assert_eq!(events.len(), 2);
     assert_eq!(events[0].actor, "admin/admin");
     assert_eq!(events[0].target, "release/sample@1.0.0-rc.1+build.7");
@@ -365,19 +328,7 @@ async fn bad_uploads_are_refused_with_a_clear_status_and_leave_nothing_behind() 
     assert_eq!(blob_files(&cp)?.len(), 1);
 
     // Refusals of signatures are audited.
-    let refused = admin
-        .audit
-        .list_events(pb::ListEventsRequest {
-            filter: Some(pb::EventFilter {
-                action: "release.refused".into(),
-                ..Default::default()
-            }),
-            after_seq: 0,
-            limit: 0,
-        })
-        .await?
-        .into_inner()
-        .events;
+    let refused = cp.events(&ws, "release.refused").await?;
     assert!(refused.len() >= 3, "{refused:?}");
     Ok(())
 }

@@ -202,14 +202,7 @@ async fn a_hot_swap_under_load_refuses_no_connection_and_a_bad_version_rolls_bac
 
     // Health reports reach the control plane every second.
     let health = eventually(Duration::from_secs(10), "a health report of v2", || async {
-        let mut admin = ws.admin(&cp).await?;
-        let node = admin
-            .nodes
-            .get_node(pb::GetNodeRequest {
-                node_id: "gw-1".into(),
-            })
-            .await?
-            .into_inner();
+        let node = cp.node(&ws, "gw-1").await?;
         Ok(node
             .module_rollouts
             .into_iter()
@@ -224,14 +217,7 @@ async fn a_hot_swap_under_load_refuses_no_connection_and_a_bad_version_rolls_bac
     // v3 never becomes ready: the daemon kills it, v2 keeps serving, the node reports it.
     let r3 = deploy(&mut admin, "sample", "3.0.0").await?;
     let node = eventually(Duration::from_secs(30), "gw-1 to refuse v3", || async {
-        let mut admin = ws.admin(&cp).await?;
-        let node = admin
-            .nodes
-            .get_node(pb::GetNodeRequest {
-                node_id: "gw-1".into(),
-            })
-            .await?
-            .into_inner();
+        let node = cp.node(&ws, "gw-1").await?;
         Ok(node
             .module_rollouts
             .iter()
@@ -292,14 +278,7 @@ async fn a_version_that_crashes_at_start_is_replaced_by_the_previous_one() -> an
         Duration::from_secs(30),
         "the crash to be reported",
         || async {
-            let mut admin = ws.admin(&cp).await?;
-            let node = admin
-                .nodes
-                .get_node(pb::GetNodeRequest {
-                    node_id: "gw-1".into(),
-                })
-                .await?
-                .into_inner();
+            let node = cp.node(&ws, "gw-1").await?;
             Ok(node
                 .module_rollouts
                 .into_iter()
