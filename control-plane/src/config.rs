@@ -68,6 +68,14 @@ pub struct Args {
     /// Largest release artifact accepted by `UploadRelease`, in bytes (default 512 MiB).
     #[arg(long)]
     pub max_release_bytes: Option<u64>,
+    /// Memory all delta builds may hold at once, in bytes (default 2 GiB); a pair that
+    /// needs more (≈ 9 × old + 2 × new) is sent in full.
+    #[arg(long)]
+    pub delta_memory_budget: Option<u64>,
+    /// A delta not built within this is replaced by the full payload (default 2m).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration::option")]
+    pub delta_timeout: Option<Duration>,
 }
 
 /// Validated configuration.
@@ -91,6 +99,8 @@ pub struct Config {
     pub fleet: FleetSettings,
     /// Largest release artifact accepted.
     pub max_release_bytes: u64,
+    /// Delta builder limits.
+    pub deltas: crate::deltas::DeltaSettings,
 }
 
 /// A configuration problem, naming the flag or key (exit status 64).
@@ -144,8 +154,21 @@ impl Args {
         if max_release_bytes == 0 {
             return Err(ConfigError("--max-release-bytes must be at least 1".into()));
         }
+        let defaults = crate::deltas::DeltaSettings::default();
+        let deltas = crate::deltas::DeltaSettings {
+            memory_budget: self
+                .delta_memory_budget
+                .or(file.delta_memory_budget)
+                .unwrap_or(defaults.memory_budget),
+            timeout: self
+                .delta_timeout
+                .or(file.delta_timeout)
+                .unwrap_or(defaults.timeout),
+            ..defaults
+        };
         Ok(Config {
             max_release_bytes,
+            deltas,
             listen: required(self.listen.or(file.listen), "listen")?,
             data_dir: required(self.data_dir.or(file.data_dir), "data-dir")?,
             certs: required(self.certs.or(file.certs), "certs")?,
@@ -221,6 +244,26 @@ mod tests {
         let typo =
             Args::try_parse_from(["cp", "--config", file.to_str().unwrap_or_default()])?.resolve();
         assert!(matches!(typo, Err(ConfigError(m)) if m.contains("listne")));
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\ndata-dir = \"/d\"\ncerts = \"/c\"\ndelta-timeout = \"9s\"\n",
+        )?;
+        let from_file =
+            Args::try_parse_from(["cp", "--config", file.to_str().unwrap_or_default()])?
+                .resolve()?;
+        assert_eq!(from_file.deltas.timeout, Duration::from_secs(9));
+        let tuned = Args::try_parse_from([
+            "cp",
+            "--config",
+            file.to_str().unwrap_or_default(),
+            "--delta-memory-budget",
+            "1048576",
+            "--delta-timeout",
+            "5s",
+        ])?
+        .resolve()?;
+        assert_eq!(tuned.deltas.memory_budget, 1 << 20);
+        assert_eq!(tuned.deltas.timeout, Duration::from_secs(5));
         Ok(())
     }
 }

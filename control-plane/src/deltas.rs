@@ -31,7 +31,7 @@ pub(crate) struct Payload {
 
 /// Limits of the delta builder.
 #[derive(Clone, Debug)]
-pub(crate) struct DeltaSettings {
+pub struct DeltaSettings {
     /// Builds running at once.
     pub concurrency: usize,
     /// Bytes all running builds may hold (bsdiff needs ≈ 9 × old + 2 × new).

@@ -11,7 +11,7 @@ mod blobs;
 mod catalog;
 pub mod cli;
 pub mod config;
-mod deltas;
+pub mod deltas;
 mod deploy;
 mod error;
 mod fleet;

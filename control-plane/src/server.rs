@@ -16,7 +16,7 @@ use crate::auth::AuthLayer;
 use crate::blobs::Blobs;
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::deltas::{DeltaSettings, Deltas};
+use crate::deltas::Deltas;
 use crate::error::ControlPlaneError;
 use crate::fleet::{Fleet, FleetService};
 use crate::listener::accept_loop;
@@ -125,7 +125,7 @@ pub async fn run(
     let deltas = Arc::new(Deltas::open(
         catalog.blobs().clone(),
         &config.data_dir.join("payloads"),
-        DeltaSettings::default(),
+        config.deltas.clone(),
     )?);
     let fleet = Fleet::new(
         registry.clone(),
