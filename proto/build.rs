@@ -9,6 +9,7 @@ const FILES: &[&str] = &[
     "aviary/v1/audit.proto",
     "aviary/v1/releases.proto",
     "aviary/v1/rollouts.proto",
+    "aviary/v1/configs.proto",
     "aviary/sensors/v1/sensors.proto",
 ];
 

@@ -15,6 +15,7 @@ pub mod deltas;
 mod deploy;
 mod error;
 mod fleet;
+mod layers;
 mod limits;
 mod listener;
 mod node;

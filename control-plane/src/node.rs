@@ -86,6 +86,18 @@ pub(crate) struct NodeStatus {
     /// Per module: what the node acknowledged, refused, and is receiving.
     #[serde(default)]
     pub modules: BTreeMap<String, ModuleProgress>,
+    /// Per module: the runtime config revision acknowledged or refused.
+    #[serde(default)]
+    pub configs: BTreeMap<String, ConfigProgress>,
+}
+
+/// A node's answers about one module's runtime config.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct ConfigProgress {
+    /// Last config revision acknowledged (applied and running).
+    pub acked_revision: u64,
+    /// Last refusal, parked until the config changes.
+    pub nacked: Option<NackRecord>,
 }
 
 /// A node's answers about one module.

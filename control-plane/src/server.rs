@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::api::{AuditApi, NodesApi, ReleasesApi, RolloutsApi};
+use crate::api::{AuditApi, ConfigsApi, NodesApi, ReleasesApi, RolloutsApi};
 use crate::auth::AuthLayer;
 use crate::blobs::Blobs;
 use crate::catalog::Catalog;
@@ -104,6 +104,8 @@ pub async fn run(
         "aviary.v1.Nodes",
         "aviary.v1.Audit",
         "aviary.v1.Releases",
+        "aviary.v1.Rollouts",
+        "aviary.v1.Configs",
         "",
     ] {
         health
@@ -162,6 +164,10 @@ pub async fn run(
                 catalog.clone(),
             ))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::configs_server::ConfigsServer::new(ConfigsApi::new(registry.clone()))
+                .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
         )
         .add_service(health_service)
         .add_service(reflection_v1alpha)

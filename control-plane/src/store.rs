@@ -1,4 +1,5 @@
-//! Durable metadata: nodes, weight rules, releases, counters and the audit log.
+//! Durable metadata: nodes, weight rules, config layers, releases, rollouts, counters and
+//! the audit log.
 //!
 //! `Store` is the seam for a replicated backend later; `SledStore` is the embedded default.
 //! Invariant: `commit` is atomic across everything it touches and durable when it returns
@@ -10,6 +11,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use crate::audit::{Event, EventFilter, NewEvent};
 use crate::deploy::Deployment;
+use crate::layers::{sort, ConfigLayer};
 use crate::node::{NodeRecord, NodeStatus, WeightRule};
 use crate::release::{release_key, ReleaseRecord};
 
@@ -42,6 +44,8 @@ pub(crate) struct Snapshot {
     pub revision: u64,
     /// Deployments, sorted by `seq`.
     pub deployments: Vec<Deployment>,
+    /// Runtime config layers (tombstones included), in merge order.
+    pub configs: Vec<ConfigLayer>,
 }
 
 /// One atomic change.
@@ -55,6 +59,8 @@ pub(crate) struct Change {
     pub releases: Vec<ReleaseRecord>,
     /// Deployments to insert or replace (by seq).
     pub deployments: Vec<Deployment>,
+    /// Config layers to insert or replace (by key).
+    pub configs: Vec<ConfigLayer>,
     /// New highest revision, if it moved.
     pub revision: Option<u64>,
     /// Audit events to append.
@@ -94,6 +100,7 @@ pub(crate) struct SledStore {
     meta: sled::Tree,
     releases: sled::Tree,
     rollouts: sled::Tree,
+    configs: sled::Tree,
 }
 
 const REVISION: &[u8] = b"revision";
@@ -115,6 +122,7 @@ impl SledStore {
             meta: db.open_tree("meta")?,
             releases: db.open_tree("releases")?,
             rollouts: db.open_tree("rollouts")?,
+            configs: db.open_tree("configs")?,
             db,
         })
     }
@@ -168,6 +176,11 @@ impl Store for SledStore {
             snap.deployments.push(decode(&k, &v)?);
         }
         snap.deployments.sort_by_key(|d| d.seq);
+        for kv in self.configs.iter() {
+            let (k, v) = kv?;
+            snap.configs.push(decode(&k, &v)?);
+        }
+        sort(&mut snap.configs);
         Ok(snap)
     }
 
@@ -189,6 +202,10 @@ impl Store for SledStore {
         for d in &change.deployments {
             deployment_rows.push((d.seq.to_be_bytes(), encode(&d.id, d)?));
         }
+        let mut config_rows = Vec::with_capacity(change.configs.len());
+        for c in &change.configs {
+            config_rows.push((c.key(), encode(&c.key(), c)?));
+        }
         let trees = (
             &self.nodes,
             &self.rules,
@@ -196,42 +213,48 @@ impl Store for SledStore {
             &self.meta,
             &self.releases,
             &self.rollouts,
+            &self.configs,
         );
-        let result = trees.transaction(|(nodes, rules, events, meta, releases, rollouts)| {
-            for (k, v) in &deployment_rows {
-                rollouts.insert(k, v.as_slice())?;
-            }
-            for (k, v) in &node_rows {
-                nodes.insert(k.as_bytes(), v.as_slice())?;
-            }
-            for (k, v) in &release_rows {
-                releases.insert(k.as_slice(), v.as_slice())?;
-            }
-            for (k, v) in &rule_rows {
-                rules.insert(k.as_bytes(), v.as_slice())?;
-            }
-            if let Some(rev) = change.revision {
-                meta.insert(REVISION, &rev.to_be_bytes())?;
-            }
-            let mut stored = Vec::with_capacity(change.events.len());
-            if !change.events.is_empty() {
-                let mut seq = meta
-                    .get(AUDIT_SEQ)?
-                    .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
-                    .map(u64::from_be_bytes)
-                    .unwrap_or(0);
-                for new in &change.events {
-                    seq += 1;
-                    let event = Event::stamp(seq, new.clone());
-                    let row =
-                        serde_json::to_vec(&event).map_err(ConflictableTransactionError::Abort)?;
-                    events.insert(&seq.to_be_bytes(), row)?;
-                    stored.push(event);
+        let result = trees.transaction(
+            |(nodes, rules, events, meta, releases, rollouts, configs)| {
+                for (k, v) in &config_rows {
+                    configs.insert(k.as_bytes(), v.as_slice())?;
                 }
-                meta.insert(AUDIT_SEQ, &seq.to_be_bytes())?;
-            }
-            Ok(stored)
-        });
+                for (k, v) in &deployment_rows {
+                    rollouts.insert(k, v.as_slice())?;
+                }
+                for (k, v) in &node_rows {
+                    nodes.insert(k.as_bytes(), v.as_slice())?;
+                }
+                for (k, v) in &release_rows {
+                    releases.insert(k.as_slice(), v.as_slice())?;
+                }
+                for (k, v) in &rule_rows {
+                    rules.insert(k.as_bytes(), v.as_slice())?;
+                }
+                if let Some(rev) = change.revision {
+                    meta.insert(REVISION, &rev.to_be_bytes())?;
+                }
+                let mut stored = Vec::with_capacity(change.events.len());
+                if !change.events.is_empty() {
+                    let mut seq = meta
+                        .get(AUDIT_SEQ)?
+                        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                        .map(u64::from_be_bytes)
+                        .unwrap_or(0);
+                    for new in &change.events {
+                        seq += 1;
+                        let event = Event::stamp(seq, new.clone());
+                        let row = serde_json::to_vec(&event)
+                            .map_err(ConflictableTransactionError::Abort)?;
+                        events.insert(&seq.to_be_bytes(), row)?;
+                        stored.push(event);
+                    }
+                    meta.insert(AUDIT_SEQ, &seq.to_be_bytes())?;
+                }
+                Ok(stored)
+            },
+        );
         let stored = result.map_err(|e| match e {
             TransactionError::Abort(source) => StoreError::Codec {
                 key: "event".into(),

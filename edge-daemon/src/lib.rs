@@ -10,6 +10,7 @@ pub mod link;
 pub mod local_http;
 pub mod modules;
 pub mod runtime;
+mod runtime_config;
 mod session;
 pub mod weights;
 

@@ -329,6 +329,28 @@ async fn handle(
                 Err(e) => nack(tx, nonce, revision, &module, &e).await,
             }
         }
+        Some(Kind::Config(update)) => {
+            let (module, revision) = (update.module.clone(), update.revision);
+            match crate::runtime_config::apply(local, update).await {
+                Ok(applied) => {
+                    tracing::info!(%module, revision, ?applied, "runtime config applied");
+                    send(tx, pb::edge_message::Kind::Ack(pb::Ack { nonce, revision })).await
+                }
+                Err(error) => {
+                    tracing::warn!(%module, revision, %error, "runtime config refused");
+                    metrics::counter!("aviary_edge_nacks_total").increment(1);
+                    send(
+                        tx,
+                        pb::edge_message::Kind::Nack(pb::Nack {
+                            nonce,
+                            revision,
+                            error,
+                        }),
+                    )
+                    .await
+                }
+            }
+        }
         Some(Kind::AbortTransfer(abort)) => {
             if incoming
                 .as_ref()
@@ -553,6 +575,19 @@ fn module_report(
             }
         }
         Err(e) => tracing::warn!(error = %e, "could not list installed modules"),
+    }
+    match installer.modules().configs() {
+        Ok(configs) => {
+            applied.extend(
+                configs
+                    .into_iter()
+                    .map(|(name, revision)| pb::AppliedRevision {
+                        resource: format!("config/{name}"),
+                        revision,
+                    }),
+            )
+        }
+        Err(e) => tracing::warn!(error = %e, "could not list module configs"),
     }
     let partial = partial_transfers(installer.modules())
         .into_iter()

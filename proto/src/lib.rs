@@ -12,6 +12,7 @@ pub mod codec;
 pub mod delta;
 pub mod digest;
 pub mod manifest;
+pub mod overlay;
 
 /// `aviary.v1`: fleet stream, nodes, audit, releases, rollouts.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

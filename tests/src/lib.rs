@@ -124,6 +124,19 @@ impl Workspace {
     pub async fn admin(&self, cp: &ControlPlane) -> anyhow::Result<Admin> {
         Admin::connect(&cp.url(), &self.pki.dir, "admin").await
     }
+
+    /// The sample module stamped as `version` (a "release" of it), in the workspace.
+    pub fn sample_release(&self, version: &str) -> anyhow::Result<PathBuf> {
+        let out = self.path(&format!("sample-{version}"));
+        let o = std::process::Command::new(bin("aviary-sample-module")?)
+            .args(["--stamp", version])
+            .arg(&out)
+            .output()?;
+        if !o.status.success() {
+            bail!("stamp: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        Ok(out)
+    }
 }
 
 /// Starts `program args`, waits for a stdout line starting with `prefix` and returns the
@@ -282,6 +295,41 @@ impl ControlPlane {
             bail!("aviary {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Signs and uploads `file` as `module` `version` for x86_64 with `run_spec` (TOML)
+    /// through `aviary release upload`.
+    pub fn upload_release(
+        &self,
+        ws: &Workspace,
+        module: &str,
+        version: &str,
+        file: &std::path::Path,
+        run_spec: &str,
+    ) -> anyhow::Result<()> {
+        let spec = ws.path(&format!("{module}-{version}.toml"));
+        std::fs::write(&spec, run_spec)?;
+        let (file, spec) = (file.to_string_lossy(), spec.to_string_lossy());
+        let key = ws.pki.dir.join("release-signing.key");
+        let args = [
+            "release",
+            "upload",
+            "--module",
+            module,
+            "--version",
+            version,
+            "--target",
+            "x86_64",
+            "--file",
+            &file,
+            "--run-spec",
+            &spec,
+            "--sign-key",
+            &key.to_string_lossy(),
+        ];
+        self.cli(ws, &args)
+            .with_context(|| format!("upload {module} {version}"))?;
+        Ok(())
     }
 
     /// `Nodes/GetNode` as the default admin.

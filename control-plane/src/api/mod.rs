@@ -2,11 +2,13 @@
 //! the registry, and converts back; errors map to status codes in `error.rs`.
 
 mod audit;
+mod configs;
 mod nodes;
 mod releases;
 mod rollouts;
 
 pub(crate) use audit::AuditApi;
+pub(crate) use configs::ConfigsApi;
 pub(crate) use nodes::NodesApi;
 pub(crate) use releases::ReleasesApi;
 pub(crate) use rollouts::RolloutsApi;

@@ -18,6 +18,8 @@ pub struct Admin {
     pub releases: pb::releases_client::ReleasesClient<Channel>,
     /// `aviary.v1.Rollouts`.
     pub rollouts: pb::rollouts_client::RolloutsClient<Channel>,
+    /// `aviary.v1.Configs`.
+    pub configs: pb::configs_client::ConfigsClient<Channel>,
 }
 
 impl Admin {
@@ -41,7 +43,8 @@ impl Admin {
             nodes: pb::nodes_client::NodesClient::new(channel.clone()),
             audit: pb::audit_client::AuditClient::new(channel.clone()),
             releases: pb::releases_client::ReleasesClient::new(channel.clone()),
-            rollouts: pb::rollouts_client::RolloutsClient::new(channel),
+            rollouts: pb::rollouts_client::RolloutsClient::new(channel.clone()),
+            configs: pb::configs_client::ConfigsClient::new(channel),
         })
     }
 }

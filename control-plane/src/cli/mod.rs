@@ -1,6 +1,7 @@
 //! The `aviary` command line: an admin client of the control plane, plus `demo`.
 
 mod client;
+mod config;
 mod demo;
 mod output;
 pub mod release;
@@ -104,11 +105,12 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Runtime config layers (issue 4).
+    /// Runtime config layers: base → overlay (label selector) → node, laid over the
+    /// release's run spec without a new release.
     Config {
-        /// Arguments, once implemented.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
+        /// What to do.
+        #[command(subcommand)]
+        command: config::ConfigCommand,
     },
 }
 
@@ -426,8 +428,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             sample::run(args).await;
             Ok(())
         }
-        Command::Config { .. } => {
-            anyhow::bail!("aviary config: runtime config layers arrive with issue 4")
+        Command::Config { command } => {
+            let mut admin = connect(&cli.control_plane, &cli.certs, &cli.admin).await?;
+            config::run(command, format, &mut admin).await
         }
         Command::Nodes { command } => {
             let mut admin = connect(&cli.control_plane, &cli.certs, &cli.admin).await?;

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::Format;
 
 /// Prints rows under a header, columns padded to their widest cell.
-fn table(header: &[&str], rows: &[Vec<String>]) {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -74,6 +74,14 @@ pub(crate) fn node_json(n: &pb::Node) -> Value {
         "nackError": n.nack_error,
         "lastSeen": time(&n.last_seen),
         "revoked": n.revoked,
+        "configs": n.configs.iter().map(|c| json!({
+            "module": c.module,
+            "sources": c.sources.iter().collect::<BTreeMap<_, _>>(),
+            "desiredRevision": c.desired_revision,
+            "ackedRevision": c.acked_revision,
+            "nackedRevision": c.nacked_revision,
+            "nackError": c.nack_error,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -152,6 +160,24 @@ pub(crate) fn node(format: Format, n: &pb::Node) {
                 vec!["daemon".into(), n.daemon_version.clone()],
                 vec!["last seen".into(), time(&n.last_seen)],
             ];
+            let mut rows = rows;
+            for c in &n.configs {
+                let state = if c.nacked_revision > 0 && c.nacked_revision >= c.desired_revision {
+                    format!("refused: {}", c.nack_error)
+                } else if c.acked_revision >= c.desired_revision {
+                    "applied".into()
+                } else {
+                    "pending".into()
+                };
+                rows.push(vec![
+                    format!("config {}", c.module),
+                    format!(
+                        "r{} {state}; layers: {}",
+                        c.desired_revision,
+                        c.layers.join(" → ")
+                    ),
+                ]);
+            }
             table(&["FIELD", "VALUE"], &rows);
         }
     }

@@ -1,7 +1,8 @@
 //! `aviary sample-module` (hidden): the small HTTP service the demo and the tests deploy.
 //! It lives in the `aviary` binary so the demo needs nothing else built.
 //!
-//! * Serves `GET /` (its version) and `GET /healthz` on the socket the edge daemon hands it
+//! * Serves `GET /` (its version), `GET /healthz` and `GET /greeting` (`$SAMPLE_GREETING`,
+//!   for runtime config tests) on the socket the edge daemon hands it
 //!   (`LISTEN_FDS`/`LISTEN_PID`, systemd's convention: fd 3), or on `--port` itself.
 //! * Its version is not compiled in: it is read from a trailer appended to its own
 //!   executable (`AVIARY-SAMPLE-VERSION=x.y.z` at the very end), so two "releases" are the
@@ -92,6 +93,14 @@ async fn handle(stream: tokio::net::TcpStream, version: Arc<String>, ready: bool
     let (status, body) = match path {
         "/healthz" if ready => ("200 OK", "ok\n".to_owned()),
         "/healthz" => ("503 Service Unavailable", "not ready\n".to_owned()),
+        // What its runtime config says (tests read which config runs).
+        "/greeting" => (
+            "200 OK",
+            format!(
+                "{}\n",
+                std::env::var("SAMPLE_GREETING").unwrap_or_else(|_| "hello".into())
+            ),
+        ),
         _ => ("200 OK", format!("{version}\n")),
     };
     let reply = format!(

@@ -1,9 +1,9 @@
 //! One fleet stream, from Hello to its end: the xDS-style send / ACK / NACK state machine.
 //!
 //! * The first message must be a Hello naming the node id of the client certificate.
-//! * Two kinds of resources: the node's weights, and each module it should run. Each is
-//!   sent when it differs from what the Hello says is applied, then on every change. Each
-//!   send carries a fresh stream-local nonce.
+//! * Three kinds of resources: the node's weights, each module it should run, and each
+//!   module's runtime config. Each is sent when it differs from what the Hello says is
+//!   applied, then on every change. Each send carries a fresh stream-local nonce.
 //! * An ACK or NACK counts only if it carries the latest nonce of its resource; others
 //!   are stale and ignored. A NACKed revision is parked: not sent again on this or any
 //!   later stream until the desired state of that resource moves to another revision.
@@ -25,6 +25,7 @@ use super::transfer::{plan, Plan, Transfer};
 use super::Fleet;
 use crate::audit::NewEvent;
 use crate::deploy::DesiredModules;
+use crate::layers::DesiredConfigs;
 use crate::limits::oversized;
 use crate::listener::PeerInfo;
 use crate::node::ModuleRecord;
@@ -37,6 +38,8 @@ use aviary_proto::digest::Sha256;
 const WEIGHTS: &str = "weights";
 /// Prefix of module resources in `Hello.applied` (`module/NAME`).
 const MODULE: &str = "module/";
+/// Prefix of runtime config resources in `Hello.applied` (`config/NAME`).
+const CONFIG: &str = "config/";
 
 type Outbound = mpsc::Sender<Result<ControlFrame, Status>>;
 
@@ -100,9 +103,15 @@ pub(super) async fn open(
         .iter()
         .filter_map(|a| Some((a.resource.strip_prefix(MODULE)?.to_owned(), a.revision)))
         .collect();
+    let applied_configs: BTreeMap<String, u64> = hello
+        .applied
+        .iter()
+        .filter_map(|a| Some((a.resource.strip_prefix(CONFIG)?.to_owned(), a.revision)))
+        .collect();
     let mut info = hello_info(hello)?;
     info.applied_weights = applied;
     info.applied_modules = applied_modules.clone();
+    info.applied_configs = applied_configs.clone();
     let node = NodeView {
         arch: info.arch.clone(),
         installed: info
@@ -112,6 +121,7 @@ pub(super) async fn open(
             .filter_map(|m| Some((m.name.clone(), Sha256::parse_hex(&m.sha256)?)))
             .collect(),
         applied_modules,
+        applied_configs,
     };
     let attachment = fleet.registry.attach(&node_id, info).await?;
 
@@ -171,6 +181,7 @@ fn hello_info(hello: pb::Hello) -> Result<HelloInfo, Status> {
         modules,
         applied_weights: 0,
         applied_modules: BTreeMap::new(),
+        applied_configs: BTreeMap::new(),
     })
 }
 
@@ -181,6 +192,8 @@ struct NodeView {
     installed: BTreeMap<String, Sha256>,
     /// module -> revision the node says it applied.
     applied_modules: BTreeMap<String, u64>,
+    /// module -> config revision the node says it applied.
+    applied_configs: BTreeMap<String, u64>,
 }
 
 /// Which resource a desired-state message is about.
@@ -188,6 +201,7 @@ struct NodeView {
 enum Resource {
     Weights,
     Module(String),
+    Config(String),
 }
 
 /// A desired-state message sent and not yet answered.
@@ -220,6 +234,10 @@ struct Session {
     modules_offered: BTreeMap<String, u64>,
     /// The artifact each sent module update leads to (the next delta's base once ACKed).
     sent_to: BTreeMap<String, Sha256>,
+    /// Per module, the config revision parked after a NACK.
+    configs_parked: BTreeMap<String, u64>,
+    /// Per module, the config revision sent last on this stream.
+    configs_sent: BTreeMap<String, u64>,
     /// At most one module update at a time: being planned, or transferring.
     busy: Option<String>,
     transfer: Option<Transfer>,
@@ -283,6 +301,29 @@ impl Session {
         .await?;
         metrics::counter!("aviary_weight_assignments_sent_total").increment(1);
         self.last_sent = Some(desired.revision);
+        Ok(())
+    }
+
+    /// Sends each module config the node has neither applied, refused nor been sent.
+    async fn offer_configs(&mut self, desired: &DesiredConfigs) -> Result<(), ()> {
+        for (module, c) in desired {
+            let r = Some(c.revision);
+            if r == self.configs_parked.get(module).copied()
+                || r == self.configs_sent.get(module).copied()
+                || r == self.node.applied_configs.get(module).copied()
+            {
+                continue;
+            }
+            self.send_desired(
+                Resource::Config(module.clone()),
+                c.revision,
+                Instant::now(),
+                c.message.clone(),
+            )
+            .await?;
+            metrics::counter!("aviary_config_updates_sent_total").increment(1);
+            self.configs_sent.insert(module.clone(), c.revision);
+        }
         Ok(())
     }
 
@@ -457,6 +498,13 @@ impl Session {
                         }
                         self.end_module(&module);
                     }
+                    Resource::Config(module) => {
+                        tracing::info!(%module, revision = out.revision, "config acknowledged");
+                        self.fleet
+                            .registry
+                            .record_config_ack(&self.node_id, &module, out.revision);
+                        self.node.applied_configs.insert(module, out.revision);
+                    }
                 }
             }
             Some(Kind::Nack(nack)) => {
@@ -486,10 +534,21 @@ impl Session {
                         self.end_module(&module);
                         format!("node/{}", self.node_id)
                     }
+                    Resource::Config(module) => {
+                        self.configs_parked.insert(module.clone(), out.revision);
+                        self.fleet.registry.record_config_nack(
+                            &self.node_id,
+                            module,
+                            out.revision,
+                            &error,
+                        );
+                        format!("node/{}", self.node_id)
+                    }
                 };
                 let what = match &out.resource {
                     Resource::Weights => "weights".to_owned(),
                     Resource::Module(m) => format!("module {m}"),
+                    Resource::Config(m) => format!("config of {m}"),
                 };
                 let event = NewEvent::new(
                     format!("edge/{}", self.node_id),
@@ -559,6 +618,8 @@ async fn run(
         parked,
         mut modules,
         modules_parked,
+        mut configs,
+        configs_parked,
     } = attachment;
     let shutdown = fleet.shutdown.clone();
     let max_age = tokio::time::sleep(jittered(fleet.settings.max_stream_age));
@@ -574,6 +635,8 @@ async fn run(
         last_sent: None,
         node,
         modules_parked,
+        configs_parked,
+        configs_sent: BTreeMap::new(),
         modules_offered: BTreeMap::new(),
         sent_to: BTreeMap::new(),
         busy: None,
@@ -586,6 +649,10 @@ async fn run(
     if !ended {
         let first = modules.borrow_and_update().clone();
         ended = session.offer_modules(&first).await.is_err();
+    }
+    if !ended {
+        let first = configs.borrow_and_update().clone();
+        ended = session.offer_configs(&first).await.is_err();
     }
 
     while !ended {
@@ -618,6 +685,14 @@ async fn run(
                 } else {
                     let current = modules.borrow_and_update().clone();
                     ended = session.offer_modules(&current).await.is_err();
+                }
+            }
+            changed = configs.changed() => {
+                if changed.is_err() {
+                    ended = true;
+                } else {
+                    let current = configs.borrow_and_update().clone();
+                    ended = session.offer_configs(&current).await.is_err();
                 }
             }
             Some(planned) = planned_rx.recv() => {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 pub use install::{Checked, Installer, Outcome, Verdict};
 pub use receive::{partial_transfers, PartialRecord, Receiving};
-pub use slots::{ModuleState, Modules, Slot};
+pub use slots::{AppliedConfig, ModuleState, Modules, Slot};
 
 /// Why a module update was refused. Its text is the NACK reason the control plane shows.
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,8 @@
 //! STATE_DIR/modules/NAME/slots/ID/artifact   the executable or file, complete and fsynced
 //! STATE_DIR/modules/NAME/slots/ID/manifest.json, manifest.sig
 //! STATE_DIR/modules/NAME/tmp/                everything in flight
+//! STATE_DIR/modules/NAME/config.json         {"revision": 9, "overlay": {...}}: the runtime
+//!                                            config layers applied (absent: none)
 //! ```
 //! Invariant: `state.json` only ever names complete slot directories, and it is replaced
 //! atomically (temp, fsync, rename, fsync dir). A `kill -9` or power cut at any instant
@@ -15,6 +17,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use aviary_proto::overlay::RunOverlay;
 
 use super::InstallError;
 
@@ -41,6 +45,15 @@ pub struct ModuleState {
     /// The control plane's module revision that made this state (0: offline bundle).
     #[serde(default)]
     pub revision: u64,
+}
+
+/// The merged runtime config layers a module runs with, as the control plane sent them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedConfig {
+    /// The control plane's config revision.
+    pub revision: u64,
+    /// Laid over the run spec of whatever version is current.
+    pub overlay: RunOverlay,
 }
 
 /// The `modules/` directory of a state dir.
@@ -112,10 +125,58 @@ impl Modules {
 
     /// Switches the module to `state` atomically.
     pub fn write_state(&self, name: &str, state: &ModuleState) -> Result<(), InstallError> {
+        self.write_json(name, "state.json", state)
+    }
+
+    /// The runtime config the module runs with, if the control plane ever sent one.
+    pub fn config(&self, name: &str) -> Result<Option<AppliedConfig>, InstallError> {
+        let path = self.dir(name).join("config.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| InstallError::Corrupt {
+                        path,
+                        reason: e.to_string(),
+                    })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(InstallError::from_io(&path, e)),
+        }
+    }
+
+    /// Records the runtime config the module now runs with, atomically.
+    pub fn write_config(&self, name: &str, config: &AppliedConfig) -> Result<(), InstallError> {
+        std::fs::create_dir_all(self.dir(name)).map_err(io(&self.dir(name)))?;
+        self.write_json(name, "config.json", config)
+    }
+
+    /// Config revisions applied, by module (for the Hello).
+    pub fn configs(&self) -> Result<Vec<(String, u64)>, InstallError> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.root).map_err(io(&self.root))?;
+        for entry in entries {
+            let name = entry.map_err(io(&self.root))?.file_name();
+            let name = name.to_string_lossy();
+            if let Some(c) = self.config(&name)? {
+                out.push((name.into_owned(), c.revision));
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Replaces `modules/NAME/FILE` atomically (temp, fsync, rename, fsync dir).
+    fn write_json<T: Serialize>(
+        &self,
+        name: &str,
+        file: &str,
+        value: &T,
+    ) -> Result<(), InstallError> {
         let dir = self.dir(name);
-        let path = dir.join("state.json");
-        let tmp = dir.join("state.json.tmp");
-        let bytes = serde_json::to_vec_pretty(state).map_err(|e| InstallError::Corrupt {
+        let path = dir.join(file);
+        let tmp = dir.join(format!("{file}.tmp"));
+        let bytes = serde_json::to_vec_pretty(value).map_err(|e| InstallError::Corrupt {
             path: path.clone(),
             reason: e.to_string(),
         })?;
@@ -175,6 +236,7 @@ impl Modules {
             }
         }
         let _ = std::fs::remove_file(self.dir(name).join("state.json.tmp"));
+        let _ = std::fs::remove_file(self.dir(name).join("config.json.tmp"));
         Ok(())
     }
 }

@@ -5,6 +5,10 @@
 //! slot on disk. The caller installs first and activates second; when activation fails
 //! (the new version never becomes ready) the previous process keeps serving and the
 //! caller rolls the slots back, so disk and processes agree again.
+//!
+//! What runs is the slot's signed run spec with the module's applied runtime config
+//! (`config.json`) laid over it; `reconfigure` swaps to a new config the same way a new
+//! version is swapped in, and the caller records the config only once it runs.
 
 pub mod probe;
 mod spawn;
@@ -14,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use aviary_proto::manifest::Manifest;
+use aviary_proto::overlay::RunOverlay;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::modules::Modules;
@@ -41,24 +46,54 @@ impl Runtime {
     /// Makes the processes of `module` match its current slot; `Err` says why the slot's
     /// version could not be made to run (the previous process, if any, still serves).
     pub async fn activate(&self, module: &str) -> Result<(), String> {
+        let overlay = self
+            .modules
+            .config(module)
+            .map_err(|e| e.to_string())?
+            .map(|c| c.overlay)
+            .unwrap_or_default();
+        match self.launch(module, &overlay)? {
+            Some(launch) => self.run(module, launch).await,
+            None => Ok(()),
+        }
+    }
+
+    /// Makes `module` run with runtime config `overlay` (hot swap when the run spec it
+    /// gives differs from what runs). `Err` says why not; the previous process still
+    /// serves. Nothing installed, or a file module: nothing to do until it runs.
+    pub async fn reconfigure(&self, module: &str, overlay: &RunOverlay) -> Result<(), String> {
+        match self.launch(module, overlay)? {
+            Some(launch) => self.run(module, launch).await,
+            None => Ok(()),
+        }
+    }
+
+    /// What to run for `module`'s current slot with `overlay`; `None` when nothing runs.
+    fn launch(&self, module: &str, overlay: &RunOverlay) -> Result<Option<Launch>, String> {
         let state = self.modules.state(module).map_err(|e| e.to_string())?;
         let Some(slot) = state.current else {
-            return Ok(());
+            return Ok(None);
         };
         let dir = self.modules.slot_dir(module, &slot.id);
         let manifest = std::fs::read(dir.join("manifest.json"))
             .map_err(|e| format!("{}: {e}", dir.display()))
             .and_then(|b| Manifest::parse(&b).map_err(|e| e.to_string()))?;
-        let Some(spec) = manifest.run else {
-            return Ok(()); // a file module: installed is all there is to it
+        let Some(signed) = manifest.run else {
+            return Ok(None); // a file module: installed is all there is to it
         };
-        let launch = Launch {
+        let spec = overlay.apply_to(&signed);
+        spec.validate()
+            .map_err(|e| format!("run spec with the runtime config is invalid: {e}"))?;
+        Ok(Some(Launch {
             version: slot.version.clone(),
             slot: slot.id.clone(),
             artifact: dir.join("artifact"),
             dir,
             spec,
-        };
+        }))
+    }
+
+    async fn run(&self, module: &str, launch: Launch) -> Result<(), String> {
         let tx = self.supervisor(module);
         let (reply_tx, reply_rx) = oneshot::channel();
         tx.send(Command::Activate(Box::new(launch), reply_tx))

@@ -3,7 +3,7 @@
 //! ```text
 //!   idle ──activate──► starting ──ready──► running ──exit──► backoff ──► starting
 //!                          │                  │
-//!                    not ready in time    activate(new): hot swap
+//!                    not ready in time    activate(new version or run spec): hot swap
 //!                          ▼
 //!                  killed; the previous process keeps (or goes back to) serving
 //! ```
@@ -336,9 +336,9 @@ async fn activate(
 ) -> Result<(), String> {
     if current
         .as_ref()
-        .is_some_and(|p| p.launch.slot == launch.slot)
+        .is_some_and(|p| p.launch.slot == launch.slot && p.launch.spec == launch.spec)
     {
-        return Ok(()); // already running that slot
+        return Ok(()); // already running that slot with that run spec
     }
     // The daemon owns the socket across versions; a new address means a new socket.
     if let Some(addr) = &launch.spec.listen {

@@ -4,6 +4,7 @@
 mod auth;
 mod bundles;
 mod canary;
+mod configs;
 mod deploy;
 mod durability;
 mod lifecycle;

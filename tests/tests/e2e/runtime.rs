@@ -2,7 +2,6 @@
 //! load, and local rollback of a version that never becomes ready or crashes at start.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,55 +11,6 @@ use anyhow::{bail, Context};
 use aviary_proto::v1 as pb;
 use aviary_tests::{bin, eventually, free_port, Admin, ControlPlane, Edge, Workspace};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The sample module stamped as `version`.
-fn stamped(ws: &Workspace, version: &str) -> anyhow::Result<PathBuf> {
-    let out = ws.path(&format!("sample-{version}"));
-    let o = Command::new(bin("aviary-sample-module")?)
-        .args(["--stamp", version])
-        .arg(&out)
-        .output()?;
-    if !o.status.success() {
-        bail!("stamp: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    Ok(out)
-}
-
-fn upload(
-    ws: &Workspace,
-    cp: &ControlPlane,
-    module: &str,
-    version: &str,
-    file: &Path,
-    run_spec: &str,
-) -> anyhow::Result<()> {
-    let spec = ws.path(&format!("{module}-{version}.toml"));
-    std::fs::write(&spec, run_spec)?;
-    let o = Command::new(bin("aviary")?)
-        .args(["--control-plane", &cp.url(), "--certs"])
-        .arg(&ws.pki.dir)
-        .args([
-            "release",
-            "upload",
-            "--module",
-            module,
-            "--version",
-            version,
-            "--target",
-            "x86_64",
-            "--file",
-        ])
-        .arg(file)
-        .arg("--run-spec")
-        .arg(&spec)
-        .arg("--sign-key")
-        .arg(ws.pki.dir.join("release-signing.key"))
-        .output()?;
-    if !o.status.success() {
-        bail!("upload {version}: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    Ok(())
-}
 
 async fn deploy(admin: &mut Admin, module: &str, version: &str) -> anyhow::Result<String> {
     Ok(admin
@@ -127,15 +77,14 @@ async fn a_hot_swap_under_load_refuses_no_connection_and_a_bad_version_rolls_bac
     let port = free_port()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let (v1, v2, v3) = (
-        stamped(&ws, "1.0.0")?,
-        stamped(&ws, "2.0.0")?,
-        stamped(&ws, "3.0.0")?,
+        ws.sample_release("1.0.0")?,
+        ws.sample_release("2.0.0")?,
+        ws.sample_release("3.0.0")?,
     );
-    upload(&ws, &cp, "sample", "1.0.0", &v1, &spec(port, ""))?;
-    upload(&ws, &cp, "sample", "2.0.0", &v2, &spec(port, ""))?;
-    upload(
+    cp.upload_release(&ws, "sample", "1.0.0", &v1, &spec(port, ""))?;
+    cp.upload_release(&ws, "sample", "2.0.0", &v2, &spec(port, ""))?;
+    cp.upload_release(
         &ws,
-        &cp,
         "sample",
         "3.0.0",
         &v3,
@@ -255,11 +204,10 @@ async fn a_version_that_crashes_at_start_is_replaced_by_the_previous_one() -> an
             "args = [\"--port\", \"{port}\"{extra}]\nready_timeout = \"5s\"\n[[probe]]\ntcp = \"127.0.0.1:{port}\"\n"
         )
     };
-    let (v1, v2) = (stamped(&ws, "1.0.0")?, stamped(&ws, "2.0.0")?);
-    upload(&ws, &cp, "plain", "1.0.0", &v1, &own_port(""))?;
-    upload(
+    let (v1, v2) = (ws.sample_release("1.0.0")?, ws.sample_release("2.0.0")?);
+    cp.upload_release(&ws, "plain", "1.0.0", &v1, &own_port(""))?;
+    cp.upload_release(
         &ws,
-        &cp,
         "plain",
         "2.0.0",
         &v2,
@@ -349,7 +297,7 @@ async fn kill9_of_the_daemon_during_installs_and_swaps_always_leaves_old_or_new(
     let rounds = 6;
     for i in 0..=rounds {
         let v = format!("1.0.{i}");
-        upload(&ws, &cp, "sample", &v, &stamped(&ws, &v)?, &spec(port, ""))?;
+        cp.upload_release(&ws, "sample", &v, &ws.sample_release(&v)?, &spec(port, ""))?;
     }
     let mut admin = ws.admin(&cp).await?;
     let r = deploy(&mut admin, "sample", "1.0.0").await?;
@@ -411,7 +359,7 @@ async fn a_bundle_applied_beside_a_running_daemon_is_picked_up_without_a_control
     let spec_file = ws.path("run.toml");
     std::fs::write(&spec_file, spec(port, ""))?;
     for version in ["1.0.0", "2.0.0"] {
-        let file = stamped(&ws, version)?;
+        let file = ws.sample_release(version)?;
         let bundle = ws.path(&format!("sample-{version}.bundle"));
         let o = Command::new(bin("aviary")?)
             .args([

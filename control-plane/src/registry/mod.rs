@@ -25,12 +25,16 @@ use crate::deploy::{
     desired_modules, DeployState, Deployment, DesiredModules, ScaleChange, Step, WeightChange,
 };
 use crate::error::ControlPlaneError;
+use crate::layers::{desired_configs, ConfigLayer, DesiredConfigs, Encoded};
 use crate::node::{
     desired, DesiredWeights, HealthRecord, ModuleRecord, NackRecord, NodeRecord, NodeStatus,
     TransferProgress, WeightRule, MAX_WEIGHT,
 };
 use crate::selector::Selector;
 use crate::store::{Change, Store};
+
+mod configs;
+use configs::node_config;
 
 /// A node's desired weights, ready to send.
 #[derive(Debug)]
@@ -82,6 +86,8 @@ pub(crate) struct HelloInfo {
     /// Module revisions the node says it has applied (its state dir is the truth: an ACK
     /// whose status flush a crash lost is recovered from here).
     pub applied_modules: BTreeMap<String, u64>,
+    /// Config revisions the node says it has applied, per module.
+    pub applied_configs: BTreeMap<String, u64>,
 }
 
 /// A session's link to the registry, returned by `attach`.
@@ -99,6 +105,10 @@ pub(crate) struct Attachment {
     pub modules: watch::Receiver<Arc<DesiredModules>>,
     /// Per module, the revision the node NACKed last (parked likewise).
     pub modules_parked: BTreeMap<String, u64>,
+    /// The node's merged runtime configs; change with the config layers.
+    pub configs: watch::Receiver<Arc<DesiredConfigs>>,
+    /// Per module, the config revision the node NACKed last (parked likewise).
+    pub configs_parked: BTreeMap<String, u64>,
 }
 
 /// What `create_deployment` is asked for.
@@ -146,6 +156,8 @@ struct Entry {
     desired: watch::Sender<Arc<Desired>>,
     /// `deploy::desired_modules(deployments, labels)`, kept current likewise.
     modules: watch::Sender<Arc<DesiredModules>>,
+    /// `layers::desired_configs(configs, record)`, kept current likewise.
+    configs: watch::Sender<Arc<DesiredConfigs>>,
     /// Recent health reports per module (memory only), for rollout analysis.
     history: HashMap<String, std::collections::VecDeque<HealthRecord>>,
     session: Option<Session>,
@@ -161,6 +173,8 @@ struct State {
     nodes: HashMap<String, Entry>,
     rules: Vec<WeightRule>,
     deployments: Vec<Deployment>,
+    /// Config layers in merge order (tombstones included).
+    configs: Vec<ConfigLayer>,
     revision: u64,
     dirty: HashSet<String>,
 }
@@ -189,6 +203,7 @@ impl Registry {
         let now = Instant::now();
         let mut statuses: HashMap<String, NodeStatus> = snap.statuses.into_iter().collect();
         let mut shared = HashMap::new();
+        let mut encoded = Encoded::default();
         let nodes = snap
             .nodes
             .into_iter()
@@ -200,11 +215,13 @@ impl Registry {
                     .clone();
                 let status = statuses.remove(&record.node_id).unwrap_or_default();
                 let modules = desired_modules(&snap.deployments, &record.node_id, &record.labels);
+                let configs = desired_configs(&snap.configs, &record, &mut encoded);
                 let entry = Entry {
                     status,
                     current,
                     desired: watch::Sender::new(message),
                     modules: watch::Sender::new(Arc::new(modules)),
+                    configs: watch::Sender::new(Arc::new(configs)),
                     history: HashMap::new(),
                     session: None,
                     record,
@@ -218,6 +235,7 @@ impl Registry {
                 nodes,
                 rules: snap.rules,
                 deployments: snap.deployments,
+                configs: snap.configs,
                 revision: snap.revision,
                 dirty: HashSet::new(),
             }),
@@ -280,6 +298,7 @@ impl Registry {
         let _writer = self.writer.lock().await;
         let applied_modules = hello.applied_modules.clone();
         let applied_weights = hello.applied_weights;
+        let applied_configs = hello.applied_configs.clone();
         let (record, is_new, new_revision) = {
             let st = self.state();
             let existing = st.nodes.get(node_id);
@@ -348,6 +367,7 @@ impl Registry {
         let ttl = self.ttl_seconds;
         let rules = std::mem::take(&mut st.rules);
         let deployments = std::mem::take(&mut st.deployments);
+        let config_layers = std::mem::take(&mut st.configs);
         let entry = st.nodes.entry(node_id.to_owned()).or_insert_with(|| Entry {
             record: NodeRecord::default(),
             status: NodeStatus::default(),
@@ -358,6 +378,7 @@ impl Registry {
                 Instant::now(),
             ))),
             modules: watch::Sender::new(Arc::new(DesiredModules::new())),
+            configs: watch::Sender::new(Arc::new(DesiredConfigs::new())),
             history: HashMap::new(),
             session: None,
         });
@@ -375,6 +396,10 @@ impl Registry {
         if **entry.modules.borrow() != modules {
             entry.modules.send_replace(Arc::new(modules));
         }
+        let configs = desired_configs(&config_layers, &entry.record, &mut Encoded::default());
+        if **entry.configs.borrow() != configs {
+            entry.configs.send_replace(Arc::new(configs));
+        }
         if let Some(old) = entry.session.replace(Session {
             id: session_id,
             cut: cut_tx,
@@ -386,6 +411,10 @@ impl Registry {
         entry.status.last_seen_ms = now_ms();
         for (module, revision) in &applied_modules {
             let p = entry.status.modules.entry(module.clone()).or_default();
+            p.acked_revision = p.acked_revision.max(*revision);
+        }
+        for (module, revision) in &applied_configs {
+            let p = entry.status.configs.entry(module.clone()).or_default();
             p.acked_revision = p.acked_revision.max(*revision);
         }
         if applied_weights <= entry.current.revision {
@@ -403,10 +432,18 @@ impl Registry {
                 .iter()
                 .filter_map(|(m, p)| Some((m.clone(), p.nacked.as_ref()?.revision)))
                 .collect(),
+            configs: entry.configs.subscribe(),
+            configs_parked: entry
+                .status
+                .configs
+                .iter()
+                .filter_map(|(m, p)| Some((m.clone(), p.nacked.as_ref()?.revision)))
+                .collect(),
         };
         let update = weights_update(entry);
         st.rules = rules;
         st.deployments = deployments;
+        st.configs = config_layers;
         st.dirty.insert(node_id.to_owned());
         metrics::gauge!("aviary_connected_nodes").increment(1.0);
         drop(st);
@@ -1371,5 +1408,11 @@ fn node_view(entry: &Entry) -> pb::Node {
         last_seen: (entry.status.last_seen_ms > 0).then(|| timestamp(entry.status.last_seen_ms)),
         revoked: r.revoked,
         module_rollouts: module_rollouts(entry),
+        configs: entry
+            .configs
+            .borrow()
+            .iter()
+            .map(|(module, c)| node_config(entry, module, c))
+            .collect(),
     }
 }

@@ -1,0 +1,96 @@
+//! `aviary.v1.Configs`: runtime config layers of modules.
+
+use std::sync::Arc;
+
+use aviary_proto::overlay::RunOverlay;
+use aviary_proto::v1 as pb;
+use pb::configs_server::Configs;
+use tonic::{Request, Response, Status};
+
+use super::caller;
+use crate::layers::Scope;
+use crate::registry::Registry;
+
+/// Implements `aviary.v1.Configs`.
+pub(crate) struct ConfigsApi {
+    registry: Arc<Registry>,
+}
+
+impl ConfigsApi {
+    /// Serves the config layers of `registry`.
+    pub(crate) fn new(registry: Arc<Registry>) -> ConfigsApi {
+        ConfigsApi { registry }
+    }
+}
+
+fn required<'a>(what: &str, s: &'a str) -> Result<&'a str, Status> {
+    if s.is_empty() {
+        Err(Status::invalid_argument(format!("{what} is required")))
+    } else {
+        Ok(s)
+    }
+}
+
+#[tonic::async_trait]
+impl Configs for ConfigsApi {
+    async fn set_config(
+        &self,
+        req: Request<pb::SetConfigRequest>,
+    ) -> Result<Response<pb::SetConfigResponse>, Status> {
+        let actor = caller(&req)?;
+        let req = req.into_inner();
+        required("module", &req.module)?;
+        let scope = Scope::from_proto(req.scope)?;
+        let overlay = RunOverlay::from_proto(req.overlay.unwrap_or_default())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let done = self
+            .registry
+            .change_config(&actor, &req.module, scope, Some(overlay))
+            .await?;
+        Ok(Response::new(pb::SetConfigResponse {
+            node_ids: done.node_ids,
+            version: done.version,
+            event_seq: done.event_seq,
+        }))
+    }
+
+    async fn delete_config(
+        &self,
+        req: Request<pb::DeleteConfigRequest>,
+    ) -> Result<Response<pb::SetConfigResponse>, Status> {
+        let actor = caller(&req)?;
+        let req = req.into_inner();
+        required("module", &req.module)?;
+        let scope = Scope::from_proto(req.scope)?;
+        let done = self
+            .registry
+            .change_config(&actor, &req.module, scope, None)
+            .await?;
+        Ok(Response::new(pb::SetConfigResponse {
+            node_ids: done.node_ids,
+            version: done.version,
+            event_seq: done.event_seq,
+        }))
+    }
+
+    async fn list_configs(
+        &self,
+        req: Request<pb::ListConfigsRequest>,
+    ) -> Result<Response<pb::ListConfigsResponse>, Status> {
+        let module = &req.get_ref().module;
+        let module = (!module.is_empty()).then_some(module.as_str());
+        Ok(Response::new(pb::ListConfigsResponse {
+            layers: self.registry.config_layers(module),
+        }))
+    }
+
+    async fn get_config(
+        &self,
+        req: Request<pb::GetConfigRequest>,
+    ) -> Result<Response<pb::NodeConfig>, Status> {
+        let req = req.get_ref();
+        let module = required("module", &req.module)?;
+        let node_id = required("node_id", &req.node_id)?;
+        Ok(Response::new(self.registry.node_config(module, node_id)?))
+    }
+}
