@@ -9,16 +9,13 @@
 //! `scripts/test` runs `--smoke` (100 nodes, short windows) to keep it working.
 
 use std::collections::{BTreeMap, HashSet};
-use std::process::Stdio;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use aviary_proto::v1 as pb;
+use aviary_tests::sims::{now_ns, percentile, Event, Sims};
 use aviary_tests::{bin, cpu_time, rss_kib, ControlPlane, Edge, Workspace};
 use clap::Parser;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-use tokio::sync::mpsc;
 
 /// Fleet benchmarks (see the module docs).
 #[derive(Parser, Debug)]
@@ -42,123 +39,6 @@ struct Args {
     /// Extra control-plane flags, e.g. `--cp-arg=--admission-rate=5000`.
     #[arg(long = "cp-arg", allow_hyphen_values = true)]
     cp_args: Vec<String>,
-}
-
-enum Event {
-    Up(usize, u128),
-    Ack(u128),
-    Err(String),
-}
-
-fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0)
-}
-
-struct Sims {
-    children: Vec<Child>,
-    events: mpsc::Receiver<Event>,
-}
-
-impl Sims {
-    async fn start(
-        ws: &Workspace,
-        cp: &ControlPlane,
-        nodes: usize,
-        per_process: usize,
-    ) -> anyhow::Result<Sims> {
-        let (tx, events) = mpsc::channel(65_536);
-        let mut children = Vec::new();
-        let mut first = 0;
-        while first < nodes {
-            let count = per_process.min(nodes - first);
-            let mut child = Command::new(bin("aviary-fleet-sim")?)
-                .args(["--control-plane", &cp.url(), "--certs"])
-                .arg(&ws.pki.dir)
-                .args([
-                    "--nodes",
-                    &count.to_string(),
-                    "--first",
-                    &first.to_string(),
-                    "--label",
-                    "bench=yes",
-                ])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true)
-                .spawn()?;
-            let stdout = child.stdout.take().context("sim stdout")?;
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut lines = BufReader::new(stdout).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let f: Vec<&str> = line.split_whitespace().collect();
-                    let event = match f.as_slice() {
-                        ["up", i, t] => Event::Up(i.parse().unwrap_or(0), t.parse().unwrap_or(0)),
-                        ["ack", _, _, t] => Event::Ack(t.parse().unwrap_or(0)),
-                        ["err", _, code] => Event::Err((*code).to_owned()),
-                        _ => continue,
-                    };
-                    if tx.send(event).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            children.push(child);
-            first += count;
-        }
-        Ok(Sims { children, events })
-    }
-
-    /// Collects events until `done` says so or `timeout`; returns errors seen by code.
-    async fn until(
-        &mut self,
-        timeout: Duration,
-        what: &str,
-        mut on: impl FnMut(&Event) -> bool,
-    ) -> anyhow::Result<BTreeMap<String, usize>> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut errors = BTreeMap::new();
-        loop {
-            let event = match tokio::time::timeout_at(deadline, self.events.recv()).await {
-                Ok(Some(e)) => e,
-                Ok(None) => bail!("simulators exited while waiting for {what}"),
-                Err(_) => bail!("timed out after {timeout:?} waiting for {what}"),
-            };
-            if let Event::Err(code) = &event {
-                *errors.entry(code.clone()).or_default() += 1;
-            }
-            if on(&event) {
-                return Ok(errors);
-            }
-        }
-    }
-
-    /// CPU time of every simulator process so far.
-    fn cpu_time(&self) -> Duration {
-        self.children
-            .iter()
-            .filter_map(|c| c.id())
-            .filter_map(|pid| cpu_time(pid).ok())
-            .sum()
-    }
-
-    async fn stop(mut self) {
-        for child in &mut self.children {
-            let _ = child.kill().await;
-        }
-    }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
 struct FleetFigures {
@@ -187,7 +67,8 @@ async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
     let rss0 = rss_kib(pid)?;
 
     let started = Instant::now();
-    let mut sims = Sims::start(&ws, &cp, nodes, args.per_process).await?;
+    let mut sims =
+        Sims::start(&ws, &cp, nodes, args.per_process, &["--label", "bench=yes"]).await?;
     let mut up = HashSet::new();
     sims.until(Duration::from_secs(300), "every node to connect", |e| {
         if let Event::Up(i, _) = e {
@@ -225,8 +106,8 @@ async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
         Duration::from_secs(120),
         "every node to ACK the new weights",
         |e| {
-            if let Event::Ack(t) = e {
-                latencies.push(t.saturating_sub(t0) as f64 / 1e6);
+            if let Event::Ack { at, .. } = e {
+                latencies.push(at.saturating_sub(t0) as f64 / 1e6);
             }
             latencies.len() == nodes
         },
