@@ -204,17 +204,7 @@ async fn handle(
                 }
                 Err(e) => {
                     tracing::warn!(revision, error = %e, "weights refused");
-                    metrics::counter!("aviary_edge_nacks_total").increment(1);
-                    let error = e.to_string();
-                    send(
-                        tx,
-                        pb::edge_message::Kind::Nack(pb::Nack {
-                            nonce,
-                            revision,
-                            error,
-                        }),
-                    )
-                    .await
+                    refuse(tx, nonce, revision, e.to_string()).await
                 }
             }
         }
@@ -338,16 +328,7 @@ async fn handle(
                 }
                 Err(error) => {
                     tracing::warn!(%module, revision, %error, "runtime config refused");
-                    metrics::counter!("aviary_edge_nacks_total").increment(1);
-                    send(
-                        tx,
-                        pb::edge_message::Kind::Nack(pb::Nack {
-                            nonce,
-                            revision,
-                            error,
-                        }),
-                    )
-                    .await
+                    refuse(tx, nonce, revision, error).await
                 }
             }
         }
@@ -522,6 +503,25 @@ fn progress_of(r: &Receiving) -> pb::edge_message::Kind {
     })
 }
 
+/// NACKs `nonce` at `revision` with `error`.
+async fn refuse(
+    tx: &mpsc::Sender<pb::EdgeMessage>,
+    nonce: String,
+    revision: u64,
+    error: String,
+) -> Result<(), StreamError> {
+    metrics::counter!("aviary_edge_nacks_total").increment(1);
+    send(
+        tx,
+        pb::edge_message::Kind::Nack(pb::Nack {
+            nonce,
+            revision,
+            error,
+        }),
+    )
+    .await
+}
+
 async fn nack(
     tx: &mpsc::Sender<pb::EdgeMessage>,
     nonce: String,
@@ -530,16 +530,7 @@ async fn nack(
     e: &InstallError,
 ) -> Result<(), StreamError> {
     tracing::warn!(module, revision, error = %e, "module update refused");
-    metrics::counter!("aviary_edge_nacks_total").increment(1);
-    send(
-        tx,
-        pb::edge_message::Kind::Nack(pb::Nack {
-            nonce,
-            revision,
-            error: e.to_string(),
-        }),
-    )
-    .await
+    refuse(tx, nonce, revision, e.to_string()).await
 }
 
 /// Installed modules, their applied revisions and partial transfers, for the Hello.
