@@ -139,7 +139,9 @@ impl Sims {
             let event = match tokio::time::timeout_at(deadline, self.events.recv()).await {
                 Ok(Some(e)) => e,
                 Ok(None) => bail!("simulators exited while waiting for {what}"),
-                Err(_) => bail!("timed out after {timeout:?} waiting for {what}"),
+                Err(_) => bail!(
+                    "timed out after {timeout:?} waiting for {what} (stream errors seen: {errors:?})"
+                ),
             };
             if let Event::Err(code) = &event {
                 *errors.entry(code.clone()).or_default() += 1;

@@ -9,7 +9,6 @@
 //!   stream is in flight, a control message (weights, an abort) is never queued behind
 //!   more than one chunk, and an interrupted transfer resumes where the edge stopped.
 
-use std::io::SeekFrom;
 use std::sync::Arc;
 
 use aviary_proto::bundle::Encoding;
@@ -17,7 +16,6 @@ use aviary_proto::digest::Sha256;
 use aviary_proto::v1 as pb;
 use bytes::Bytes;
 use prost::Message;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::codec::ControlFrame;
 use super::Fleet;
@@ -131,7 +129,6 @@ pub(super) struct Transfer {
     pub payload: Payload,
     /// Payload bytes sent on this stream (for `aviary_transfer_bytes_total`).
     pub sent: u64,
-    file: Option<tokio::fs::File>,
 }
 
 impl Transfer {
@@ -150,7 +147,6 @@ impl Transfer {
             version,
             payload,
             sent: 0,
-            file: None,
         }
     }
 
@@ -169,16 +165,18 @@ impl Transfer {
         if offset >= size {
             return Ok(None);
         }
-        if self.file.is_none() {
-            self.file = Some(tokio::fs::File::open(&self.payload.path).await?);
-        }
-        let Some(file) = self.file.as_mut() else {
-            return Ok(None);
-        };
-        file.seek(SeekFrom::Start(offset)).await?;
         let len = CHUNK_BYTES.min(size - offset) as usize;
-        let mut data = vec![0u8; len];
-        file.read_exact(&mut data).await?;
+        // Open, read, close per chunk: holding a descriptor per transfer would put a
+        // fleet-wide rollout (one transfer per connected node) past the open-files limit.
+        let path = self.payload.path.clone();
+        let data = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+            use std::os::unix::fs::FileExt;
+            let mut data = vec![0u8; len];
+            std::fs::File::open(&path)?.read_exact_at(&mut data, offset)?;
+            Ok(data)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
         self.sent += len as u64;
         let body = pb::ControlMessage {
             nonce: String::new(),

@@ -185,7 +185,8 @@ async fn scenario(args: &Args, n: usize) -> anyhow::Result<Figures> {
         }
         count == n
     })
-    .await?;
+    .await
+    .with_context(|| format!("{count} of {n} nodes installed v1"))?;
     let everywhere_ms = ms(t0, last);
     // Let the engine close the rollout (so v2 does not conflict with it).
     tokio::time::sleep(Duration::from_secs(1)).await;
