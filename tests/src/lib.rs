@@ -4,6 +4,7 @@
 
 pub mod proxy;
 pub mod raw;
+pub mod sensors;
 pub mod sims;
 
 use std::future::Future;

@@ -11,5 +11,6 @@ mod lifecycle;
 mod protocol;
 mod releases;
 mod runtime;
+mod sensors;
 mod tools;
 mod weights;
