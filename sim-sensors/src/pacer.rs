@@ -21,6 +21,10 @@ use crate::subscriber::{End, Subscriber};
 
 /// Samples due within this much of now are sent in the same wake-up.
 const SLACK: Duration = Duration::from_micros(20);
+/// Paced streams start on this grid, so streams of one rate share their due times and
+/// one wake-up serves them all (100 subscribers at 1 kHz: 1,000 wake-ups a second, not
+/// 100,000).
+const START_GRID: Duration = Duration::from_millis(1);
 /// How often full queues are checked for hung clients.
 const HUNG_CHECK: Duration = Duration::from_millis(100);
 
@@ -48,6 +52,7 @@ struct Shared {
 
 /// Handle to the pacer thread; dropping it stops the thread.
 pub struct Pacer {
+    epoch: Instant,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -66,6 +71,7 @@ impl Pacer {
                 move || run(&shared, &hub)
             })?;
         Ok(Pacer {
+            epoch: Instant::now(),
             shared,
             thread: Some(thread),
         })
@@ -81,7 +87,7 @@ impl Pacer {
             first_ns: tick.sensor_ns,
             stream,
             sub,
-            start: Instant::now(),
+            start: self.next_grid_point(),
             speed,
             tick,
         };
@@ -93,6 +99,16 @@ impl Pacer {
         if let Some(t) = &self.thread {
             t.thread().unpark();
         }
+    }
+}
+
+impl Pacer {
+    /// The first point of [`START_GRID`] from now on.
+    fn next_grid_point(&self) -> Instant {
+        let grid = START_GRID.as_nanos();
+        let since = Instant::now().duration_since(self.epoch).as_nanos();
+        let steps = since.div_ceil(grid);
+        self.epoch + Duration::from_nanos(u64::try_from(steps * grid).unwrap_or(u64::MAX))
     }
 }
 

@@ -97,7 +97,21 @@ pub(crate) async fn run(
             view.revision
         );
     }
-    let sample = deploy_sample(&mut admin, dir.path(), sample_module.clone()).await?;
+    let imu = start_sensor_stub(shutdown.clone()).await?;
+    println!("▸ sensor stub on http://{imu} (synthetic IMU, 100 Hz, seed 7)");
+    let sample = deploy_sample(&mut admin, dir.path(), sample_module.clone(), imu).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let reading = loop {
+        let r = http_get_path(sample, "/imu").await?;
+        if r.starts_with("samples ") {
+            break r;
+        }
+        if Instant::now() > deadline {
+            bail!("the sample module read nothing from the sensor stub: {r}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("▸ the sample module reads the stub: GET http://{sample}/imu → {reading}");
     let (bad, good) = canary_demo(&mut admin, dir.path(), sample_module).await?;
 
     let events = admin
@@ -118,6 +132,7 @@ pub(crate) async fn run(
     println!("  grpcurl -cacert {p}/ca.pem -cert {p}/admin.pem -key {p}/admin.key {addr} list");
     println!("  grpcurl -cacert {p}/ca.pem -cert {p}/admin.pem -key {p}/admin.key {addr} aviary.v1.Nodes/ListNodes");
     println!("  aviary --control-plane {url} --certs {p} nodes list");
+    println!("  grpcurl -plaintext -d '{{}}' {imu} aviary.sensors.v1.SensorStub/StreamImu");
 
     if exit_when_done {
         // The demo checks itself: every node must have ended on its expected weight.
@@ -143,6 +158,30 @@ pub(crate) async fn run(
     // Give the daemons a moment to close their streams before the temp dir goes.
     tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(())
+}
+
+/// The sensor stub the sample module reads, in this process (synthetic, 100 Hz).
+async fn start_sensor_stub(shutdown: CancellationToken) -> anyhow::Result<SocketAddr> {
+    use clap::Parser;
+    let config = aviary_sensors::Args::try_parse_from([
+        "aviary-sensors",
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        "synthetic",
+        "--rate-hz",
+        "100",
+        "--seed",
+        "7",
+    ])?
+    .resolve()?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Err(e) = aviary_sensors::run(config, shutdown, Some(tx)).await {
+            eprintln!("sensor stub: {e}");
+        }
+    });
+    Ok(rx.await?)
 }
 
 async fn start_control_plane(
@@ -273,6 +312,7 @@ async fn deploy_sample(
     admin: &mut Admin,
     dir: &Path,
     sample_module: Option<PathBuf>,
+    imu: SocketAddr,
 ) -> anyhow::Result<SocketAddr> {
     use aviary_proto::manifest::{Manifest, ProbeSpec, RunSpec};
     let (exe, args) = match sample_module {
@@ -285,6 +325,7 @@ async fn deploy_sample(
     let listen = format!("127.0.0.1:{port}");
     let run = RunSpec {
         args,
+        env: [("SAMPLE_IMU".to_owned(), format!("http://{imu}"))].into(),
         listen: Some(listen.clone()),
         notify: Some(true),
         probes: vec![ProbeSpec {
@@ -523,10 +564,17 @@ async fn canary_demo(
 
 /// The body of `GET /` at `addr` (the sample module's version), trimmed.
 async fn http_get_body(addr: SocketAddr) -> anyhow::Result<String> {
+    http_get_path(addr, "/").await
+}
+
+/// The body of `GET path` at `addr`, trimmed.
+async fn http_get_path(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n")
-        .await?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: demo\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
     let mut buf = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await??;
     let text = String::from_utf8_lossy(&buf);

@@ -11,6 +11,9 @@
 //! * Misbehaviour on demand, for rollback tests: `--crash-at-start`, `--never-ready`
 //!   (healthz answers 503), `--log-errors` (prints ERROR lines); `--idle` runs without a
 //!   server (with `--log-errors`, an ERROR line every 200 ms).
+//! * With `$SAMPLE_IMU` set to a sensor stub (`http://HOST:PORT`), it reads the stub's
+//!   default IMU stream as a module under test on a HIL rig would, and `GET /imu` shows
+//!   how many samples arrived and the last one (reconnecting if the stub goes away).
 //! * SIGTERM is graceful: it stops accepting and finishes the requests it accepted, so a
 //!   hot swap through a shared socket loses nothing.
 
@@ -69,7 +72,63 @@ fn fd3() -> TcpListener {
     unsafe { TcpListener::from_raw_fd(3) }
 }
 
-async fn handle(stream: tokio::net::TcpStream, version: Arc<String>, ready: bool) {
+/// What the module has read from the sensor stub.
+#[derive(Default)]
+struct ImuSeen {
+    samples: u64,
+    last: Option<aviary_proto::sensors::v1::ImuSample>,
+}
+
+type SharedImu = Arc<std::sync::Mutex<ImuSeen>>;
+
+/// Reads the stub's default stream into `seen` for as long as the module runs.
+async fn read_imu(url: String, seen: SharedImu) {
+    use aviary_proto::sensors::v1 as sensors;
+    loop {
+        let stream = async {
+            let channel = tonic::transport::Endpoint::from_shared(url.clone())?
+                .connect()
+                .await?;
+            let mut client = sensors::sensor_stub_client::SensorStubClient::new(channel);
+            let mut stream = client
+                .stream_imu(sensors::StreamImuRequest::default())
+                .await?
+                .into_inner();
+            while let Some(sample) = stream.message().await? {
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                seen.samples += 1;
+                seen.last = Some(sample);
+            }
+            anyhow::Ok(())
+        };
+        if let Err(e) = stream.await {
+            eprintln!("sample: sensor stub {url}: {e}; retrying in 1s");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn imu_report(seen: &SharedImu) -> (&'static str, String) {
+    let seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+    match &seen.last {
+        None => (
+            "503 Service Unavailable",
+            "no IMU samples (set SAMPLE_IMU=http://HOST:PORT of aviary-sensors)\n".into(),
+        ),
+        Some(s) => {
+            let (g, a) = (s.gyro.unwrap_or_default(), s.accel.unwrap_or_default());
+            (
+                "200 OK",
+                format!(
+                    "samples {} sensor {} seq {} t_ns {} gyro {:.4} {:.4} {:.4} accel {:.3} {:.3} {:.3}\n",
+                    seen.samples, s.sensor_id, s.seq, s.timestamp_ns, g.x, g.y, g.z, a.x, a.y, a.z
+                ),
+            )
+        }
+    }
+}
+
+async fn handle(stream: tokio::net::TcpStream, version: Arc<String>, ready: bool, imu: SharedImu) {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read);
@@ -93,6 +152,7 @@ async fn handle(stream: tokio::net::TcpStream, version: Arc<String>, ready: bool
     let (status, body) = match path {
         "/healthz" if ready => ("200 OK", "ok\n".to_owned()),
         "/healthz" => ("503 Service Unavailable", "not ready\n".to_owned()),
+        "/imu" => imu_report(&imu),
         // What its runtime config says (tests read which config runs).
         "/greeting" => (
             "200 OK",
@@ -203,6 +263,10 @@ pub async fn run(args: Vec<String>) {
     if ready {
         notify_ready();
     }
+    let imu = SharedImu::default();
+    let imu_reader = std::env::var("SAMPLE_IMU")
+        .ok()
+        .map(|url| tokio::spawn(read_imu(url, imu.clone())));
     let mut inflight = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -212,12 +276,15 @@ pub async fn run(args: Vec<String>) {
                 if log_errors {
                     eprintln!("ERROR sample {version}: something went wrong");
                 }
-                inflight.spawn(handle(stream, version.clone(), ready));
+                inflight.spawn(handle(stream, version.clone(), ready, imu.clone()));
             }
         }
     }
     // Graceful: stop accepting (a successor shares the socket), finish what was accepted.
     drop(listener);
     while inflight.join_next().await.is_some() {}
+    if let Some(reader) = imu_reader {
+        reader.abort();
+    }
     println!("sample {version} stopped");
 }

@@ -539,3 +539,39 @@ async fn sigterm_ends_open_streams_with_unavailable_and_exits_cleanly() -> anyho
     assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
     Ok(())
 }
+
+#[tokio::test]
+async fn with_certs_the_stub_serves_mtls_and_refuses_plaintext() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let pki = ws.pki.dir.to_string_lossy().into_owned();
+    let stub = SensorStub::start(
+        &ws,
+        &["--mode", "synthetic", "--speed", "0", "--certs", &pki],
+    )
+    .await?;
+    let files = aviary_certs::TlsFiles {
+        ca: ws.pki.dir.join("ca.pem"),
+        cert: ws.pki.dir.join("admin.pem"),
+        key: ws.pki.dir.join("admin.key"),
+    };
+    let channel = aviary_edge::link::Link::new(&format!("https://{}", stub.addr), &files)?
+        .connect()
+        .await?;
+    let mut client = pb::sensor_stub_client::SensorStubClient::new(channel);
+    let got = read_samples(&mut client, Default::default(), 5).await?;
+    assert_eq!(got.len(), 5);
+    // A plaintext client never gets a sample.
+    let plain = tokio::time::timeout(Duration::from_secs(5), async {
+        stub.client()
+            .await?
+            .get_status(pb::GetStatusRequest {})
+            .await?;
+        anyhow::Ok(())
+    })
+    .await;
+    assert!(
+        !matches!(plain, Ok(Ok(()))),
+        "plaintext call succeeded against a TLS stub"
+    );
+    Ok(())
+}

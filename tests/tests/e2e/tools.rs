@@ -301,6 +301,11 @@ fn the_quickstart_demo_runs_and_checks_itself() -> anyhow::Result<()> {
         stdout.contains("grpcurl -cacert"),
         "the demo prints how to explore it"
     );
+    assert!(
+        stdout.contains("the sample module reads the stub: GET")
+            && stdout.contains("sensor imu0 seq"),
+        "the sample module reads the sensor stub: {stdout}"
+    );
     Ok(())
 }
 
@@ -635,5 +640,145 @@ async fn grpcurl_drives_a_canary_rollout_and_a_conflicting_one_is_refused() -> a
         call("AbortRollout", &body)?["state"],
         "ROLLOUT_STATE_ABORTED"
     );
+    Ok(())
+}
+
+/// Compiles the sensor stub's proto with grpc_tools into `out`.
+fn python_sensor_stubs(out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out)?;
+    let proto_dir = repo_root().join("proto/proto");
+    run(Command::new("python3")
+        .env("PYTHONPATH", tools_dir().join("py"))
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(&proto_dir)
+        .arg(format!("--python_out={}", out.display()))
+        .arg(format!("--grpc_python_out={}", out.display()))
+        .arg(proto_dir.join("aviary/sensors/v1/sensors.proto")))
+    .context("scripts/test installs grpcio-tools into .tools/py")?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_readme_python_client_reads_a_replayed_recording() -> anyhow::Result<()> {
+    // The README shows this file; keep them the same.
+    let example = std::fs::read_to_string(repo_root().join("tests/python/imu_client.py"))?;
+    let readme = std::fs::read_to_string(repo_root().join("README.md"))?;
+    assert!(
+        readme.contains(example.trim()),
+        "README.md must show tests/python/imu_client.py verbatim"
+    );
+    let ws = Workspace::new()?;
+    let xio3 = aviary_tests::sensors::imu_data("xio3_inertial.csv");
+    let stub = aviary_tests::sensors::SensorStub::start(
+        &ws,
+        &[
+            "--mode",
+            "replay",
+            "--speed",
+            "0",
+            "--file",
+            &xio3.to_string_lossy(),
+        ],
+    )
+    .await?;
+    let out_dir = ws.path("python");
+    python_sensor_stubs(&out_dir)?;
+    let out = run(Command::new("python3")
+        .env("PYTHONPATH", tools_dir().join("py"))
+        .arg(repo_root().join("tests/python/imu_client.py"))
+        .arg(&out_dir)
+        .arg(stub.addr.to_string())
+        .arg("20"))?;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "# replay: xio3_inertial");
+    assert_eq!(lines.len(), 21, "{out}");
+    let second: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(&second[..3], ["xio3_inertial", "1", "20034000"]);
+    // -0.120712 deg/s and 0.997888 g in SI units.
+    let gyro_x: f64 = second[3].parse()?;
+    let accel_z: f64 = second[8].parse()?;
+    assert!(
+        (gyro_x - -0.120712f64.to_radians()).abs() < 1e-12,
+        "{gyro_x}"
+    );
+    assert!((accel_z - 0.997888 * 9.806_65).abs() < 1e-12, "{accel_z}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn grpcurl_lists_the_sensor_stub_and_reads_a_whole_replay() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let ngimu = aviary_tests::sensors::imu_data("ngimu_sensors.csv");
+    let stub = aviary_tests::sensors::SensorStub::start(
+        &ws,
+        &[
+            "--mode",
+            "replay",
+            "--speed",
+            "0",
+            "--file",
+            &ngimu.to_string_lossy(),
+        ],
+    )
+    .await?;
+    let g = grpcurl()?;
+    let addr = stub.addr.to_string();
+    let listed = run(Command::new(&g).args(["-plaintext", &addr, "list"]))?;
+    assert!(listed.contains("aviary.sensors.v1.SensorStub"), "{listed}");
+    assert!(listed.contains("grpc.health.v1.Health"), "{listed}");
+    let out = run(Command::new(&g).args([
+        "-plaintext",
+        "-d",
+        "{}",
+        &addr,
+        "aviary.sensors.v1.SensorStub/StreamImu",
+    ]))?;
+    let samples: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&out)
+        .into_iter::<serde_json::Value>()
+        .collect::<Result<_, _>>()?;
+    // Every row of the recording, then the stream ends (replay at --speed 0, no --loop).
+    assert_eq!(samples.len(), 499);
+    assert_eq!(samples[1]["sensorId"], "ngimu_sensors");
+    assert_eq!(samples[1]["timestampNs"], "20248413");
+    // The last row's `Time (s)`, 9.977550983, in nanoseconds.
+    assert_eq!(samples[498]["timestampNs"], "9977550983");
+    let status = run(Command::new(&g).args([
+        "-plaintext",
+        &addr,
+        "aviary.sensors.v1.SensorStub/GetStatus",
+    ]))?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    assert_eq!(status["mode"], "replay");
+    assert_eq!(status["samplesSent"], "499");
+    Ok(())
+}
+
+#[tokio::test]
+async fn sensor_stub_metrics_pass_promtool() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let stub = aviary_tests::sensors::SensorStub::start(
+        &ws,
+        &["--mode", "synthetic", "--rate-hz", "1000"],
+    )
+    .await?;
+    let got =
+        aviary_tests::sensors::read_samples(&mut stub.client().await?, Default::default(), 50)
+            .await?;
+    assert_eq!(got.len(), 50);
+    let text = eventually(Duration::from_secs(10), "sensor metrics", || async {
+        let text = aviary_tests::http_get(stub.metrics, "/metrics").await?;
+        Ok(text
+            .contains("aviary_sensor_samples_sent_total")
+            .then_some(text))
+    })
+    .await?;
+    for name in [
+        "aviary_sensor_samples_dropped_total",
+        "aviary_sensor_subscribers",
+        "aviary_sensor_stream_lag_seconds{",
+    ] {
+        assert!(text.contains(name), "{name} missing:\n{text}");
+    }
+    promtool_check(&text)?;
     Ok(())
 }
