@@ -149,11 +149,15 @@ async fn pacing(args: &Args) -> anyhow::Result<()> {
                 let mut jitter_us = Vec::new();
                 let mut lost = 0u64;
                 let mut last: Option<(Instant, u64)> = None;
+                let mut first: Option<(Instant, u64)> = None;
                 while let Some(s) = stream.message().await? {
                     let now = Instant::now();
                     let since = now.duration_since(begin);
                     if since > warmup + window {
                         break;
+                    }
+                    if since > warmup && first.is_none() {
+                        first = Some((now, s.seq));
                     }
                     if let Some((at, seq)) = last {
                         if since > warmup {
@@ -164,7 +168,14 @@ async fn pacing(args: &Args) -> anyhow::Result<()> {
                     }
                     last = Some((now, s.seq));
                 }
-                Ok::<(Vec<f64>, u64), anyhow::Error>((jitter_us, lost))
+                // Drift: where the last sample arrived against where the rate puts it.
+                let drift_us = match (first, last) {
+                    (Some((t0, s0)), Some((t1, s1))) => {
+                        (t1.duration_since(t0).as_secs_f64() - (s1 - s0) as f64 * period) * 1e6
+                    }
+                    _ => f64::NAN,
+                };
+                Ok::<(Vec<f64>, u64, f64), anyhow::Error>((jitter_us, lost, drift_us))
             })
         })
         .collect();
@@ -174,16 +185,18 @@ async fn pacing(args: &Args) -> anyhow::Result<()> {
     let cpu = cpu_time(pid)? - cpu0;
     let mut all = Vec::new();
     let mut lost = 0;
+    let mut drift = 0.0f64;
     for t in tasks {
-        let (j, l) = t.await??;
+        let (j, l, d) = t.await??;
         all.extend(j);
         lost += l;
+        drift = drift.max(d.abs());
     }
     all.sort_by(f64::total_cmp);
     let status = stub.status().await?;
     println!(
         "pacing: {} subscribers × {} Hz for {} s: inter-sample jitter p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs over {} gaps; \
-         {} samples lost, {} dropped by the stub; stub CPU {:.2} cores (target: p99 ≤ 1000 µs on ≤ 1 core)",
+         worst drift {:.0} µs; {} samples lost, {} dropped by the stub; stub CPU {:.2} cores (target: p99 ≤ 1000 µs on ≤ 1 core)",
         args.subscribers,
         args.rate_hz,
         args.seconds,
@@ -191,6 +204,7 @@ async fn pacing(args: &Args) -> anyhow::Result<()> {
         percentile(&all, 99.0),
         all.last().copied().unwrap_or(f64::NAN),
         all.len(),
+        drift,
         lost,
         status.samples_dropped,
         cpu.as_secs_f64() / window.as_secs_f64()

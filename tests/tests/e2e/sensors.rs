@@ -456,9 +456,15 @@ async fn bad_requests_get_clear_errors_and_the_stub_keeps_serving() -> anyhow::R
         .await
         .expect_err("not a bridge");
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    // Still serving.
+    // Still serving; a client that goes away mid-stream is forgotten.
     let got = read_samples(&mut client, Default::default(), 10).await?;
     assert_eq!(got.len(), 10);
+    eventually(
+        Duration::from_secs(10),
+        "the departed subscriber to be forgotten",
+        || async { Ok((stub.status().await?.subscribers == 0).then_some(())) },
+    )
+    .await?;
     Ok(())
 }
 
