@@ -66,6 +66,8 @@ enum Next {
     Hold,
     /// The step waited on nodes past its deadline.
     Fail(String),
+    /// Canaries could not run the version: send them back.
+    Abort(String),
     /// Nothing to do yet.
     Wait,
 }
@@ -79,6 +81,17 @@ fn next(d: &Deployment, p: DeployProgress, now: u64) -> Next {
     let canaries_done = p.installed + p.skipped >= p.connected_canaries;
     match d.steps.get(step) {
         Some(Step::CanaryScale(percent)) if d.percent() < *percent => Next::Scale(*percent),
+        // A canary that cannot install or start the version (crash loop, never ready: the
+        // edge rolled it back and NACKed) fails the canary once every connected one
+        // answered; waiting for the deadline would only keep the others on it.
+        Some(Step::CanaryScale(percent))
+            if p.failed > 0 && p.installed + p.skipped + p.failed >= p.connected_canaries =>
+        {
+            Next::Abort(format!(
+                "aborted: {percent}% canary: {} of {} canary node(s) failed to install or start the version",
+                p.failed, p.canaries
+            ))
+        }
         Some(Step::CanaryScale(percent)) if canaries_done => Next::Advance(format!(
             "{percent}% canary: {} of {} node(s) installed",
             p.installed, p.canaries
@@ -253,6 +266,18 @@ async fn advance(
                 })
                 .await?;
             metrics::counter!("aviary_rollout_transitions_total", "to" => "failed").increment(1);
+        }
+        Next::Abort(why) => {
+            registry
+                .update_deployment(ENGINE, &d.id, "rollout.aborted", |d, seq| {
+                    // Canaries back to the previous slot, weights to stable.
+                    d.state = DeployState::Aborted;
+                    d.abort_seq = seq;
+                    d.message = why.clone();
+                    Ok(true)
+                })
+                .await?;
+            metrics::counter!("aviary_rollout_transitions_total", "to" => "aborted").increment(1);
         }
         Next::Wait => registry.check_complete(&d.module).await,
     }

@@ -113,15 +113,22 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1alpha)
         .add_service(reflection_v1)
-        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), {
-            let shutdown = shutdown.clone();
-            let hub = hub.clone();
-            async move {
-                shutdown.cancelled().await;
-                tracing::info!("shutting down: ending every stream");
-                hub.close_all("sensor stub shutting down");
-            }
-        });
+        .serve_with_incoming_shutdown(
+            ReceiverStream::new(conn_rx),
+            shutdown.clone().cancelled_owned(),
+        );
+    // Its own task, not tonic's shutdown future: when the accept loop stops first, tonic
+    // drains on the end of its incoming stream and never polls that future, and streams
+    // that are never ended would hold the drain open.
+    let closer = tokio::spawn({
+        let shutdown = shutdown.clone();
+        let hub = hub.clone();
+        async move {
+            shutdown.cancelled().await;
+            tracing::info!("shutting down: ending every stream");
+            hub.close_all("sensor stub shutting down");
+        }
+    });
     let result = tokio::select! {
         r = serve => r.map_err(SensorError::from),
         _ = async { shutdown.cancelled().await; tokio::time::sleep(DRAIN_TIMEOUT).await } => {
@@ -131,6 +138,7 @@ pub async fn run(
     };
     accept.abort();
     gauge.abort();
+    closer.abort();
     tracing::info!("sensor stub stopped");
     result
 }

@@ -291,6 +291,17 @@ fn upload_worker(
     version: &str,
     args: &str,
 ) -> anyhow::Result<()> {
+    upload_worker_with(ws, cp, version, args, "")
+}
+
+/// A worker release whose run spec also carries `extra` (TOML).
+fn upload_worker_with(
+    ws: &Workspace,
+    cp: &ControlPlane,
+    version: &str,
+    args: &str,
+    extra: &str,
+) -> anyhow::Result<()> {
     let file = ws.path(&format!("worker-{version}"));
     let o = Command::new(bin("aviary-sample-module")?)
         .args(["--stamp", version])
@@ -302,7 +313,7 @@ fn upload_worker(
     let spec = ws.path(&format!("worker-{version}.toml"));
     std::fs::write(
         &spec,
-        format!("args = [{args}]\nlog_patterns = [\"ERROR\"]\nready_timeout = \"5s\"\n"),
+        format!("args = [{args}]\nlog_patterns = [\"ERROR\"]\nready_timeout = \"5s\"\n{extra}"),
     )?;
     cp.cli(
         ws,
@@ -552,5 +563,104 @@ async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_
         .collect();
     assert_eq!(judged.len(), 1, "{judged:?}");
     assert!(judged[0].detail.contains("analysis passed"), "{judged:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn failing_probes_and_a_crash_loop_each_abort_the_canary_automatically() -> anyhow::Result<()>
+{
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let mut edges = Vec::new();
+    for i in 0..5 {
+        edges.push(Edge::start(&ws, &cp, &format!("gw-{i:02}"), &[], &["--arch", "x86_64"]).await?);
+    }
+    upload_worker(&ws, &cp, "1.0.0", "\"--idle\"")?;
+    // Ready by READY=1, but its TCP probe points at a closed port: every report fails.
+    upload_worker_with(
+        &ws,
+        &cp,
+        "2.0.0",
+        "\"--idle\"",
+        "notify = true\n[[probe]]\ntcp = \"127.0.0.1:1\"\ninterval = \"200ms\"\n",
+    )?;
+    // Crashes at every start.
+    upload_worker(&ws, &cp, "3.0.0", "\"--crash-at-start\"")?;
+    let create = |version: &str, steps: &[&str]| -> anyhow::Result<String> {
+        let mut args = vec![
+            "-o",
+            "json",
+            "rollout",
+            "create",
+            "--module",
+            "worker",
+            "--version",
+            version,
+        ];
+        args.extend(steps);
+        let v: serde_json::Value = serde_json::from_str(&cp.cli(&ws, &args)?)?;
+        Ok(v["rollouts"][0]["id"].as_str().context("id")?.to_owned())
+    };
+    let first = create("1.0.0", &[])?;
+    settle(&ws, &cp, &first).await?;
+    let steps = [
+        "--step",
+        "canary=40",
+        "--step",
+        "analysis=3s",
+        "--max-error-rate",
+        "0.1",
+        "--min-reports",
+        "2",
+    ];
+    // Each is refused where it runs (readiness never comes: the edge rolls the canary back
+    // on its own and NACKs), and the engine aborts as soon as every canary answered.
+    for (round, (version, reason)) in [
+        ("2.0.0", "failed to install or start"),
+        ("3.0.0", "failed to install or start"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = create(version, &steps)?;
+        let r = match settle(&ws, &cp, &id).await {
+            Ok(r) => r,
+            Err(e) => bail!("{version}: {e}; {:?}", rollout(&ws, &cp, &id).await?),
+        };
+        assert_eq!(
+            r.state,
+            pb::RolloutState::Aborted as i32,
+            "{version}: {r:?}"
+        );
+        assert!(r.message.contains(reason), "{version}: {}", r.message);
+        for e in &edges {
+            eventually(
+                Duration::from_secs(20),
+                &format!("{} back on 1.0.0 after {version}", e.node_id),
+                || async { Ok((worker_version(e).as_deref() == Some("1.0.0")).then_some(())) },
+            )
+            .await?;
+        }
+        let events = cp.events(&ws, "rollout.aborted").await?;
+        let judged = events
+            .iter()
+            .find(|e| e.target == format!("rollout/{id}"))
+            .with_context(|| format!("no abort event for {version}"))?;
+        assert!(
+            judged.detail.contains("2 of 2 canary node(s)"),
+            "the audit log holds the numbers: {}",
+            judged.detail
+        );
+        let nacks = cp.events(&ws, "fleet.nack").await?;
+        // Two canaries per round, each refusal audited with the edge's reason.
+        assert!(
+            nacks.len() >= 2 * (round + 1)
+                && nacks.iter().any(|e| e.detail.contains("port closed"))
+                && nacks
+                    .iter()
+                    .all(|e| e.detail.contains("rolled back locally")),
+            "the canaries' refusals are audited with their reasons: {nacks:?}"
+        );
+    }
     Ok(())
 }

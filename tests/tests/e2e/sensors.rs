@@ -532,8 +532,9 @@ async fn sigterm_ends_open_streams_with_unavailable_and_exits_cleanly() -> anyho
     assert!(status.success(), "{status:?}");
     assert!(
         started.elapsed() < Duration::from_secs(5),
-        "shutdown took {:?}",
-        started.elapsed()
+        "shutdown took {:?}; log:\n{}",
+        started.elapsed(),
+        std::fs::read_to_string(&stub.log)?
     );
     let end = loop {
         match stream.message().await {

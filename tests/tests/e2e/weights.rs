@@ -223,3 +223,60 @@ async fn weights_fall_to_zero_after_their_ttl_and_return_with_the_control_plane(
     assert_eq!(back.revision, held.revision);
     Ok(())
 }
+
+#[tokio::test]
+async fn watch_weights_streams_the_matching_nodes_as_their_weights_change() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let _edges = [
+        Edge::start(&ws, &cp, "gw-1", &[("region", "eu")], &[]).await?,
+        Edge::start(&ws, &cp, "gw-2", &[("region", "eu")], &[]).await?,
+        Edge::start(&ws, &cp, "gw-3", &[("region", "us")], &[]).await?,
+    ];
+    let mut admin = ws.admin(&cp).await?;
+    eventually(Duration::from_secs(15), "3 connected nodes", || async {
+        let nodes = admin
+            .nodes
+            .clone()
+            .list_nodes(pb::ListNodesRequest::default())
+            .await?
+            .into_inner()
+            .nodes;
+        Ok((nodes.iter().filter(|n| n.connected).count() == 3).then_some(()))
+    })
+    .await?;
+    // An upstream load balancer for region eu watches its nodes.
+    let mut watch = admin
+        .nodes
+        .watch_weights(pb::WatchWeightsRequest {
+            selector: "region=eu".into(),
+        })
+        .await?
+        .into_inner();
+    for (weight, selector) in [(40, ""), (5, "region=eu"), (70, "region=us")] {
+        admin
+            .nodes
+            .set_weight(pb::SetWeightRequest {
+                module: "gateway".into(),
+                weight,
+                selector: selector.into(),
+            })
+            .await?;
+    }
+    // Snapshot first, then every change; only eu nodes, and they end on 5.
+    let mut last = std::collections::BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while last.len() < 2 || last.values().any(|w| *w != Some(5)) {
+        let update = tokio::time::timeout_at(deadline, watch.message())
+            .await
+            .map_err(|_| anyhow::anyhow!("no weight 5 for both eu nodes; saw {last:?}"))??
+            .ok_or_else(|| anyhow::anyhow!("watch ended"))?;
+        assert_ne!(update.node_id, "gw-3", "a us node reached an eu watch");
+        last.insert(
+            update.node_id.clone(),
+            update.weights.get("gateway").copied(),
+        );
+    }
+    assert_eq!(last.keys().collect::<Vec<_>>(), ["gw-1", "gw-2"]);
+    Ok(())
+}
