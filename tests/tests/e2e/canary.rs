@@ -349,6 +349,28 @@ fn worker_version(edge: &Edge) -> Option<String> {
     st["current"]["version"].as_str().map(str::to_owned)
 }
 
+/// `aviary rollout create --module worker --version V STEPS...`; returns the rollout id.
+fn create_worker_rollout(
+    ws: &Workspace,
+    cp: &ControlPlane,
+    version: &str,
+    steps: &[&str],
+) -> anyhow::Result<String> {
+    let mut args = vec![
+        "-o",
+        "json",
+        "rollout",
+        "create",
+        "--module",
+        "worker",
+        "--version",
+        version,
+    ];
+    args.extend(steps);
+    let v: serde_json::Value = serde_json::from_str(&cp.cli(ws, &args)?)?;
+    Ok(v["rollouts"][0]["id"].as_str().context("id")?.to_owned())
+}
+
 async fn settle(ws: &Workspace, cp: &ControlPlane, id: &str) -> anyhow::Result<pb::Rollout> {
     eventually(
         Duration::from_secs(60),
@@ -417,21 +439,7 @@ async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() 
         "--min-reports",
         "2",
     ];
-    let create = |version: &str| -> anyhow::Result<String> {
-        let mut args = vec![
-            "-o",
-            "json",
-            "rollout",
-            "create",
-            "--module",
-            "worker",
-            "--version",
-            version,
-        ];
-        args.extend(canary_steps);
-        let v: serde_json::Value = serde_json::from_str(&cp.cli(&ws, &args)?)?;
-        Ok(v["rollouts"][0]["id"].as_str().context("id")?.to_owned())
-    };
+    let create = |version: &str| create_worker_rollout(&ws, &cp, version, &canary_steps);
 
     // The bad one logs errors: its analysis fails and it is aborted automatically.
     let bad = create("2.0.0")?;
@@ -586,21 +594,7 @@ async fn failing_probes_and_a_crash_loop_each_abort_the_canary_automatically() -
     )?;
     // Crashes at every start.
     upload_worker(&ws, &cp, "3.0.0", "\"--crash-at-start\"")?;
-    let create = |version: &str, steps: &[&str]| -> anyhow::Result<String> {
-        let mut args = vec![
-            "-o",
-            "json",
-            "rollout",
-            "create",
-            "--module",
-            "worker",
-            "--version",
-            version,
-        ];
-        args.extend(steps);
-        let v: serde_json::Value = serde_json::from_str(&cp.cli(&ws, &args)?)?;
-        Ok(v["rollouts"][0]["id"].as_str().context("id")?.to_owned())
-    };
+    let create = |version: &str, steps: &[&str]| create_worker_rollout(&ws, &cp, version, steps);
     let first = create("1.0.0", &[])?;
     settle(&ws, &cp, &first).await?;
     let steps = [

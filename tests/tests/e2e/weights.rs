@@ -3,7 +3,26 @@
 use std::time::Duration;
 
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, ControlPlane, Edge, Workspace};
+use aviary_tests::{bin, eventually, Admin, ControlPlane, Edge, Workspace};
+
+/// Waits until `n` nodes have a live fleet stream.
+async fn until_connected(admin: &Admin, n: usize) -> anyhow::Result<()> {
+    eventually(
+        Duration::from_secs(15),
+        &format!("{n} connected nodes"),
+        || async {
+            let nodes = admin
+                .nodes
+                .clone()
+                .list_nodes(pb::ListNodesRequest::default())
+                .await?
+                .into_inner()
+                .nodes;
+            Ok((nodes.iter().filter(|n| n.connected).count() == n).then_some(()))
+        },
+    )
+    .await
+}
 
 #[tokio::test]
 async fn set_weight_reaches_every_daemon_and_the_audit_log_names_who() -> anyhow::Result<()> {
@@ -16,17 +35,7 @@ async fn set_weight_reaches_every_daemon_and_the_audit_log_names_who() -> anyhow
         Edge::start(&ws, &cp, "gw-3", &[("region", "us")], &[]).await?,
     ];
     let mut admin = ws.admin(&cp).await?;
-    eventually(Duration::from_secs(15), "3 connected nodes", || async {
-        let nodes = admin
-            .nodes
-            .clone()
-            .list_nodes(pb::ListNodesRequest::default())
-            .await?
-            .into_inner()
-            .nodes;
-        Ok((nodes.iter().filter(|n| n.connected).count() == 3).then_some(()))
-    })
-    .await?;
+    until_connected(&admin, 3).await?;
 
     // Through the real CLI binary, as operator alice.
     let cli = |args: &[&str]| {
@@ -234,17 +243,7 @@ async fn watch_weights_streams_the_matching_nodes_as_their_weights_change() -> a
         Edge::start(&ws, &cp, "gw-3", &[("region", "us")], &[]).await?,
     ];
     let mut admin = ws.admin(&cp).await?;
-    eventually(Duration::from_secs(15), "3 connected nodes", || async {
-        let nodes = admin
-            .nodes
-            .clone()
-            .list_nodes(pb::ListNodesRequest::default())
-            .await?
-            .into_inner()
-            .nodes;
-        Ok((nodes.iter().filter(|n| n.connected).count() == 3).then_some(()))
-    })
-    .await?;
+    until_connected(&admin, 3).await?;
     // An upstream load balancer for region eu watches its nodes.
     let mut watch = admin
         .nodes
