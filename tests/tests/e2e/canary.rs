@@ -658,3 +658,87 @@ async fn failing_probes_and_a_crash_loop_each_abort_the_canary_automatically() -
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_baseline_check(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let mut edges = Vec::new();
+    for i in 0..4 {
+        edges.push(Edge::start(&ws, &cp, &format!("gw-{i:02}"), &[], &["--arch", "x86_64"]).await?);
+    }
+    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect();
+    // Each version's TCP probe has a target of its own; closing the canary's later makes
+    // the canaries fail while the stable nodes stay healthy.
+    let stable_target = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let canary_target = std::net::TcpListener::bind("127.0.0.1:0")?;
+    for (version, target) in [("1.0.0", &stable_target), ("2.0.0", &canary_target)] {
+        upload_worker_with(
+            &ws,
+            &cp,
+            version,
+            "\"--idle\"",
+            &format!(
+                "notify = true\n[[probe]]\ntcp = \"{}\"\ninterval = \"200ms\"\n",
+                target.local_addr()?
+            ),
+        )?;
+    }
+    let first = create_worker_rollout(&ws, &cp, "1.0.0", &[])?;
+    settle(&ws, &cp, &first).await?;
+    let id = create_worker_rollout(
+        &ws,
+        &cp,
+        "2.0.0",
+        &[
+            "--step",
+            "canary=50",
+            "--step",
+            "analysis=4s",
+            "--max-error-rate-vs-baseline",
+            "0.3",
+            "--min-reports",
+            "2",
+        ],
+    )?;
+    let canaries = canaries(&id, &nodes, 50);
+    assert_eq!(canaries.len(), 2);
+    // Both canaries installed and judged ready (ACKed): the analysis window is open.
+    eventually(
+        Duration::from_secs(30),
+        "the canaries to install 2.0.0",
+        || async {
+            let r = rollout(&ws, &cp, &id).await?;
+            Ok((r.current_step >= 1).then_some(()))
+        },
+    )
+    .await?;
+    for e in edges.iter().filter(|e| canaries.contains(&e.node_id)) {
+        assert_eq!(worker_version(e).as_deref(), Some("2.0.0"), "{}", e.node_id);
+    }
+    drop(canary_target);
+    let r = settle(&ws, &cp, &id).await?;
+    assert_eq!(r.state, pb::RolloutState::Aborted as i32, "{r:?}");
+    assert!(r.message.contains("stable nodes'"), "{}", r.message);
+    for e in &edges {
+        eventually(
+            Duration::from_secs(20),
+            &format!("{} back on 1.0.0", e.node_id),
+            || async { Ok((worker_version(e).as_deref() == Some("1.0.0")).then_some(())) },
+        )
+        .await?;
+    }
+    let events = cp.events(&ws, "rollout.analysis").await?;
+    let judged = events
+        .iter()
+        .find(|e| e.target == format!("rollout/{id}"))
+        .context("no analysis event")?;
+    assert!(
+        judged.detail.contains("\"baseline\"") && judged.detail.contains("aborted"),
+        "the audit log holds canary and baseline figures: {}",
+        judged.detail
+    );
+    drop(stable_target);
+    Ok(())
+}
