@@ -88,7 +88,9 @@ impl Subscriber {
             feed,
             capacity: capacity.max(1),
             queue: Mutex::new(Queue {
-                samples: VecDeque::with_capacity(capacity.clamp(1, 4096)),
+                // Grows only as far as the client falls behind: most queues hold a sample
+                // or two, so reserving --queue-depth for each would waste memory.
+                samples: VecDeque::new(),
                 waker: None,
                 end: None,
                 last_take: Instant::now(),

@@ -773,51 +773,22 @@ impl Registry {
         id: &str,
         reason: &str,
     ) -> Result<Deployment, ControlPlaneError> {
-        let _writer = self.writer.lock().await;
-        let deployment = {
-            let st = self.state();
-            let d = st
-                .deployments
-                .iter()
-                .find(|d| d.id == id)
-                .ok_or_else(|| ControlPlaneError::NotFound(format!("rollout {id}")))?;
-            if !d.state.is_active() {
-                return Err(ControlPlaneError::FailedPrecondition(format!(
-                    "rollout {id} is {:?}, only a rollout in progress can be aborted",
-                    d.state
-                )));
-            }
-            let mut d = d.clone();
-            d.state = DeployState::Aborted;
-            d.abort_seq = st.revision + 1;
-            d.message = format!("aborted: {reason}");
-            d.updated_ms = now_ms();
-            d
-        };
-        self.commit(Change {
-            deployments: vec![deployment.clone()],
-            revision: Some(deployment.abort_seq),
-            events: vec![NewEvent::new(
-                actor.to_string(),
-                "rollout.aborted",
-                format!("rollout/{id}"),
-                reason.to_owned(),
-            )],
-            durable: true,
-            ..Default::default()
-        })
-        .await?;
+        let deployment = self
+            .update_deployment(&actor.to_string(), id, "rollout.aborted", |d, seq| {
+                if !d.state.is_active() {
+                    return Err(ControlPlaneError::FailedPrecondition(format!(
+                        "rollout {id} is {:?}, only a rollout in progress can be aborted",
+                        d.state
+                    )));
+                }
+                // The abort takes a revision of its own: canaries go back on it.
+                d.state = DeployState::Aborted;
+                d.abort_seq = seq;
+                d.message = format!("aborted: {reason}");
+                Ok(true)
+            })
+            .await?;
         metrics::counter!("aviary_rollout_transitions_total", "to" => "aborted").increment(1);
-        let mut st = self.state();
-        st.revision = deployment.abort_seq;
-        if let Some(d) = st.deployments.iter_mut().find(|d| d.id == id) {
-            *d = deployment.clone();
-        }
-        let updates = republish(&mut st, &deployment.selector, self.ttl_seconds);
-        drop(st);
-        for u in updates {
-            let _ = self.weights.send(u);
-        }
         Ok(deployment)
     }
 
