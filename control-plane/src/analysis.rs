@@ -10,14 +10,18 @@ pub(crate) struct AnalysisSpec {
     /// Length of a measurement.
     pub window_seconds: u32,
     /// Canary probe failures ÷ probes, 0..1.
+    #[serde(with = "crate::finite")]
     pub max_error_rate: f64,
     /// Worst canary probe p99 latency.
+    #[serde(with = "crate::finite")]
     pub max_p99_latency_ms: f64,
     /// Canary log-pattern matches in the window.
     pub max_log_matches: u64,
     /// Share of canaries healthy at the end of the window, 0..100.
+    #[serde(with = "crate::finite")]
     pub min_healthy_percent: f64,
     /// Canary error rate minus stable error rate, 0..1.
+    #[serde(with = "crate::finite")]
     pub max_error_rate_vs_baseline: f64,
     /// Canary health reports needed before judging.
     pub min_reports: u32,
@@ -37,6 +41,7 @@ pub(crate) struct GroupHealth {
     /// Probes failed.
     pub failures: u64,
     /// Worst p99 probe latency reported, ms.
+    #[serde(with = "crate::finite")]
     pub p99_ms: f64,
     /// Log-pattern matches in the window.
     pub log_matches: u64,

@@ -135,9 +135,14 @@ impl Args {
             .admission_burst
             .or(file.admission_burst)
             .unwrap_or(2000.0);
-        if !(admission_rate > 0.0 && admission_burst >= 1.0) {
+        if !(admission_rate > 0.0
+            && admission_burst >= 1.0
+            && admission_rate.is_finite()
+            && admission_burst.is_finite())
+        {
             return Err(ConfigError(
-                "--admission-rate must be > 0 and --admission-burst >= 1".into(),
+                "--admission-rate must be a finite number > 0 and --admission-burst one >= 1"
+                    .into(),
             ));
         }
         let keepalive = self

@@ -5,6 +5,8 @@
 mod admission;
 mod analysis;
 mod api;
+#[cfg(test)]
+mod arbitrary;
 mod audit;
 mod auth;
 mod blobs;
@@ -14,6 +16,7 @@ pub mod config;
 pub mod deltas;
 mod deploy;
 mod error;
+mod finite;
 mod fleet;
 mod layers;
 mod limits;

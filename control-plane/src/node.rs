@@ -124,8 +124,10 @@ pub(crate) struct HealthRecord {
     /// Probes failed.
     pub probe_failures: u64,
     /// Probe latency p50, ms.
+    #[serde(with = "crate::finite")]
     pub latency_p50_ms: f64,
     /// Probe latency p99, ms.
+    #[serde(with = "crate::finite")]
     pub latency_p99_ms: f64,
     /// "running", "starting", "backoff", "stopped".
     pub process_state: String,

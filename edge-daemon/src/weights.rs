@@ -165,17 +165,32 @@ impl Weights {
         self.publish(&inner)
     }
 
-    /// The fleet stream came up (`true`) or went down (`false`).
+    /// The fleet stream came up (`true`: the control plane accepted our Hello) or went
+    /// down (`false`).
+    ///
+    /// Only contact counts: a failed reconnect must not restart the TTL, or a daemon
+    /// retrying faster than its TTL would never fail safe. A stream that was up until now
+    /// is contact until now (a silent peer is dropped within two keepalive intervals, so
+    /// that bounds how late the TTL can start).
     pub fn set_connected(&self, connected: bool) -> Result<(), EdgeError> {
         let mut inner = self.lock();
+        let was_connected = inner.connected;
         inner.connected = connected;
-        self.touch_locked(&mut inner)
+        if connected || was_connected {
+            self.touch_locked(&mut inner)
+        } else {
+            self.publish(&inner)
+        }
     }
 
     /// Records contact with the control plane now (called periodically while connected, so
-    /// a daemon restart after a crash knows how fresh its weights are).
+    /// a daemon restart after a crash knows how fresh its weights are). Ignored while
+    /// disconnected.
     pub fn touch(&self) -> Result<(), EdgeError> {
         let mut inner = self.lock();
+        if !inner.connected {
+            return Ok(());
+        }
         self.touch_locked(&mut inner)
     }
 
@@ -338,6 +353,26 @@ mod tests {
         w.set_connected(true)?;
         assert_eq!(w.snapshot().view.weights["gateway"], 30);
         assert_eq!(w.snapshot().view.expires_at, None);
+        Ok(())
+    }
+
+    #[test]
+    fn failed_reconnects_do_not_restart_the_ttl() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let w = Weights::load(dir.path())?;
+        w.set_connected(true)?;
+        w.apply(assignment(3, 30, 60))?;
+        w.set_connected(false)?;
+        let expiry = w.expiry().ok_or_else(|| anyhow::anyhow!("no expiry"))?;
+        // Every failed attempt reports "disconnected" again; none of them is contact.
+        let later = SystemTime::now() + Duration::from_millis(20);
+        while SystemTime::now() < later {
+            w.set_connected(false)?;
+            w.touch()?;
+        }
+        assert_eq!(w.expiry(), Some(expiry));
+        let reloaded = Weights::load(dir.path())?;
+        assert_eq!(reloaded.expiry(), Some(expiry));
         Ok(())
     }
 }

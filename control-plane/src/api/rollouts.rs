@@ -69,13 +69,27 @@ fn steps_of(steps: &[pb::Step]) -> Result<Vec<Step>, Status> {
                 if a.window_seconds == 0 {
                     return bad("window_seconds must be at least 1");
                 }
-                if !(0.0..=1.0).contains(&a.max_error_rate)
-                    || !(0.0..=1.0).contains(&a.max_error_rate_vs_baseline)
-                {
-                    return bad("error rates are fractions 0..1");
-                }
-                if !(0.0..=100.0).contains(&a.min_healthy_percent) || a.max_p99_latency_ms < 0.0 {
-                    return bad("min_healthy_percent is 0..100, max_p99_latency_ms not negative");
+                // Checked here, where they enter: a NaN or infinity must never reach a
+                // stored record (see `finite`).
+                use crate::finite::check;
+                let checked = check("max_error_rate", a.max_error_rate, 0.0..=1.0)
+                    .and(check(
+                        "max_error_rate_vs_baseline",
+                        a.max_error_rate_vs_baseline,
+                        0.0..=1.0,
+                    ))
+                    .and(check(
+                        "min_healthy_percent",
+                        a.min_healthy_percent,
+                        0.0..=100.0,
+                    ))
+                    .and(check(
+                        "max_p99_latency_ms",
+                        a.max_p99_latency_ms,
+                        0.0..=f64::MAX,
+                    ));
+                if let Err(e) = checked {
+                    return bad(&e);
                 }
                 out.push(Step::Analysis(crate::analysis::AnalysisSpec {
                     window_seconds: a.window_seconds,

@@ -190,19 +190,19 @@ pub enum RolloutCommand {
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct AnalysisArgs {
     /// Canary probe error rate above which analysis fails (0..1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::finite::parse_non_negative)]
     pub max_error_rate: f64,
     /// Canary probe p99 latency (ms) above which analysis fails.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::finite::parse_non_negative)]
     pub max_p99_ms: f64,
     /// Canary log-pattern matches above which analysis fails.
     #[arg(long, default_value_t = 0)]
     pub max_log_matches: u64,
     /// Share of healthy canaries (%) below which analysis fails.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::finite::parse_non_negative)]
     pub min_healthy_percent: f64,
     /// Canary error rate minus the stable nodes' above which analysis fails (0..1).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = crate::finite::parse_non_negative)]
     pub max_error_rate_vs_baseline: f64,
     /// Canary health reports needed before judging.
     #[arg(long, default_value_t = 1)]

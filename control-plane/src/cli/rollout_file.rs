@@ -106,6 +106,20 @@ pub(super) fn read(path: &Path) -> anyhow::Result<pb::CreateRolloutRequest> {
             Kind::Pause(pb::Pause { seconds: secs })
         } else {
             let window = s.analysis.as_deref().unwrap_or_default();
+            // TOML spells NaN and infinity (`nan`, `inf`): refuse them here, by name.
+            for (what, value, max) in [
+                ("max_error_rate", s.max_error_rate, 1.0),
+                ("max_p99_ms", s.max_p99_ms, f64::MAX),
+                ("min_healthy_percent", s.min_healthy_percent, 100.0),
+                (
+                    "max_error_rate_vs_baseline",
+                    s.max_error_rate_vs_baseline,
+                    1.0,
+                ),
+            ] {
+                crate::finite::check(what, value, 0.0..=max)
+                    .map_err(|e| anyhow::anyhow!("{}: step {}: {e}", path.display(), i + 1))?;
+            }
             Kind::Analysis(pb::Analysis {
                 window_seconds: seconds("analysis", window)?,
                 max_error_rate: s.max_error_rate,
@@ -162,6 +176,23 @@ mod tests {
             "module = \"m\"\nversion = \"1.0.0\"\n[[step]]\ncanry = 5\n",
         )?;
         assert!(read(&path).is_err());
+        for (line, named) in [
+            ("max_p99_ms = inf", "max_p99_ms"),
+            ("max_error_rate = nan", "max_error_rate"),
+            ("min_healthy_percent = 101", "min_healthy_percent"),
+        ] {
+            std::fs::write(
+                &path,
+                format!(
+                    "module = \"m\"\nversion = \"1.0.0\"\n[[step]]\nanalysis = \"1m\"\n{line}\n"
+                ),
+            )?;
+            let e = read(&path)
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default();
+            assert!(e.contains(named) && e.contains("step 1"), "{line}: {e}");
+        }
         Ok(())
     }
 }

@@ -28,8 +28,7 @@ use crate::deploy::DesiredModules;
 use crate::layers::DesiredConfigs;
 use crate::limits::oversized;
 use crate::listener::PeerInfo;
-use crate::node::ModuleRecord;
-use crate::node::TransferProgress;
+use crate::node::{HealthRecord, ModuleRecord, TransferProgress};
 use crate::registry::{Attachment, Desired, HelloInfo, SKIPPED};
 use crate::selector::validate_label;
 use aviary_proto::digest::Sha256;
@@ -42,6 +41,9 @@ const MODULE: &str = "module/";
 const CONFIG: &str = "config/";
 
 type Outbound = mpsc::Sender<Result<ControlFrame, Status>>;
+
+/// Most modules one node may name, in a Hello or a health report.
+const MAX_MODULES: usize = 256;
 
 /// Admits a new stream, reads its Hello, and starts its session task.
 pub(super) async fn open(
@@ -142,8 +144,10 @@ fn hello_info(hello: pb::Hello) -> Result<HelloInfo, Status> {
     for (k, v) in &hello.labels {
         validate_label(k, v)?;
     }
-    if hello.modules.len() > 256 {
-        return Err(Status::invalid_argument("at most 256 modules per node"));
+    if hello.modules.len() > MAX_MODULES {
+        return Err(Status::invalid_argument(format!(
+            "at most {MAX_MODULES} modules per node"
+        )));
     }
     let short = |what: &str, s: &str| {
         if s.len() > 128 {
@@ -183,6 +187,44 @@ fn hello_info(hello: pb::Hello) -> Result<HelloInfo, Status> {
         applied_modules: BTreeMap::new(),
         applied_configs: BTreeMap::new(),
     })
+}
+
+/// Validates a health report into per-module records (proto types stop here). A number
+/// that is not finite, a bad module name or more modules than a Hello may carry ends the
+/// stream with the reason: a daemon of ours never sends them.
+fn health_records(report: pb::HealthReport) -> Result<Vec<(String, HealthRecord)>, Status> {
+    if report.modules.len() > MAX_MODULES {
+        return Err(Status::invalid_argument(format!(
+            "a health report names at most {MAX_MODULES} modules"
+        )));
+    }
+    let at_ms = crate::audit::now_ms();
+    let cut = |s: String| -> String { s.chars().take(256).collect() };
+    let mut out = Vec::with_capacity(report.modules.len());
+    for m in report.modules {
+        aviary_certs::validate_name("module", &m.module)
+            .map_err(|e| Status::invalid_argument(format!("health report: {e}")))?;
+        let latency = |what: &str, v: f64| {
+            crate::finite::check(what, v, 0.0..=f64::MAX).map_err(|e| {
+                Status::invalid_argument(format!("health report for {}: {e}", m.module))
+            })
+        };
+        let record = HealthRecord {
+            at_ms,
+            probe_successes: m.probe_successes,
+            probe_failures: m.probe_failures,
+            latency_p50_ms: latency("latency_p50_ms", m.latency_p50_ms)?,
+            latency_p99_ms: latency("latency_p99_ms", m.latency_p99_ms)?,
+            process_state: cut(m.process_state),
+            restarts: m.restarts,
+            log_matches: m.log_matches,
+            slot: cut(m.slot),
+            version: cut(m.version),
+            detail: cut(m.detail),
+        };
+        out.push((m.module, record));
+    }
+    Ok(out)
 }
 
 /// What the Hello said about the node's modules.
@@ -566,8 +608,14 @@ impl Session {
                     "Hello is allowed only as the first message",
                 ));
             }
-            // Kept per node; the rollout engine (issue 4) judges windows of them.
-            Some(Kind::Health(report)) => self.fleet.registry.record_health(&self.node_id, &report),
+            // Kept per node; the rollout engine judges windows of them.
+            Some(Kind::Health(report)) => {
+                let records = health_records(report)?;
+                let ignored = self.fleet.registry.record_health(&self.node_id, records);
+                if ignored > 0 {
+                    metrics::counter!("aviary_health_ignored_total").increment(ignored as u64);
+                }
+            }
             None => return Err(Status::invalid_argument("EdgeMessage without a kind")),
         }
         Ok(())

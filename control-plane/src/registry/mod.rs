@@ -31,7 +31,7 @@ use crate::node::{
     TransferProgress, WeightRule, MAX_WEIGHT,
 };
 use crate::selector::Selector;
-use crate::store::{Change, Store};
+use crate::store::{Change, Quarantined, Store};
 
 mod configs;
 use configs::node_config;
@@ -197,9 +197,10 @@ impl Registry {
         ttl_seconds: u32,
     ) -> Result<Registry, ControlPlaneError> {
         let loader = store.clone();
-        let snap = tokio::task::spawn_blocking(move || loader.load())
+        let mut snap = tokio::task::spawn_blocking(move || loader.load())
             .await
             .map_err(|e| ControlPlaneError::Unavailable(format!("store load task: {e}")))??;
+        let quarantined = std::mem::take(&mut snap.quarantined);
         let now = Instant::now();
         let mut statuses: HashMap<String, NodeStatus> = snap.statuses.into_iter().collect();
         let mut shared = HashMap::new();
@@ -229,7 +230,7 @@ impl Registry {
                 (entry.record.node_id.clone(), entry)
             })
             .collect();
-        Ok(Registry {
+        let registry = Registry {
             store,
             state: Mutex::new(State {
                 nodes,
@@ -244,7 +245,38 @@ impl Registry {
             weights: broadcast::channel(4096).0,
             ttl_seconds,
             next_session: AtomicU64::new(1),
+        };
+        registry.report_quarantined(quarantined).await?;
+        Ok(registry)
+    }
+
+    /// Says loudly what the store set aside at start: in the log, a metric and the audit
+    /// log, so an operator can look at it (`aviary-control-plane check`).
+    async fn report_quarantined(&self, records: Vec<Quarantined>) -> Result<(), ControlPlaneError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        metrics::counter!("aviary_store_quarantined_total").increment(records.len() as u64);
+        let events = records
+            .into_iter()
+            .map(|q| {
+                tracing::error!(tree = q.tree, key = %q.key, error = %q.error,
+                    "unreadable record moved to the quarantine tree");
+                NewEvent::new(
+                    "control-plane",
+                    "store.quarantine",
+                    format!("{}/{}", q.tree, q.key),
+                    format!("unreadable record set aside: {}", q.error),
+                )
+            })
+            .collect();
+        self.commit(Change {
+            events,
+            durable: true,
+            ..Default::default()
         })
+        .await?;
+        Ok(())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -980,41 +1012,35 @@ impl Registry {
         }
     }
 
-    /// Keeps a node's latest health report per module (shown by `GetNode`).
-    pub(crate) fn record_health(&self, node_id: &str, report: &pb::HealthReport) {
+    /// Records health reports of the modules `node_id` runs or is meant to run; reports
+    /// about any other module are dropped (a node must not grow its own record without
+    /// bound). Returns how many were dropped.
+    pub(crate) fn record_health(
+        &self,
+        node_id: &str,
+        reports: Vec<(String, HealthRecord)>,
+    ) -> usize {
         let mut st = self.state();
         let Some(entry) = st.nodes.get_mut(node_id) else {
-            return;
+            return reports.len();
         };
-        let at_ms = now_ms();
-        let cut = |s: &str| s.chars().take(256).collect::<String>();
-        for m in report.modules.iter().take(256) {
-            let health = HealthRecord {
-                at_ms,
-                probe_successes: m.probe_successes,
-                probe_failures: m.probe_failures,
-                latency_p50_ms: m.latency_p50_ms,
-                latency_p99_ms: m.latency_p99_ms,
-                process_state: cut(&m.process_state),
-                restarts: m.restarts,
-                log_matches: m.log_matches,
-                slot: cut(&m.slot),
-                version: cut(&m.version),
-                detail: cut(&m.detail),
-            };
-            let history = entry.history.entry(cut(&m.module)).or_default();
+        let mut ignored = 0;
+        for (module, health) in reports {
+            let known = entry.record.modules.iter().any(|m| m.name == module)
+                || entry.modules.borrow().contains_key(&module);
+            if !known {
+                ignored += 1;
+                continue;
+            }
+            let history = entry.history.entry(module.clone()).or_default();
             if history.len() >= HISTORY {
                 history.pop_front();
             }
             history.push_back(health.clone());
-            entry
-                .status
-                .modules
-                .entry(cut(&m.module))
-                .or_default()
-                .health = Some(health);
+            entry.status.modules.entry(module).or_default().health = Some(health);
         }
         st.dirty.insert(node_id.to_owned());
+        ignored
     }
 
     /// Records a module ACK. (Completion is the rollout engine's tick: counting the fleet

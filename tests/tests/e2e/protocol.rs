@@ -368,3 +368,170 @@ async fn a_node_whose_labels_change_gets_a_new_revision_with_the_weights_of_its_
     );
     Ok(())
 }
+
+fn health(module: &str, p99: f64) -> pb::edge_message::Kind {
+    pb::edge_message::Kind::Health(pb::HealthReport {
+        modules: vec![pb::ModuleHealth {
+            module: module.into(),
+            probe_successes: 5,
+            latency_p50_ms: 1.0,
+            latency_p99_ms: p99,
+            process_state: "running".into(),
+            ..Default::default()
+        }],
+    })
+}
+
+/// Issue 11, item 1: one non-finite number used to brick the control plane for good (JSON
+/// stores NaN as null, which it then refused to read back at every start).
+#[tokio::test]
+async fn non_finite_numbers_are_refused_where_they_enter_and_the_control_plane_restarts(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let mut cp = ControlPlane::start(&ws, &[]).await?;
+    let link = edge_link(&ws, &cp, "gw-1")?;
+    let mut running = hello("gw-1", &[], 0);
+    running.modules = vec![pb::ModuleStatus {
+        name: "gateway".into(),
+        version: "1.0.0".into(),
+        ..Default::default()
+    }];
+    let stream = RawStream::open(&link, running.clone()).await?;
+    stream.send(health("gateway", 12.5)).await?;
+    let figures = eventually(Duration::from_secs(10), "the health report", || async {
+        let Ok(node) = cp.node(&ws, "gw-1").await else {
+            return Ok(None);
+        };
+        Ok(node
+            .module_rollouts
+            .iter()
+            .find_map(|m| m.health.as_ref().map(|h| h.latency_p99_ms)))
+    })
+    .await?;
+    assert_eq!(figures, 12.5);
+
+    for bad in [f64::NAN, f64::INFINITY, -1.0] {
+        let mut stream = RawStream::open(&link, running.clone()).await?;
+        stream.send(health("gateway", bad)).await?;
+        let status = stream.end(Duration::from_secs(10)).await?;
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad}: {status:?}");
+        assert!(
+            status.message().contains("latency_p99_ms"),
+            "{bad}: {}",
+            status.message()
+        );
+    }
+    // The admin side: the API and the CLI name the value they refuse.
+    let mut admin = ws.admin(&cp).await?;
+    for (name, value) in [
+        ("max_p99_latency_ms", f64::INFINITY),
+        ("max_error_rate", f64::NAN),
+    ] {
+        let mut analysis = pb::Analysis {
+            window_seconds: 10,
+            ..Default::default()
+        };
+        match name {
+            "max_p99_latency_ms" => analysis.max_p99_latency_ms = value,
+            _ => analysis.max_error_rate = value,
+        }
+        let err = admin
+            .rollouts
+            .create_rollout(pb::CreateRolloutRequest {
+                module: "gateway".into(),
+                version: "1.0.0".into(),
+                steps: vec![pb::Step {
+                    kind: Some(pb::step::Kind::Analysis(analysis)),
+                }],
+                ..Default::default()
+            })
+            .await
+            .err()
+            .ok_or_else(|| anyhow::anyhow!("{name} = {value} was accepted"))?;
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains(name), "{}", err.message());
+    }
+    let cli = cp.cli(
+        &ws,
+        &[
+            "rollout",
+            "create",
+            "--module",
+            "gateway",
+            "--version",
+            "1.0.0",
+            "--step",
+            "analysis=10s",
+            "--max-p99-ms",
+            "inf",
+        ],
+    );
+    let err = cli.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(
+        err.contains("--max-p99-ms") && err.contains("finite"),
+        "{err}"
+    );
+
+    // Nothing poisoned the store: a stop writes every status, and the control plane comes
+    // back serving the node with the last good report.
+    cp.terminate().await?;
+    cp.restart().await?;
+    let node = cp.node(&ws, "gw-1").await?;
+    let kept = node
+        .module_rollouts
+        .iter()
+        .find_map(|m| m.health.as_ref().map(|h| h.latency_p99_ms));
+    assert_eq!(kept, Some(12.5));
+    Ok(())
+}
+
+/// Issue 11, item 4: health reports naming modules the node neither runs nor is meant to
+/// run used to be kept (and persisted) without bound, until `GetNode` passed 4 MiB.
+#[tokio::test]
+async fn health_for_modules_a_node_does_not_run_is_dropped() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let link = edge_link(&ws, &cp, "gw-1")?;
+    let stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
+    for round in 0..20 {
+        let modules = (0..256)
+            .map(|i| pb::ModuleHealth {
+                module: format!("m-{round}-{i}"),
+                detail: "x".repeat(256),
+                ..Default::default()
+            })
+            .collect();
+        stream
+            .send(pb::edge_message::Kind::Health(pb::HealthReport { modules }))
+            .await?;
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the reports to be dropped",
+        || async {
+            Ok((cp.metric("aviary_health_ignored_total").await? >= 20.0 * 256.0).then_some(()))
+        },
+    )
+    .await?;
+    let node = cp.node(&ws, "gw-1").await?;
+    assert!(
+        node.module_rollouts.is_empty(),
+        "{:?}",
+        node.module_rollouts.len()
+    );
+    // More modules than a node may have ends the stream with the reason.
+    let mut stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
+    let modules = (0..257)
+        .map(|i| pb::ModuleHealth {
+            module: format!("m-{i}"),
+            ..Default::default()
+        })
+        .collect();
+    stream
+        .send(pb::edge_message::Kind::Health(pb::HealthReport { modules }))
+        .await?;
+    let status = stream.end(Duration::from_secs(10)).await?;
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("256"), "{}", status.message());
+    Ok(())
+}

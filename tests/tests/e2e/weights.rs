@@ -222,9 +222,24 @@ async fn weights_fall_to_zero_after_their_ttl_and_return_with_the_control_plane(
     )
     .await?;
     assert_eq!(held.weights.get("gateway"), Some(&40));
-    // ...then fail safe.
+    // ...then fail safe, and stay safe however often the daemon retries: only contact
+    // with a control plane restarts the TTL, never a failed reconnect.
     let zero = edge.wait_weight("gateway", 0).await?;
     assert!(!zero.connected);
+    let expired_at = zero.expires_at.clone();
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    let mut samples = 0;
+    while tokio::time::Instant::now() < until {
+        let v = edge.view().await?;
+        assert_eq!(
+            (v.weights.get("gateway"), v.connected, &v.expires_at),
+            (Some(&0), false, &expired_at),
+            "weights came back or the TTL restarted without a control plane"
+        );
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(samples > 20, "only {samples} samples over four TTLs");
 
     cp.restart().await?;
     let back = edge.wait_weight("gateway", 40).await?;
