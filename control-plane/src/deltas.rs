@@ -269,7 +269,7 @@ mod tests {
         assert_eq!(p.info.encoding, Encoding::BsdiffZstd);
         let bytes = std::fs::read(&p.path)?;
         assert_eq!(Sha256::of(&bytes).hex(), p.info.sha256);
-        let (_, out) = delta::apply_delta(&v1, bytes.as_slice())?;
+        let (_, out) = delta::apply_delta(&v1, bytes.as_slice(), &b, v2.len() as u64)?;
         assert_eq!(out, v2);
         let again = deltas.payload(Some(a), b).await?;
         assert_eq!(again.info, p.info);

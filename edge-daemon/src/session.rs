@@ -443,12 +443,16 @@ async fn start_update(
     let installer = local.installer.clone();
     tokio::task::spawn_blocking(move || {
         if update.rollback {
-            // The manifest of the version to go back to must still be signed by us.
-            match installer.check(&update.manifest, &update.signature) {
-                Ok(_) | Err(InstallError::Downgrade { .. }) => {}
-                Err(e) => return Err(e),
+            // The manifest of the version to go back to must still be signed by us, and the
+            // message may only name what it signs: its module name becomes a path.
+            let m = installer.verify(&update.manifest, &update.signature)?;
+            if m.module != update.module || m.version != update.to_version {
+                return Err(InstallError::Bundle(format!(
+                    "rollback names {:?} {:?} but its manifest is {} {}",
+                    update.module, update.to_version, m.module, m.version
+                )));
             }
-            installer.rollback(&update.module, Some(&update.to_version), update.revision)?;
+            installer.rollback(&m.module, Some(&m.version), update.revision)?;
             return Ok(Started::Done("rolled back to the previous slot"));
         }
         let checked = match installer.check(&update.manifest, &update.signature)? {
@@ -481,6 +485,7 @@ async fn start_update(
             size: p.size,
             sha256: p.sha256,
         };
+        installer.check_payload(&checked, &info)?;
         let receiving = Receiving::open(
             installer.modules(),
             &checked.manifest.module,

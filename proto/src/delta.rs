@@ -41,6 +41,18 @@ pub enum DeltaError {
     /// The stream is not valid zstd or bsdiff data.
     #[error("corrupt payload: {0}")]
     Corrupt(String),
+    /// The delta's header names another result than the signed manifest.
+    #[error("delta produces {target} ({target_size} bytes), the signed manifest says {expected} ({expected_size} bytes)")]
+    HeaderMismatch {
+        /// The target the header names.
+        target: Sha256,
+        /// The size the header claims.
+        target_size: u64,
+        /// The signed sha256.
+        expected: Sha256,
+        /// The signed size.
+        expected_size: u64,
+    },
     /// The payload expands past its declared size.
     #[error("payload expands past its declared size of {0} bytes")]
     TooLarge(u64),
@@ -123,11 +135,28 @@ pub fn write_delta<W: Write>(
     Ok(encoder.finish()?)
 }
 
-/// Applies a delta read from `delta` to `old`; returns the checked result.
+/// Applies a delta read from `delta` to `old`, producing the artifact the signed manifest
+/// names (`sha256`, `size`); returns the checked result.
 ///
-/// Memory: `old` plus the result (bounded by the declared size) plus zstd's window.
-pub fn apply_delta(old: &[u8], mut delta: impl Read) -> Result<(DeltaHeader, Vec<u8>), DeltaError> {
+/// Nothing the payload says sizes a buffer: a header naming another target or size is
+/// refused before patching, the patch may not produce a byte past `size`, and the zstd
+/// window is bounded by what a stream of that size can need. Memory: `old` + `size` +
+/// the window.
+pub fn apply_delta(
+    old: &[u8],
+    mut delta: impl Read,
+    sha256: &Sha256,
+    size: u64,
+) -> Result<(DeltaHeader, Vec<u8>), DeltaError> {
     let header = DeltaHeader::read(&mut delta)?;
+    if header.target != *sha256 || header.target_size != size {
+        return Err(DeltaError::HeaderMismatch {
+            target: header.target,
+            target_size: header.target_size,
+            expected: *sha256,
+            expected_size: size,
+        });
+    }
     let found = Sha256::of(old);
     if found != header.base {
         return Err(DeltaError::BaseMismatch {
@@ -135,31 +164,120 @@ pub fn apply_delta(old: &[u8], mut delta: impl Read) -> Result<(DeltaHeader, Vec
             found,
         });
     }
-    let decoder = zstd::Decoder::new(delta).map_err(corrupt)?;
-    // A patch reads every output byte from its stream, plus 24 control bytes per block:
-    // bounding the stream bounds the output, whatever the control words say.
-    let limit = header.target_size.saturating_mul(2).saturating_add(1 << 20);
+    let capacity = usize::try_from(size).map_err(|_| DeltaError::TooLarge(size))?;
+    // Every output byte comes from the stream, plus 24 control bytes per block: bounding
+    // the stream bounds the work of empty blocks, whatever the control words say.
+    let limit = patch_stream_limit(size);
     let mut patch = Bounded {
-        inner: decoder,
+        inner: decoder(delta, limit)?,
         left: limit,
-        limit: header.target_size,
+        limit: size,
     };
-    let mut new = Vec::with_capacity(
-        usize::try_from(header.target_size)
-            .unwrap_or(0)
-            .min(1 << 30),
-    );
-    bsdiff::patch(old, &mut patch, &mut new).map_err(|e| match e.kind() {
-        io::ErrorKind::FileTooLarge => DeltaError::TooLarge(header.target_size),
+    let mut new = Vec::with_capacity(capacity);
+    patch_bounded(old, &mut patch, &mut new, capacity).map_err(|e| match e.kind() {
+        io::ErrorKind::FileTooLarge => DeltaError::TooLarge(size),
         _ => corrupt(e),
     })?;
-    check(
-        &header.target,
-        header.target_size,
-        Sha256::of(&new),
-        new.len() as u64,
-    )?;
+    check(sha256, size, Sha256::of(&new), new.len() as u64)?;
     Ok((header, new))
+}
+
+/// The most payload bytes an artifact of `size` signed bytes can need in either encoding:
+/// zstd never grows data by more than a little, and a patch carries each output byte
+/// once plus its control words. A receiver refuses a payload declared larger, so a
+/// control plane cannot make a gateway store more than this for a signed artifact.
+pub fn max_payload_size(size: u64) -> u64 {
+    (HEADER_LEN as u64).saturating_add(patch_stream_limit(size))
+}
+
+/// The most bytes a patch stream (or a full payload's compressed stream) for an artifact
+/// of `size` bytes may have.
+fn patch_stream_limit(size: u64) -> u64 {
+    size.saturating_add(size / 8).saturating_add(1 << 20)
+}
+
+/// A zstd decoder whose window is no larger than a stream of `limit` bytes can need, or
+/// 8 MiB (what a streaming encoder at level 19 declares without knowing the input's
+/// size): a frame may ask for far more, and a hostile one would get it otherwise.
+fn decoder<R: Read>(
+    input: R,
+    limit: u64,
+) -> Result<zstd::Decoder<'static, io::BufReader<R>>, DeltaError> {
+    let mut d = zstd::Decoder::new(input).map_err(corrupt)?;
+    let needed = 64 - limit.max(1).leading_zeros();
+    let window_log = needed.clamp(23, 27);
+    d.window_log_max(window_log).map_err(corrupt)?;
+    Ok(d)
+}
+
+/// bsdiff's patch format, applied with the output capped at `max` bytes before any byte
+/// is read for it: blocks of `mix_len`, `copy_len` (u64 LE), `seek` (sign and magnitude),
+/// then `mix_len` bytes added to the old bytes at the cursor and `copy_len` literal bytes.
+fn patch_bounded(
+    old: &[u8],
+    patch: &mut impl Read,
+    new: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<()> {
+    let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_owned());
+    let mut oldpos: usize = 0;
+    loop {
+        let mut control = [0u8; 24];
+        if !read_block_start(patch, &mut control)? {
+            return Ok(());
+        }
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&control[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        let (mix, copy, seek) = (word(0), word(1), word(2));
+        let len = mix
+            .checked_add(copy)
+            .and_then(|n| usize::try_from(n).ok())
+            .ok_or_else(|| invalid("block length overflows"))?;
+        if len > max - new.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                format!("patch output past {max} bytes"),
+            ));
+        }
+        let mix = usize::try_from(mix).map_err(|_| invalid("mix length overflows"))?;
+        let start = new.len();
+        new.resize(start + len, 0);
+        patch.read_exact(&mut new[start..])?;
+        let base = oldpos
+            .checked_add(mix)
+            .and_then(|end| old.get(oldpos..end))
+            .ok_or_else(|| invalid("patch reads past the base"))?;
+        for (n, o) in new[start..start + mix].iter_mut().zip(base) {
+            *n = n.wrapping_add(*o);
+        }
+        let magnitude = seek & (u64::MAX >> 1);
+        let magnitude = usize::try_from(magnitude).map_err(|_| invalid("seek overflows"))?;
+        let after_mix = oldpos + mix;
+        oldpos = if seek >> 63 == 1 {
+            after_mix.checked_sub(magnitude)
+        } else {
+            after_mix.checked_add(magnitude)
+        }
+        .ok_or_else(|| invalid("seek before the base"))?;
+    }
+}
+
+/// Reads a block's 24 control bytes; `false` at a clean end of the patch.
+fn read_block_start(r: &mut impl Read, control: &mut [u8; 24]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < control.len() {
+        match r.read(&mut control[got..]) {
+            Ok(0) if got == 0 => return Ok(false),
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(true)
 }
 
 /// Compresses `artifact` as a `FULL_ZSTD` payload into `out`.
@@ -177,9 +295,8 @@ pub fn apply_full<W: Write>(
     size: u64,
     out: W,
 ) -> Result<W, DeltaError> {
-    let decoder = zstd::Decoder::new(payload).map_err(corrupt)?;
     let mut limited = Bounded {
-        inner: decoder,
+        inner: decoder(payload, size)?,
         left: size.saturating_add(1),
         limit: size,
     };
@@ -283,7 +400,8 @@ mod tests {
             delta.len(),
             full.len()
         );
-        let (header, out) = apply_delta(&old, delta.as_slice())?;
+        let (header, out) =
+            apply_delta(&old, delta.as_slice(), &Sha256::of(&new), new.len() as u64)?;
         assert_eq!(out, new);
         assert_eq!(header.target, Sha256::of(&new));
         let back = apply_full(
@@ -303,7 +421,12 @@ mod tests {
         let delta = write_delta(&old, &new, 3, Vec::new())?;
         let other = sample(10_000, 3);
         assert!(matches!(
-            apply_delta(&other, delta.as_slice()),
+            apply_delta(
+                &other,
+                delta.as_slice(),
+                &Sha256::of(&new),
+                new.len() as u64
+            ),
             Err(DeltaError::BaseMismatch { .. })
         ));
         Ok(())
@@ -315,31 +438,98 @@ mod tests {
         let mut new = old.clone();
         new[40_000..40_050].fill(7);
         let delta = write_delta(&old, &new, 3, Vec::new())?;
+        let (signed, size) = (Sha256::of(&new), new.len() as u64);
         for i in (HEADER_LEN..delta.len()).step_by(7) {
             let mut bad = delta.clone();
             bad[i] ^= 0x40;
             // Some zstd frame-header bits (e.g. window size) do not change the output;
             // whatever is accepted must be exactly the signed result.
-            if let Ok((_, out)) = apply_delta(&old, bad.as_slice()) {
+            if let Ok((_, out)) = apply_delta(&old, bad.as_slice(), &signed, size) {
                 assert_eq!(out, new, "bit flip at {i} produced other bytes");
             }
         }
         for cut in [0, 10, HEADER_LEN, HEADER_LEN + 5, delta.len() - 1] {
             assert!(
-                apply_delta(&old, &delta[..cut]).is_err(),
+                apply_delta(&old, &delta[..cut], &signed, size).is_err(),
                 "cut at {cut} accepted"
             );
         }
         let mut bad = delta.clone();
         bad[0] = b'X';
         assert!(matches!(
-            apply_delta(&old, bad.as_slice()),
+            apply_delta(&old, bad.as_slice(), &signed, size),
             Err(DeltaError::BadHeader)
         ));
-        // A header that lies about the size cannot make the patch grow past it.
-        let mut lying = delta.clone();
-        lying[72..80].copy_from_slice(&10u64.to_le_bytes());
-        assert!(apply_delta(&old, lying.as_slice()).is_err());
+        // A header that lies about the size is refused before anything is sized by it.
+        for claim in [10u64, 1 << 40, u64::MAX] {
+            let mut lying = delta.clone();
+            lying[72..80].copy_from_slice(&claim.to_le_bytes());
+            assert!(
+                matches!(
+                    apply_delta(&old, lying.as_slice(), &signed, size),
+                    Err(DeltaError::HeaderMismatch { target_size, .. }) if target_size == claim
+                ),
+                "claim {claim}"
+            );
+        }
+        Ok(())
+    }
+
+    /// A patch stream with the right header whose blocks produce more than the signed
+    /// size: refused at the first block past it, never buffered.
+    #[test]
+    fn a_patch_cannot_produce_more_than_the_signed_size() -> Result<(), DeltaError> {
+        let old = sample(1000, 1);
+        let new = sample(1000, 2);
+        let (signed, size) = (Sha256::of(&new), new.len() as u64);
+        let header = DeltaHeader {
+            base: Sha256::of(&old),
+            target: signed,
+            target_size: size,
+        };
+        for (mix, copy) in [
+            (0u64, 1u64 << 40),
+            (u64::MAX, 1),
+            (1 << 62, 1 << 62),
+            (0, 1001),
+        ] {
+            let mut patch = Vec::new();
+            for w in [mix, copy, 0] {
+                patch.extend_from_slice(&w.to_le_bytes());
+            }
+            patch.extend_from_slice(&[7u8; 2000]);
+            let mut payload = header.encode().to_vec();
+            payload.extend(zstd::encode_all(patch.as_slice(), 3)?);
+            let err = apply_delta(&old, payload.as_slice(), &signed, size);
+            assert!(
+                matches!(
+                    err,
+                    Err(DeltaError::TooLarge(_)) | Err(DeltaError::Corrupt(_))
+                ),
+                "({mix}, {copy}): {err:?}"
+            );
+        }
+        // Empty blocks forever end at the stream bound, not in a hang.
+        let endless = vec![0u8; 24 * 200_000];
+        let mut payload = header.encode().to_vec();
+        payload.extend(zstd::encode_all(endless.as_slice(), 3)?);
+        let err = apply_delta(&old, payload.as_slice(), &signed, size);
+        assert!(matches!(err, Err(DeltaError::TooLarge(_))), "{err:?}");
+        Ok(())
+    }
+
+    /// A zstd frame that asks for a 2 GiB window is refused instead of allocated.
+    #[test]
+    fn a_frame_asking_for_a_huge_window_is_refused() -> Result<(), DeltaError> {
+        let data = sample(4096, 5);
+        let mut encoder = zstd::stream::Encoder::new(Vec::new(), 1)?;
+        encoder.window_log(31)?;
+        encoder.long_distance_matching(true)?;
+        encoder.write_all(&data)?;
+        let frame = encoder.finish()?;
+        let err = apply_full(frame.as_slice(), &Sha256::of(&data), 4096, Vec::new());
+        assert!(matches!(err, Err(DeltaError::Corrupt(_))), "{err:?}");
+        assert!(max_payload_size(4096) < 4096 * 2 + (2 << 20));
         Ok(())
     }
 

@@ -63,8 +63,13 @@ impl Installer {
         &self.modules
     }
 
-    /// Checks an offer before any payload byte is read.
-    pub fn check(&self, manifest_bytes: &[u8], signature: &[u8]) -> Result<Verdict, InstallError> {
+    /// The manifest, if one of our trusted keys signed it and it is for this node's
+    /// target. Everything an unsigned message names must match it before use.
+    pub fn verify(
+        &self,
+        manifest_bytes: &[u8],
+        signature: &[u8],
+    ) -> Result<Manifest, InstallError> {
         self.trusted
             .verify(manifest_bytes, signature)
             .map_err(|e| InstallError::Signature(e.to_string()))?;
@@ -75,6 +80,12 @@ impl Installer {
                 node: self.target.clone(),
             });
         }
+        Ok(manifest)
+    }
+
+    /// Checks an offer before any payload byte is read.
+    pub fn check(&self, manifest_bytes: &[u8], signature: &[u8]) -> Result<Verdict, InstallError> {
+        let manifest = self.verify(manifest_bytes, signature)?;
         let state = self.modules.state(&manifest.module)?;
         if let Some(current) = &state.current {
             let offered = manifest.semver();
@@ -106,6 +117,22 @@ impl Installer {
         })))
     }
 
+    /// Refuses a payload declared larger than any payload of the signed artifact can be
+    /// (`delta::max_payload_size`): the declared size is unsigned, so it alone must not
+    /// decide how much a gateway stores. Call before the first byte is written.
+    pub fn check_payload(&self, checked: &Checked, info: &PayloadInfo) -> Result<(), InstallError> {
+        let artifact = checked.manifest.size;
+        let max = delta::max_payload_size(artifact);
+        if info.size > max {
+            return Err(InstallError::PayloadOverSigned {
+                declared: info.size,
+                artifact,
+                max,
+            });
+        }
+        Ok(())
+    }
+
     /// Receives a payload from `reader` into a temp file of `tmp/`: at most `info.size`
     /// bytes, with the declared sha256. The file is deleted when the handle drops.
     pub fn receive(
@@ -114,6 +141,7 @@ impl Installer {
         info: &PayloadInfo,
         mut reader: impl Read,
     ) -> Result<tempfile::NamedTempFile, InstallError> {
+        self.check_payload(checked, info)?;
         let tmp = self.modules.tmp(&checked.manifest.module)?;
         let mut file = tempfile::Builder::new()
             .prefix("payload-")
@@ -186,15 +214,9 @@ impl Installer {
                 // About old + new bytes of memory: the base in full, the patch streamed.
                 let old = std::fs::read(&old_path).map_err(io(&old_path))?;
                 let input = BufReader::new(File::open(payload).map_err(io(payload))?);
-                let (header, new) = delta::apply_delta(&old, input)
+                let (_, new) = delta::apply_delta(&old, input, &m.digest(), m.size)
                     .map_err(|e| InstallError::from_delta(&artifact, e))?;
                 drop(old);
-                if header.target != m.digest() || header.target_size != m.size {
-                    return Err(InstallError::ResultMismatch(format!(
-                        "patch produces {} ({} bytes), the signed manifest says {} ({} bytes)",
-                        header.target, header.target_size, m.sha256, m.size
-                    )));
-                }
                 let mut file = File::create(&artifact).map_err(io(&artifact))?;
                 file.write_all(&new).map_err(io(&artifact))?;
                 file.sync_all().map_err(io(&artifact))?;
@@ -549,6 +571,15 @@ mod tests {
             ..Manifest::parse(&m2)?
         }
         .to_json();
+        // Sizes the payload claims must not size anything: a declared payload far past
+        // what the signed artifact can need, and a delta header claiming 1 TiB.
+        let oversized_info = PayloadInfo {
+            size: delta::max_payload_size(v2.len() as u64) + 1,
+            ..delta_info.clone()
+        };
+        let mut lying = delta.clone();
+        lying[72..80].copy_from_slice(&(1u64 << 40).to_le_bytes());
+        let lying_info = PayloadInfo::of(Encoding::BsdiffZstd, Some(Sha256::of(&v1)), &lying);
 
         type Case<'a> = (
             &'a str,
@@ -624,6 +655,22 @@ mod tests {
                 "bigger",
             ),
             (
+                "payload declared past the signed size",
+                m2.clone(),
+                f.signer.sign(&m2),
+                &oversized_info,
+                &delta,
+                "the signed artifact is",
+            ),
+            (
+                "delta header claiming 1 TiB",
+                m2.clone(),
+                f.signer.sign(&m2),
+                &lying_info,
+                &lying,
+                "signed manifest says",
+            ),
+            (
                 "downgrade",
                 old.clone(),
                 f.signer.sign(&old),
@@ -657,6 +704,64 @@ mod tests {
         // And the good update still goes through afterwards.
         f.signed_offer(&m2, &delta_info, &delta)?;
         assert_eq!(f.current("gateway")?, v2);
+        Ok(())
+    }
+
+    #[test]
+    fn names_from_messages_and_state_files_never_leave_the_state_dir(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let f = fixture()?;
+        let v1 = binary(3, 10_000);
+        let (info, bytes) = full(&v1)?;
+        f.signed_offer(&manifest("gateway", "1.0.0", &v1), &info, &bytes)?;
+        let outside = f.dir.path().join("outside");
+        std::fs::create_dir(&outside)?;
+        std::fs::write(outside.join("precious"), b"x")?;
+
+        // A rollback naming a path instead of a module.
+        for name in ["../../outside", "..", "a/b", ""] {
+            assert!(f.installer.rollback(name, None, 9).is_err(), "{name:?}");
+        }
+        assert!(!f.dir.path().join("state/state.json").exists());
+        assert!(!f.dir.path().join("outside/state.json").exists());
+
+        // A symlinked tmp (or slots) is removed, not emptied through.
+        let tmp = f.dir.path().join("state/modules/gateway/tmp");
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::os::unix::fs::symlink(&outside, &tmp)?;
+        f.installer.modules().clean("gateway")?;
+        assert!(outside.join("precious").exists());
+        assert!(!tmp.is_symlink());
+        assert_eq!(f.current("gateway")?, v1);
+
+        // A state.json naming a slot outside its module is corrupt, not followed; and
+        // one damaged module does not hide the others.
+        f.signed_offer(&manifest("other", "1.0.0", &v1), &info, &bytes)?;
+        let state = f.dir.path().join("state/modules/other/state.json");
+        let text = std::fs::read_to_string(&state)?;
+        let id = f
+            .installer
+            .modules()
+            .state("other")?
+            .current
+            .ok_or("no slot")?
+            .id;
+        std::fs::write(&state, text.replace(&id, "../../../outside"))?;
+        let err = f
+            .installer
+            .modules()
+            .state("other")
+            .err()
+            .ok_or("accepted")?;
+        assert!(err.to_string().contains("not a file name"), "{err}");
+        let listed: Vec<String> = f
+            .installer
+            .modules()
+            .list()?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(listed, ["gateway"]);
         Ok(())
     }
 }

@@ -50,6 +50,16 @@ pub enum InstallError {
         /// Declared size.
         declared: u64,
     },
+    /// A payload declared larger than any payload of the signed artifact can be.
+    #[error("payload of {declared} bytes refused: the signed artifact is {artifact} bytes, so its payload is at most {max}")]
+    PayloadOverSigned {
+        /// Declared payload size.
+        declared: u64,
+        /// Signed artifact size.
+        artifact: u64,
+        /// The most a payload of it may be.
+        max: u64,
+    },
     /// The payload is not the declared bytes.
     #[error("payload sha256 {found} ({size} bytes) is not the declared {declared}")]
     PayloadMismatch {
@@ -123,7 +133,9 @@ impl InstallError {
         use aviary_proto::delta::DeltaError;
         match e {
             DeltaError::Io(source) => InstallError::from_io(path, source),
-            DeltaError::ResultMismatch { .. } => InstallError::ResultMismatch(e.to_string()),
+            DeltaError::ResultMismatch { .. } | DeltaError::HeaderMismatch { .. } => {
+                InstallError::ResultMismatch(e.to_string())
+            }
             other => InstallError::Payload(other.to_string()),
         }
     }

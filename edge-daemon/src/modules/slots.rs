@@ -66,6 +66,26 @@ pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> InstallError + '
     move |source| InstallError::from_io(path, source)
 }
 
+/// One path component: no separator, no NUL, not `.` or `..`, at most 255 bytes.
+fn safe_file_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains(['/', '\0'])
+}
+
+/// Removes `path` if it is a symlink (not following it).
+fn replace_symlink(path: &Path) -> Result<(), InstallError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            tracing::warn!(path = %path.display(), "symlink in the state dir removed");
+            std::fs::remove_file(path).map_err(io(path))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// fsync a directory, so renames into it survive a power cut.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), InstallError> {
     std::fs::File::open(dir)
@@ -93,9 +113,17 @@ impl Modules {
         self.root.join(name)
     }
 
-    /// `modules/NAME/tmp`, created.
+    /// `modules/NAME`, after checking `NAME` is a module name: every method that writes
+    /// or removes goes through here, so no message can point one outside `modules/`.
+    fn checked_dir(&self, name: &str) -> Result<PathBuf, InstallError> {
+        aviary_proto::manifest::validate_module_name(name).map_err(InstallError::Manifest)?;
+        Ok(self.dir(name))
+    }
+
+    /// `modules/NAME/tmp`, created; a symlink in its place is removed, never followed.
     pub fn tmp(&self, name: &str) -> Result<PathBuf, InstallError> {
-        let tmp = self.dir(name).join("tmp");
+        let tmp = self.checked_dir(name)?.join("tmp");
+        replace_symlink(&tmp)?;
         std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
         Ok(tmp)
     }
@@ -112,12 +140,23 @@ impl Modules {
 
     /// The module's slots; empty when it was never installed.
     pub fn state(&self, name: &str) -> Result<ModuleState, InstallError> {
-        let path = self.dir(name).join("state.json");
+        let path = self.checked_dir(name)?.join("state.json");
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| InstallError::Corrupt {
-                path,
-                reason: e.to_string(),
-            }),
+            Ok(bytes) => {
+                let corrupt = |reason: String| InstallError::Corrupt {
+                    path: path.clone(),
+                    reason,
+                };
+                let state: ModuleState =
+                    serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                // Slot ids become paths too.
+                for slot in [&state.current, &state.previous].into_iter().flatten() {
+                    if !safe_file_name(&slot.id) {
+                        return Err(corrupt(format!("slot id {:?} is not a file name", slot.id)));
+                    }
+                }
+                Ok(state)
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModuleState::default()),
             Err(e) => Err(InstallError::from_io(&path, e)),
         }
@@ -130,7 +169,7 @@ impl Modules {
 
     /// The runtime config the module runs with, if the control plane ever sent one.
     pub fn config(&self, name: &str) -> Result<Option<AppliedConfig>, InstallError> {
-        let path = self.dir(name).join("config.json");
+        let path = self.checked_dir(name)?.join("config.json");
         match std::fs::read(&path) {
             Ok(bytes) => {
                 serde_json::from_slice(&bytes)
@@ -158,6 +197,9 @@ impl Modules {
         for entry in entries {
             let name = entry.map_err(io(&self.root))?.file_name();
             let name = name.to_string_lossy();
+            if aviary_proto::manifest::validate_module_name(&name).is_err() {
+                continue;
+            }
             if let Some(c) = self.config(&name)? {
                 out.push((name.into_owned(), c.revision));
             }
@@ -173,7 +215,7 @@ impl Modules {
         file: &str,
         value: &T,
     ) -> Result<(), InstallError> {
-        let dir = self.dir(name);
+        let dir = self.checked_dir(name)?;
         let path = dir.join(file);
         let tmp = dir.join(format!("{file}.tmp"));
         let bytes = serde_json::to_vec_pretty(value).map_err(|e| InstallError::Corrupt {
@@ -193,14 +235,22 @@ impl Modules {
         sync_dir(&dir)
     }
 
-    /// Every installed module and its slots, by name.
+    /// Every installed module and its slots, by name. A module whose `state.json` cannot
+    /// be read is left out (and logged): one damaged file must not stop the others.
     pub fn list(&self) -> Result<Vec<(String, ModuleState)>, InstallError> {
         let mut out = Vec::new();
         let entries = std::fs::read_dir(&self.root).map_err(io(&self.root))?;
         for entry in entries {
             let entry = entry.map_err(io(&self.root))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let state = self.state(&name)?;
+            let state = match self.state(&name) {
+                Ok(state) => state,
+                Err(e) => {
+                    metrics::counter!("aviary_edge_unreadable_modules_total").increment(1);
+                    tracing::error!(module = %name, error = %e, "module left out: its state cannot be read");
+                    continue;
+                }
+            };
             if state.current.is_some() {
                 out.push((name, state));
             }
@@ -213,6 +263,10 @@ impl Modules {
     /// slots of interrupted or superseded installs.
     pub fn clean(&self, name: &str) -> Result<(), InstallError> {
         let state = self.state(name)?;
+        let dir = self.checked_dir(name)?;
+        // A symlink planted for `tmp` or `slots` would have its target emptied below.
+        replace_symlink(&dir.join("tmp"))?;
+        replace_symlink(&dir.join("slots"))?;
         let keep: Vec<&str> = [&state.current, &state.previous]
             .into_iter()
             .flatten()
