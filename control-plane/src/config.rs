@@ -20,11 +20,50 @@ pub enum LogFormat {
     Json,
 }
 
+/// Offline maintenance of a data dir (the control plane must be stopped: sled allows one
+/// process at a time).
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum Maintenance {
+    /// Reads every record, checks counters, the watermark and release blobs; exits 1 on
+    /// any problem.
+    Check {
+        /// The data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Accept data lost to damage: move the counters up to the watermark so nothing
+        /// is numbered twice, and let the control plane start on what is left.
+        #[arg(long)]
+        accept_loss: bool,
+    },
+    /// Writes a checked copy of the store and the release blobs into a new directory.
+    Backup {
+        /// The data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The backup directory to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Restores a backup into a data dir that holds no store yet.
+    Restore {
+        /// The data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The backup directory.
+        #[arg(long)]
+        from: PathBuf,
+    },
+}
+
 /// Command line of `aviary-control-plane` (every flag is also a key of the `--config` file).
 #[derive(Parser, Debug, Default, serde::Deserialize)]
 #[command(name = "aviary-control-plane", version, about = "Aviary control plane")]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Args {
+    /// Offline work on a stopped control plane's data dir; without one, serve.
+    #[command(subcommand)]
+    #[serde(skip)]
+    pub command: Option<Maintenance>,
     /// TOML file with any of these flags as keys (e.g. `listen = "0.0.0.0:7443"`).
     #[arg(long)]
     #[serde(skip)]

@@ -54,6 +54,11 @@ impl From<ControlPlaneError> for tonic::Status {
             AlreadyExists(m) => tonic::Status::already_exists(m.clone()),
             ResourceExhausted(m) => tonic::Status::resource_exhausted(m.clone()),
             Unavailable(m) => tonic::Status::unavailable(m.clone()),
+            // The disk failed: nothing was acknowledged, and a retry may succeed.
+            Store(s) if s.is_io() => {
+                tracing::error!(error = %e, "store unavailable");
+                tonic::Status::unavailable(format!("{e}; nothing was changed, retry later"))
+            }
             Store(_) | Certs(_) | Io { .. } | Transport(_) => {
                 tracing::error!(error = %e, "internal error");
                 tonic::Status::internal(e.to_string())

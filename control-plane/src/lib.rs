@@ -32,3 +32,4 @@ pub mod telemetry;
 
 pub use error::ControlPlaneError;
 pub use server::run;
+pub use store::maintenance;

@@ -99,19 +99,16 @@ pub async fn run(
     let engine = tokio::spawn(crate::rollout::run(registry.clone(), shutdown.clone()));
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    for name in [
-        "aviary.v1.Fleet",
-        "aviary.v1.Nodes",
-        "aviary.v1.Audit",
-        "aviary.v1.Releases",
-        "aviary.v1.Rollouts",
-        "aviary.v1.Configs",
-        "",
-    ] {
+    for name in SERVICES {
         health
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
+    metrics::gauge!("aviary_store_healthy").set(1.0);
+    let store_watch = tokio::spawn(tracing::Instrument::instrument(
+        watch_store(store.clone(), health.clone(), shutdown.clone()),
+        tracing::info_span!("store_watch"),
+    ));
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(aviary_proto::FILE_DESCRIPTOR_SET)
@@ -177,9 +174,60 @@ pub async fn run(
     accept.abort();
     let _ = flusher.await;
     let _ = engine.await;
+    let _ = store_watch.await;
     registry.flush_statuses().await?;
     tracing::info!("control plane stopped");
     result.map_err(Into::into)
+}
+
+/// Every service health reports on ("" is the server as a whole).
+const SERVICES: [&str; 7] = [
+    "aviary.v1.Fleet",
+    "aviary.v1.Nodes",
+    "aviary.v1.Audit",
+    "aviary.v1.Releases",
+    "aviary.v1.Rollouts",
+    "aviary.v1.Configs",
+    "",
+];
+
+/// Reports NOT_SERVING while the store cannot write, and probes it until it can again
+/// (a disk that was full or read-only recovers without a restart).
+async fn watch_store(
+    store: Arc<dyn Store>,
+    health: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut serving = true;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut healthy = store.healthy();
+        if !healthy {
+            let probing = store.clone();
+            healthy = tokio::task::spawn_blocking(move || probing.probe())
+                .await
+                .is_ok_and(|r| r.is_ok());
+        }
+        if healthy == serving {
+            continue;
+        }
+        serving = healthy;
+        let status = if healthy {
+            tracing::info!("store writes work again: serving");
+            tonic_health::ServingStatus::Serving
+        } else {
+            tracing::warn!("store cannot write: NOT_SERVING until it can");
+            tonic_health::ServingStatus::NotServing
+        };
+        metrics::gauge!("aviary_store_healthy").set(if healthy { 1.0 } else { 0.0 });
+        for name in SERVICES {
+            health.set_service_status(name, status).await;
+        }
+    }
 }
 
 async fn flush_statuses(registry: Arc<Registry>, shutdown: CancellationToken) {

@@ -556,3 +556,44 @@ impl Edge {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
+
+/// A tmpfs of a given size mounted at a directory (a disk that fills up), unmounted on
+/// drop. Needs root, as the tests run in CI.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`16m`) at `dir`, creating it.
+    pub fn mount(dir: &Path, size: &str) -> anyhow::Result<Tmpfs> {
+        std::fs::create_dir_all(dir)?;
+        let o = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()?;
+        if !o.status.success() {
+            bail!(
+                "mounting a tmpfs for a disk-full test failed (needs root): {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        Ok(Tmpfs(dir.to_owned()))
+    }
+
+    /// Fills the file system with `filler` until a write fails; returns its path.
+    pub fn fill(&self) -> anyhow::Result<PathBuf> {
+        use std::io::Write;
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path)?;
+        let chunk = vec![0xa5u8; 4096];
+        while f.write_all(&chunk).is_ok() {}
+        Ok(path)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}

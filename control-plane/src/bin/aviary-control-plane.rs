@@ -2,13 +2,18 @@
 
 use std::process::ExitCode;
 
-use aviary_control_plane::config::Args;
+use aviary_control_plane::config::{Args, Maintenance};
+use aviary_control_plane::maintenance;
 use aviary_control_plane::telemetry;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let config = match Args::parse().resolve() {
+    let args = Args::parse();
+    if let Some(command) = &args.command {
+        return maintain(command);
+    }
+    let config = match args.resolve() {
         Ok(config) => config,
         Err(e) => {
             eprintln!("aviary-control-plane: {e}");
@@ -63,4 +68,79 @@ async fn stop_on_signal(shutdown: CancellationToken) {
     }
     tracing::info!("shutting down");
     shutdown.cancel();
+}
+
+/// `check`, `backup` and `restore`: one line per finding, exit 1 when anything is wrong.
+fn maintain(command: &Maintenance) -> ExitCode {
+    match command {
+        Maintenance::Check {
+            data_dir,
+            accept_loss,
+        } => match maintenance::check(data_dir, *accept_loss) {
+            Ok(report) => {
+                let rows: Vec<String> = report
+                    .rows
+                    .iter()
+                    .map(|(t, n)| format!("{t} {n}"))
+                    .collect();
+                println!("rows: {}", rows.join(", "));
+                println!("counters: {}", report.counters);
+                match &report.watermark {
+                    Some(w) => println!("watermark: {w}"),
+                    None => println!("watermark: none"),
+                }
+                if report.quarantined > 0 {
+                    println!(
+                        "quarantined records: {} (kept in the quarantine tree)",
+                        report.quarantined
+                    );
+                }
+                for p in &report.problems {
+                    println!("problem: {p}");
+                }
+                if report.problems.is_empty() {
+                    println!("ok");
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::FAILURE
+                }
+            }
+            Err(e) => {
+                eprintln!("aviary-control-plane check: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Maintenance::Backup { data_dir, out } => match maintenance::backup(data_dir, out) {
+            Ok(r) => {
+                println!(
+                    "backed up {} rows and {} blobs ({} bytes) into {}",
+                    r.rows,
+                    r.blobs,
+                    r.blob_bytes,
+                    out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("aviary-control-plane backup: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Maintenance::Restore { data_dir, from } => match maintenance::restore(data_dir, from) {
+            Ok(r) => {
+                println!(
+                    "restored {} rows and {} blobs ({} bytes) into {}",
+                    r.rows,
+                    r.blobs,
+                    r.blob_bytes,
+                    data_dir.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("aviary-control-plane restore: {e}");
+                ExitCode::FAILURE
+            }
+        },
+    }
 }

@@ -352,14 +352,21 @@ impl Registry {
             record.daemon_version = hello.daemon_version;
             record.modules = hello.modules;
             // A node we do not know that has applied a revision at or above what we would
-            // send has a history we cannot vouch for (e.g. its registration was lost in a
-            // crash): give it a fresh revision rather than reuse a number for another map.
-            let unknown_history = existing.is_none()
-                && hello.applied_weights > 0
-                && hello.applied_weights >= desired(&st.rules, &st.deployments, &record).revision;
+            // send, or a known one that has applied more than we ever sent it, has a
+            // history we cannot vouch for (its registration was lost in a crash, or the
+            // store was restored from a backup): give it a fresh revision above anything it
+            // has seen rather than reuse a number for another map, or send one it refuses
+            // as older.
+            let would_send = desired(&st.rules, &st.deployments, &record).revision;
+            let unknown_history = hello.applied_weights > 0
+                && if existing.is_none() {
+                    hello.applied_weights >= would_send
+                } else {
+                    hello.applied_weights > would_send
+                };
             let mut new_revision = None;
             if labels_changed || unknown_history {
-                let revision = st.revision + 1;
+                let revision = st.revision.max(hello.applied_weights) + 1;
                 record.label_revision = revision;
                 new_revision = Some(revision);
             }
@@ -538,9 +545,15 @@ impl Registry {
             return Ok(());
         }
         let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.save_statuses(&rows))
+        let ids: Vec<String> = rows.iter().map(|(id, _)| id.clone()).collect();
+        let saved = tokio::task::spawn_blocking(move || store.save_statuses(&rows))
             .await
-            .map_err(|e| ControlPlaneError::Unavailable(format!("store task: {e}")))??;
+            .map_err(|e| ControlPlaneError::Unavailable(format!("store task: {e}")))?;
+        if let Err(e) = saved {
+            // Not written: try again at the next flush.
+            self.state().dirty.extend(ids);
+            return Err(e.into());
+        }
         Ok(())
     }
 

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 
 use anyhow::{bail, Context};
 use aviary_proto::digest::Sha256;
-use aviary_tests::{bin, tools_dir, Workspace};
+use aviary_tests::{bin, tools_dir, Tmpfs, Workspace};
 
 /// The esbuild 0.24.1 → 0.24.2 pair `scripts/test` fetches.
 fn esbuild_pair() -> anyhow::Result<(PathBuf, PathBuf)> {
@@ -139,31 +139,6 @@ fn a_gateway_without_control_plane_installs_a_delta_bundle_and_refuses_a_tampere
 
 /// A small tmpfs as the gateway's state dir (root only; CI and this machine run tests
 /// as root, and the mount is undone even when the test fails).
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: &Path, size: &str) -> anyhow::Result<Tmpfs> {
-        std::fs::create_dir_all(dir)?;
-        let o = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .output()?;
-        if !o.status.success() {
-            bail!(
-                "mounting a tmpfs for the disk-full test failed (needs root): {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        Ok(Tmpfs(dir.to_owned()))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_disk_refuses_the_install_and_keeps_the_running_version() -> anyhow::Result<()> {
     let ws = Workspace::new()?;

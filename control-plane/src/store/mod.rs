@@ -1,0 +1,170 @@
+//! Durable metadata: nodes, weight rules, config layers, releases, rollouts, counters and
+//! the audit log.
+//!
+//! `Store` is the seam for a replicated backend later; `SledStore` is the embedded default.
+//! Invariants:
+//! * `commit` is atomic across everything it touches and durable when it returns with
+//!   `durable` set, so an acknowledged admin request survives `kill -9`.
+//! * The store never serves what it cannot vouch for: damage found at start refuses the
+//!   start (`StoreError::Behind`, `StoreError::Inconsistent`) or quarantines the one
+//!   record; after an I/O error nothing is served from memory the disk may not hold.
+//! * Audit sequence numbers are never handed out twice, whatever fails.
+
+pub mod maintenance;
+mod sled_store;
+mod watermark;
+
+pub(crate) use sled_store::SledStore;
+
+use crate::audit::{Event, EventFilter, NewEvent};
+use crate::deploy::Deployment;
+use crate::layers::ConfigLayer;
+use crate::node::{NodeRecord, NodeStatus, WeightRule};
+use crate::release::ReleaseRecord;
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled reported an error (I/O, corruption).
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record could not be encoded or decoded.
+    #[error("record {key}: {source}")]
+    Codec {
+        /// The key of the record.
+        key: String,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// The store holds less than it had acknowledged: sled dropped part of its log (a
+    /// damaged file, or an older copy put in its place).
+    #[error("the store is behind what it acknowledged: it holds {found}, but {expected} was committed (watermark.json). Its files were damaged or replaced by an older copy; it will not start and serve a fleet that silently lost data. Restore a backup (aviary-control-plane restore), or accept the loss with aviary-control-plane check --accept-loss")]
+    Behind {
+        /// Counters in the store.
+        found: String,
+        /// Counters acknowledged before.
+        expected: String,
+    },
+    /// Records contradict the counters that number them.
+    #[error("the store is inconsistent: {0}")]
+    Inconsistent(String),
+    /// The store is closed after an I/O error and could not be reopened yet.
+    #[error("store unavailable after an I/O error: {0}")]
+    Unavailable(String),
+    /// A watermark, backup or other store file could not be read or written.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl StoreError {
+    /// True for errors of the disk or of sled itself (as opposed to a bad record):
+    /// sled keeps failing after one of those until it is reopened.
+    pub(crate) fn is_io(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sled(
+                sled::Error::Io(_) | sled::Error::Corruption { .. } | sled::Error::ReportableBug(_)
+            ) | StoreError::Unavailable(_)
+        )
+    }
+}
+
+/// Everything loaded at start-up.
+#[derive(Debug, Default)]
+pub(crate) struct Snapshot {
+    /// Every node ever seen.
+    pub nodes: Vec<NodeRecord>,
+    /// Last known status per node id.
+    pub statuses: Vec<(String, NodeStatus)>,
+    /// Weight rules, sorted by `seq`.
+    pub rules: Vec<WeightRule>,
+    /// The highest revision handed out.
+    pub revision: u64,
+    /// Deployments, sorted by `seq`.
+    pub deployments: Vec<Deployment>,
+    /// Runtime config layers (tombstones included), in merge order.
+    pub configs: Vec<ConfigLayer>,
+    /// Records that could not be read and were moved to the quarantine tree.
+    pub quarantined: Vec<Quarantined>,
+}
+
+/// A record set aside at start because it could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Quarantined {
+    /// The tree it was in (`nodes`, `rollouts`, ...).
+    pub tree: &'static str,
+    /// Its key, as text.
+    pub key: String,
+    /// Why it could not be read.
+    pub error: String,
+}
+
+/// One atomic change.
+#[derive(Debug, Default)]
+pub(crate) struct Change {
+    /// Node records to write whole.
+    pub nodes: Vec<NodeRecord>,
+    /// Rules to insert or replace (by key).
+    pub rules: Vec<WeightRule>,
+    /// Releases to insert or replace (by module and version).
+    pub releases: Vec<ReleaseRecord>,
+    /// Deployments to insert or replace (by seq).
+    pub deployments: Vec<Deployment>,
+    /// Config layers to insert or replace (by key).
+    pub configs: Vec<ConfigLayer>,
+    /// New highest revision, if it moved.
+    pub revision: Option<u64>,
+    /// Audit events to append.
+    pub events: Vec<NewEvent>,
+    /// Flush to disk before returning (every acknowledged admin request).
+    pub durable: bool,
+}
+
+/// The metadata store behind the registry.
+pub(crate) trait Store: Send + Sync + 'static {
+    /// Reads everything back after a start.
+    fn load(&self) -> Result<Snapshot, StoreError>;
+    /// Applies `change` atomically; returns the stored audit events.
+    fn commit(&self, change: Change) -> Result<Vec<Event>, StoreError>;
+    /// Writes node statuses (not flushed: sled's own flush interval is enough).
+    fn save_statuses(&self, rows: &[(String, NodeStatus)]) -> Result<(), StoreError>;
+    /// Audit events after `after_seq` that pass `filter`, at most `limit`.
+    fn events(
+        &self,
+        after_seq: u64,
+        filter: &EventFilter,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError>;
+    /// One release.
+    fn release(&self, module: &str, version: &str) -> Result<Option<ReleaseRecord>, StoreError>;
+    /// Every release of `module` (all modules when `None`), in key order.
+    fn releases(&self, module: Option<&str>) -> Result<Vec<ReleaseRecord>, StoreError>;
+    /// False from an I/O error until a write succeeds again.
+    fn healthy(&self) -> bool;
+    /// Tries a small durable write (reopening first if needed); `Ok` means writes work.
+    fn probe(&self) -> Result<(), StoreError>;
+}
+
+/// Reads a record written by `encode`.
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(
+    key: &[u8],
+    value: &[u8],
+) -> Result<T, StoreError> {
+    serde_json::from_slice(value).map_err(|source| StoreError::Codec {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+/// Writes a record (refusing what `decode` could not read back: see `crate::finite`).
+pub(crate) fn encode<T: serde::Serialize>(key: &str, value: &T) -> Result<Vec<u8>, StoreError> {
+    serde_json::to_vec(value).map_err(|source| StoreError::Codec {
+        key: key.to_owned(),
+        source,
+    })
+}
