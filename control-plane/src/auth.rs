@@ -16,6 +16,7 @@ use aviary_certs::Identity;
 use tonic::codegen::BoxFuture;
 use tower::{Layer, Service};
 
+use crate::admission::TokenBucket;
 use crate::audit::NewEvent;
 use crate::listener::PeerInfo;
 use crate::registry::Registry;
@@ -24,12 +25,18 @@ use crate::registry::Registry;
 #[derive(Clone)]
 pub(crate) struct AuthLayer {
     registry: Arc<Registry>,
+    audit_budget: Arc<TokenBucket>,
 }
 
 impl AuthLayer {
-    /// Checks callers against `registry` (for revocations) and audits refusals there.
+    /// Checks callers against `registry` (for revocations) and audits refusals there:
+    /// at most 5 a second (bursts of 20), so one certificate cannot flood the log; the
+    /// rest are counted (`aviary_refusals_unaudited_total`).
     pub(crate) fn new(registry: Arc<Registry>) -> AuthLayer {
-        AuthLayer { registry }
+        AuthLayer {
+            registry,
+            audit_budget: Arc::new(TokenBucket::new(5.0, 20.0)),
+        }
     }
 }
 
@@ -40,6 +47,7 @@ impl<S> Layer<S> for AuthLayer {
         Auth {
             inner,
             registry: self.registry.clone(),
+            audit_budget: self.audit_budget.clone(),
         }
     }
 }
@@ -49,6 +57,7 @@ impl<S> Layer<S> for AuthLayer {
 pub(crate) struct Auth<S> {
     inner: S,
     registry: Arc<Registry>,
+    audit_budget: Arc<TokenBucket>,
 }
 
 enum Role {
@@ -135,10 +144,16 @@ where
                 tracing::info!(%actor, %path, %reason, "call refused");
                 metrics::counter!("aviary_calls_refused_total").increment(1);
                 let registry = self.registry.clone();
+                let audit = self.audit_budget.try_take();
+                if !audit {
+                    metrics::counter!("aviary_refusals_unaudited_total").increment(1);
+                }
                 let event = NewEvent::new(actor, "auth.denied", path, reason.clone());
                 Box::pin(async move {
-                    if let Err(e) = registry.audit(event, false).await {
-                        tracing::warn!(error = %e, "could not audit refused call");
+                    if audit {
+                        if let Err(e) = registry.audit(event, false).await {
+                            tracing::warn!(error = %e, "could not audit refused call");
+                        }
                     }
                     Ok(tonic::Status::permission_denied(reason).into_http())
                 })

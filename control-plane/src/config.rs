@@ -115,6 +115,25 @@ pub struct Args {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(default, deserialize_with = "duration::option")]
     pub delta_timeout: Option<Duration>,
+    /// Open connections one edge certificate may hold at once (default 8).
+    #[arg(long)]
+    pub max_connections_per_node: Option<usize>,
+    /// Audit events kept: older ones beyond this count are deleted (default 1000000).
+    #[arg(long)]
+    pub audit_retention_events: Option<u64>,
+    /// Audit events older than this are deleted (default 90d).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "duration::option")]
+    pub audit_retention_age: Option<Duration>,
+}
+
+/// How much of the audit log is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuditRetention {
+    /// Most events kept.
+    pub events: u64,
+    /// Oldest event kept.
+    pub age: Duration,
 }
 
 /// Validated configuration.
@@ -140,6 +159,10 @@ pub struct Config {
     pub max_release_bytes: u64,
     /// Delta builder limits.
     pub deltas: crate::deltas::DeltaSettings,
+    /// Open connections per edge certificate.
+    pub max_connections_per_node: usize,
+    /// What of the audit log is kept.
+    pub audit_retention: AuditRetention,
 }
 
 /// A configuration problem, naming the flag or key (exit status 64).
@@ -210,9 +233,36 @@ impl Args {
                 .unwrap_or(defaults.timeout),
             ..defaults
         };
+        let max_connections_per_node = self
+            .max_connections_per_node
+            .or(file.max_connections_per_node)
+            .unwrap_or(8);
+        if max_connections_per_node == 0 {
+            return Err(ConfigError(
+                "--max-connections-per-node must be at least 1".into(),
+            ));
+        }
+        let audit_retention = AuditRetention {
+            events: self
+                .audit_retention_events
+                .or(file.audit_retention_events)
+                .unwrap_or(1_000_000),
+            age: self
+                .audit_retention_age
+                .or(file.audit_retention_age)
+                .unwrap_or(Duration::from_secs(90 * 24 * 3600)),
+        };
+        if audit_retention.events < 1000 || audit_retention.age < Duration::from_secs(60) {
+            return Err(ConfigError(
+                "--audit-retention-events must be at least 1000 and --audit-retention-age at least 1m"
+                    .into(),
+            ));
+        }
         Ok(Config {
             max_release_bytes,
             deltas,
+            max_connections_per_node,
+            audit_retention,
             listen: required(self.listen.or(file.listen), "listen")?,
             data_dir: required(self.data_dir.or(file.data_dir), "data-dir")?,
             certs: required(self.certs.or(file.certs), "certs")?,

@@ -13,6 +13,7 @@ mod blobs;
 mod catalog;
 pub mod cli;
 pub mod config;
+mod connections;
 pub mod deltas;
 mod deploy;
 mod error;

@@ -13,20 +13,28 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use aviary_certs::Identity;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::future::Future;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::transport::server::Connected;
 
 use crate::admission::TokenBucket;
 use crate::audit::NewEvent;
+use crate::connections::{ConnGuard, Connections};
 use crate::registry::Registry;
 
 /// A slow or silent client must not hold a handshake slot for long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An authenticated client must start its HTTP/2 session this soon after the handshake.
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+/// What every HTTP/2 client sends first (RFC 9113, 3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Who is at the other end of a connection, as tonic's `ConnectInfo`.
 #[derive(Clone, Debug)]
@@ -37,10 +45,28 @@ pub(crate) struct PeerInfo {
     pub addr: SocketAddr,
 }
 
-/// An authenticated TLS connection.
+/// An authenticated TLS connection whose HTTP/2 session has started.
 pub(crate) struct PeerConn {
     io: TlsStream<TcpStream>,
     info: PeerInfo,
+    /// Read to prove the session started; given to the HTTP/2 server first.
+    preface: [u8; 24],
+    replayed: usize,
+    /// Ready when the connection must close (its identity was revoked).
+    closed: Pin<Box<WaitForCancellationFutureOwned>>,
+    _registered: ConnGuard,
+}
+
+impl PeerConn {
+    fn check_closed(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.closed.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection closed: its identity was revoked",
+            )),
+            Poll::Pending => Ok(()),
+        }
+    }
 }
 
 impl Connected for PeerConn {
@@ -57,6 +83,14 @@ impl AsyncRead for PeerConn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        self.check_closed(cx)?;
+        if self.replayed < PREFACE.len() {
+            let rest = &self.preface[self.replayed..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            self.replayed += n;
+            return Poll::Ready(Ok(()));
+        }
         Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
@@ -67,6 +101,7 @@ impl AsyncWrite for PeerConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.check_closed(cx)?;
         Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
@@ -83,6 +118,7 @@ impl AsyncWrite for PeerConn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.check_closed(cx)?;
         Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
@@ -91,12 +127,48 @@ impl AsyncWrite for PeerConn {
     }
 }
 
+/// Registers an authenticated connection and waits for its HTTP/2 preface: a client that
+/// never starts a session must not hold a descriptor forever.
+async fn session(
+    mut tls: TlsStream<TcpStream>,
+    identity: Identity,
+    addr: SocketAddr,
+    connections: &Arc<Connections>,
+) -> Result<PeerConn, String> {
+    let registered = connections.register(&identity)?;
+    let mut preface = [0u8; 24];
+    let read = tokio::time::timeout(PREFACE_TIMEOUT, tls.read_exact(&mut preface));
+    let closed = registered.closed.clone();
+    tokio::select! {
+        r = read => match r {
+            Ok(Ok(_)) if &preface == PREFACE => {}
+            Ok(Ok(_)) => return Err(format!("{identity}: not an HTTP/2 client")),
+            Ok(Err(e)) => return Err(format!("{identity}: closed before its HTTP/2 session: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "{identity}: no HTTP/2 session within {PREFACE_TIMEOUT:?} of the handshake"
+                ))
+            }
+        },
+        _ = closed.cancelled() => return Err(format!("{identity}: revoked")),
+    }
+    Ok(PeerConn {
+        io: tls,
+        info: PeerInfo { identity, addr },
+        preface,
+        replayed: 0,
+        closed: Box::pin(registered.closed.clone().cancelled_owned()),
+        _registered: registered,
+    })
+}
+
 /// Accepts connections until `shutdown`; authenticated ones go to `out`.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     trust_domain: String,
     registry: Arc<Registry>,
+    connections: Arc<Connections>,
     out: mpsc::Sender<Result<PeerConn, io::Error>>,
     shutdown: CancellationToken,
 ) {
@@ -124,6 +196,7 @@ pub(crate) async fn accept_loop(
         let registry = registry.clone();
         let audit_budget = audit_budget.clone();
         let shutdown = shutdown.clone();
+        let connections = connections.clone();
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
             let result = tokio::select! {
@@ -145,14 +218,13 @@ pub(crate) async fn accept_loop(
                                 .map_err(|e| e.to_string())
                         });
                     match identity {
-                        Ok(identity) => {
-                            let conn = PeerConn {
-                                io: tls,
-                                info: PeerInfo { identity, addr },
-                            };
-                            let _ = out.send(Ok(conn)).await;
-                            return;
-                        }
+                        Ok(identity) => match session(tls, identity, addr, &connections).await {
+                            Ok(conn) => {
+                                let _ = out.send(Ok(conn)).await;
+                                return;
+                            }
+                            Err(e) => Err(e),
+                        },
                         Err(e) => Err(e),
                     }
                 }
@@ -160,7 +232,9 @@ pub(crate) async fn accept_loop(
             if let Err(reason) = refused {
                 metrics::counter!("aviary_handshakes_refused_total").increment(1);
                 tracing::info!(peer = %addr, %reason, "connection refused");
-                if audit_budget.try_take() {
+                if !audit_budget.try_take() {
+                    metrics::counter!("aviary_refusals_unaudited_total").increment(1);
+                } else {
                     let event = NewEvent::new(
                         format!("peer/{addr}"),
                         "auth.handshake_refused",

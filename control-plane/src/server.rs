@@ -16,6 +16,7 @@ use crate::auth::AuthLayer;
 use crate::blobs::Blobs;
 use crate::catalog::Catalog;
 use crate::config::Config;
+use crate::connections::Connections;
 use crate::deltas::Deltas;
 use crate::error::ControlPlaneError;
 use crate::fleet::{Fleet, FleetService};
@@ -23,6 +24,8 @@ use crate::listener::accept_loop;
 use crate::registry::Registry;
 use crate::store::{SledStore, Store};
 
+/// Open connections one admin certificate may hold (operators run many tools at once).
+const MAX_CONNECTIONS_PER_ADMIN: usize = 256;
 /// Admin requests are small; anything bigger is a mistake or an attack.
 const MAX_ADMIN_MESSAGE_BYTES: usize = 1 << 20;
 /// Upload messages carry chunks (the CLI sends 1 MiB) or an attachment (up to 3 MiB).
@@ -87,11 +90,13 @@ pub async fn run(
 
     let (conn_tx, conn_rx) = mpsc::channel(1024);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let connections = Connections::new(config.max_connections_per_node, MAX_CONNECTIONS_PER_ADMIN);
     let accept = tokio::spawn(accept_loop(
         listener,
         acceptor,
         trust_domain,
         registry.clone(),
+        connections.clone(),
         conn_tx,
         shutdown.clone(),
     ));
@@ -105,6 +110,10 @@ pub async fn run(
             .await;
     }
     metrics::gauge!("aviary_store_healthy").set(1.0);
+    let pruner = tokio::spawn(tracing::Instrument::instrument(
+        prune_audit(store.clone(), config.audit_retention, shutdown.clone()),
+        tracing::info_span!("audit_retention"),
+    ));
     let store_watch = tokio::spawn(tracing::Instrument::instrument(
         watch_store(store.clone(), health.clone(), shutdown.clone()),
         tracing::info_span!("store_watch"),
@@ -133,9 +142,12 @@ pub async fn run(
         config.fleet.clone(),
         shutdown.clone(),
     );
-    let nodes =
-        pb::nodes_server::NodesServer::new(NodesApi::new(registry.clone(), shutdown.clone()))
-            .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
+    let nodes = pb::nodes_server::NodesServer::new(NodesApi::new(
+        registry.clone(),
+        connections.clone(),
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
     let audit =
         pb::audit_server::AuditServer::new(AuditApi::new(registry.clone(), shutdown.clone()))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
@@ -175,9 +187,47 @@ pub async fn run(
     let _ = flusher.await;
     let _ = engine.await;
     let _ = store_watch.await;
+    let _ = pruner.await;
     registry.flush_statuses().await?;
     tracing::info!("control plane stopped");
     result.map_err(Into::into)
+}
+
+/// Keeps the audit log within its retention: once a minute, in batches.
+async fn prune_audit(
+    store: Arc<dyn Store>,
+    retention: crate::config::AuditRetention,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before_ms = crate::audit::now_ms()
+            .saturating_sub(u64::try_from(retention.age.as_millis()).unwrap_or(u64::MAX));
+        loop {
+            let store = store.clone();
+            let pruned = tokio::task::spawn_blocking(move || {
+                store.prune_events(retention.events, before_ms, 10_000)
+            })
+            .await;
+            match pruned {
+                Ok(Ok(n)) => {
+                    metrics::counter!("aviary_audit_events_pruned_total").increment(n as u64);
+                    if n < 10_000 {
+                        break;
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "could not prune the audit log");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+    }
 }
 
 /// Every service health reports on ("" is the server as a whole).

@@ -10,19 +10,29 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::caller;
+use crate::connections::Connections;
 use crate::registry::Registry;
 use crate::selector::Selector;
 
 /// Implements `aviary.v1.Nodes`.
 pub(crate) struct NodesApi {
     registry: Arc<Registry>,
+    connections: Arc<Connections>,
     shutdown: CancellationToken,
 }
 
 impl NodesApi {
     /// Serves the nodes of `registry`; watches end at `shutdown`.
-    pub(crate) fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> NodesApi {
-        NodesApi { registry, shutdown }
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        connections: Arc<Connections>,
+        shutdown: CancellationToken,
+    ) -> NodesApi {
+        NodesApi {
+            registry,
+            connections,
+            shutdown,
+        }
     }
 }
 
@@ -81,6 +91,15 @@ impl Nodes for NodesApi {
             req.reason.chars().take(1024).collect()
         };
         let disconnected = self.registry.revoke(&actor, &req.node_id, &reason).await?;
+        // Every connection of the node, not only its fleet stream: an idle one would
+        // otherwise stay open on a revoked certificate. A moment later, so the stream's
+        // PERMISSION_DENIED reaches the daemon first (its calls are refused from now on).
+        let identity = aviary_certs::Identity::Edge(req.node_id.clone());
+        let connections = self.connections.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            connections.close(&identity);
+        });
         Ok(Response::new(pb::RevokeNodeResponse { disconnected }))
     }
 

@@ -435,9 +435,15 @@ mod tests {
         for (what, body) in [("tampered", tampered), ("cut", cut)] {
             std::fs::write(out.join("store.jsonl"), &body)?;
             let target = dir.path().join(what);
-            let err = restore(&target, &out).err().map(|e| e.to_string()).unwrap_or_default();
+            let err = restore(&target, &out)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
             assert!(!err.is_empty(), "{what} backup restored");
-            assert!(!target.join("meta.sled").exists(), "{what}: a store was written");
+            assert!(
+                !target.join("meta.sled").exists(),
+                "{what}: a store was written"
+            );
         }
         std::fs::write(out.join("store.jsonl"), &text)?;
         let good = dir.path().join("good");

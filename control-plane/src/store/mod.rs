@@ -144,6 +144,9 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn release(&self, module: &str, version: &str) -> Result<Option<ReleaseRecord>, StoreError>;
     /// Every release of `module` (all modules when `None`), in key order.
     fn releases(&self, module: Option<&str>) -> Result<Vec<ReleaseRecord>, StoreError>;
+    /// Deletes the oldest audit events: those more than `keep` behind the newest, and
+    /// those older than `before_ms` (Unix ms); at most `limit` per call. Returns how many.
+    fn prune_events(&self, keep: u64, before_ms: u64, limit: usize) -> Result<usize, StoreError>;
     /// False from an I/O error until a write succeeds again.
     fn healthy(&self) -> bool;
     /// Tries a small durable write (reopening first if needed); `Ok` means writes work.

@@ -399,6 +399,11 @@ impl Store for SledStore {
         rows.iter().map(|(k, v)| decode(k, v)).collect()
     }
 
+    fn prune_events(&self, keep: u64, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let t = self.trees()?;
+        self.guard(t.prune_events(keep, before_ms, limit))
+    }
+
     fn healthy(&self) -> bool {
         !self.broken.load(Ordering::Acquire)
     }
@@ -557,6 +562,30 @@ impl Trees {
             TransactionError::Storage(e) => StoreError::Sled(e),
         })?;
         Ok(stored)
+    }
+
+    /// See `Store::prune_events`. Events are in sequence order and stamped as they are
+    /// numbered, so the oldest are at the front: stop at the first one kept.
+    fn prune_events(&self, keep: u64, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
+        let newest = read_u64(&self.meta, AUDIT_SEQ)?;
+        let cutoff = newest.saturating_sub(keep);
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for row in self.events.iter() {
+            let (k, v) = row?;
+            let seq = <[u8; 8]>::try_from(k.as_ref()).map_or(0, u64::from_be_bytes);
+            let stale =
+                seq <= cutoff || decode::<Event>(&k, &v).map_or(true, |e| e.time_ms < before_ms);
+            if !stale || n >= limit {
+                break;
+            }
+            batch.remove(k);
+            n += 1;
+        }
+        if n > 0 {
+            self.events.apply_batch(batch)?;
+        }
+        Ok(n)
     }
 
     /// Audit events after `after_seq` that pass `filter`, at most `limit`.
@@ -866,6 +895,39 @@ mod tests {
             err.contains("audit event 3 exists but the counter says 1"),
             "{err}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn the_audit_log_keeps_the_newest_by_count_and_age() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = SledStore::open(dir.path())?;
+        store.commit(Change {
+            events: vec![NewEvent::new("a", "b", "c", "d"); 10],
+            durable: true,
+            ..Default::default()
+        })?;
+        let seqs = |s: &SledStore| -> anyhow::Result<Vec<u64>> {
+            Ok(s.events(0, &EventFilter::default(), 100)?
+                .iter()
+                .map(|e| e.seq)
+                .collect())
+        };
+        assert_eq!(store.prune_events(7, 0, 2)?, 2);
+        assert_eq!(seqs(&store)?, (3..=10).collect::<Vec<_>>());
+        assert_eq!(store.prune_events(7, 0, 100)?, 1);
+        assert_eq!(seqs(&store)?, (4..=10).collect::<Vec<_>>());
+        assert_eq!(store.prune_events(100, u64::MAX, 100)?, 7);
+        assert!(seqs(&store)?.is_empty());
+        // Numbers go on; nothing is reused and the counters stay consistent.
+        let next = store.commit(Change {
+            events: vec![NewEvent::new("a", "b", "c", "d")],
+            durable: true,
+            ..Default::default()
+        })?;
+        assert_eq!(next[0].seq, 11);
+        drop(store);
+        SledStore::open(dir.path())?.load()?;
         Ok(())
     }
 }

@@ -199,3 +199,127 @@ async fn a_revoked_node_is_cut_off_and_refused_from_then_on() -> anyhow::Result<
     audited(&ws, &cp, "auth.denied", "node gw-1 is revoked").await?;
     Ok(())
 }
+
+/// A raw mTLS connection as edge `id` (the daemon's TLS settings), with the HTTP/2
+/// preface sent or not.
+async fn raw_tls(
+    ws: &Workspace,
+    cp: &ControlPlane,
+    id: &str,
+    preface: bool,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    ws.edge_cert(id)?;
+    let config = aviary_certs::client_config(&edge_files(ws, id))?;
+    let tcp = tokio::net::TcpStream::connect(cp.addr).await?;
+    let server = rustls::pki_types::ServerName::try_from("localhost")?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(server, tcp)
+        .await?;
+    if preface {
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        tls.flush().await?;
+    }
+    Ok(tls)
+}
+
+/// Whether the server closes `tls` within `wait` (whatever frames it sends first).
+async fn closed_within(
+    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    wait: Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 4096];
+    let read_to_end = async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    };
+    tokio::time::timeout(wait, read_to_end).await.is_ok()
+}
+
+/// Issue 11, item 6: authenticated connections that never started HTTP/2 stayed open
+/// forever, revocation left them open, and one certificate could hold any number.
+#[tokio::test]
+async fn idle_connections_are_bounded_closed_without_a_session_and_closed_on_revocation(
+) -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &["--max-connections-per-node", "3"]).await?;
+    // gw-1 registers with a fleet stream (one connection), then opens idle ones.
+    ws.edge_cert("gw-1")?;
+    let link = Link::new(&cp.url(), &edge_files(&ws, "gw-1"))?;
+    let mut stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
+    let mut silent = raw_tls(&ws, &cp, "gw-1", false).await?;
+    let mut held = vec![raw_tls(&ws, &cp, "gw-1", true).await?];
+    // The cap counts the silent one too: the next is refused after its handshake.
+    let mut over = raw_tls(&ws, &cp, "gw-1", true).await?;
+    assert!(
+        closed_within(&mut over, Duration::from_secs(10)).await,
+        "a fourth connection of gw-1 was kept"
+    );
+    audited(
+        &ws,
+        &cp,
+        "auth.handshake_refused",
+        "already holds 3 connections",
+    )
+    .await?;
+    // Another node is not affected by gw-1's cap.
+    let mut other = raw_tls(&ws, &cp, "gw-2", true).await?;
+    // No HTTP/2 session within the deadline: closed.
+    assert!(
+        closed_within(&mut silent, Duration::from_secs(30)).await,
+        "a connection that never sent the HTTP/2 preface stayed open"
+    );
+    audited(&ws, &cp, "auth.handshake_refused", "no HTTP/2 session").await?;
+    for tls in &mut held {
+        assert!(!closed_within(tls, Duration::from_millis(200)).await);
+    }
+    // Revocation closes every connection of the node, idle or not.
+    cp.cli(&ws, &["nodes", "revoke", "gw-1"])?;
+    assert_eq!(
+        stream.end(Duration::from_secs(10)).await?.code(),
+        Code::PermissionDenied
+    );
+    for tls in &mut held {
+        assert!(
+            closed_within(tls, Duration::from_secs(10)).await,
+            "a revoked node's idle connection stayed open"
+        );
+    }
+    assert!(!closed_within(&mut other, Duration::from_millis(200)).await);
+    Ok(())
+}
+
+/// Issue 11, item 6: one edge certificate wrote 45,950 refusal events in 20 s.
+#[tokio::test]
+async fn refused_calls_are_audited_within_a_budget_and_counted() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    ws.edge_cert("gw-1")?;
+    let channel = Link::new(&cp.url(), &edge_files(&ws, "gw-1"))?
+        .connect()
+        .await?;
+    let mut nodes = pb::nodes_client::NodesClient::new(channel);
+    let started = std::time::Instant::now();
+    for _ in 0..300 {
+        let err = nodes
+            .list_nodes(pb::ListNodesRequest::default())
+            .await
+            .err();
+        assert_eq!(err.map(|s| s.code()), Some(Code::PermissionDenied));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let audited = cp.events(&ws, "auth.denied").await?.len();
+    let budget = 20.0 + 5.0 * (elapsed + 1.0);
+    assert!(
+        audited >= 1 && (audited as f64) <= budget,
+        "{audited} refusals audited in {elapsed:.1}s (budget {budget:.0})"
+    );
+    let unaudited = cp.metric("aviary_refusals_unaudited_total").await?;
+    assert_eq!(unaudited as usize + audited, 300);
+    Ok(())
+}
