@@ -175,8 +175,11 @@ pub async fn run(
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
         )
         .add_service(
-            pb::configs_server::ConfigsServer::new(ConfigsApi::new(registry.clone()))
-                .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
+            pb::configs_server::ConfigsServer::new(ConfigsApi::new(
+                registry.clone(),
+                catalog.clone(),
+            ))
+            .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
         )
         .add_service(health_service)
         .add_service(reflection_v1alpha)

@@ -195,6 +195,10 @@ pub struct RunSpec {
     /// Readiness and health probes.
     #[serde(default, rename = "probe", skip_serializing_if = "Vec::is_empty")]
     pub probes: Vec<ProbeSpec>,
+    /// Variables runtime config layers (which no release key signs) may set: names, or
+    /// prefixes ending in `*` (`APP_*`). Besides these only `overlay::DEFAULT_OVERLAY_ENV`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overlay_env: Vec<String>,
 }
 
 /// One HTTP or TCP probe.
@@ -258,6 +262,18 @@ impl RunSpec {
         for k in self.env.keys() {
             if k.is_empty() || k.contains('=') || k.contains('\0') {
                 return Err(field("run.env", format!("{k:?} is not a variable name")));
+            }
+        }
+        for k in &self.overlay_env {
+            let name = k.strip_suffix('*').unwrap_or(k);
+            let ok = !name.is_empty()
+                && name.len() <= 128
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return Err(field(
+                    "run.overlay_env",
+                    format!("{k:?} is not a variable name or a NAME* prefix"),
+                ));
             }
         }
         if self

@@ -6,8 +6,11 @@
 //! this one definition, so what the control plane shows is what the edge runs.
 //!
 //! Overlays are not signed by the release key, so they may not change what runs or as
-//! whom: no `listen`, `user` or `working_dir`, and no variable that makes the dynamic
-//! loader or an interpreter load other code (`LD_PRELOAD`, `PYTHONPATH`, ...).
+//! whom: no `listen`, `user` or `working_dir`. Variables are allowed by name, not
+//! refused by name: an overlay may set only those its release's signed run spec lists in
+//! `overlay_env`, and a few harmless ones (`DEFAULT_OVERLAY_ENV`). Whatever a release
+//! lists, a variable that makes the dynamic loader or an interpreter load other code
+//! (`LD_PRELOAD`, `PYTHONPATH`, ...) is refused as well.
 
 use std::collections::BTreeMap;
 
@@ -21,8 +24,17 @@ const MAX_ITEMS: usize = 256;
 /// Longest argument, variable value or pattern.
 const MAX_VALUE: usize = 4096;
 
-/// Variables an overlay may not set: they would make the module load code that no
-/// release key signed.
+/// Variables any overlay may set, whatever the release lists: logging and time zone.
+pub const DEFAULT_OVERLAY_ENV: &[&str] = &[
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+    "LOG_LEVEL",
+    "LOG_FORMAT",
+    "TZ",
+];
+
+/// Variables an overlay may never set, even if a release lists them: they would make the
+/// module load code that no release key signed.
 const FORBIDDEN_ENV: &[&str] = &[
     "LD_",
     "DYLD_",
@@ -159,6 +171,43 @@ impl RunOverlay {
         // The run spec's own rules cover names, NUL bytes, durations and probe targets.
         self.apply_to(&RunSpec::default()).validate()?;
         Ok(())
+    }
+
+    /// Refuses every variable `spec` (the signed run spec it is laid over) does not allow
+    /// overlays to set, naming them all.
+    pub fn check_env(&self, spec: &RunSpec) -> Result<(), OverlayError> {
+        let allowed = |k: &str| {
+            DEFAULT_OVERLAY_ENV.contains(&k)
+                || spec.overlay_env.iter().any(|a| match a.strip_suffix('*') {
+                    Some(prefix) => k.starts_with(prefix),
+                    None => a == k,
+                })
+        };
+        let refused: Vec<&str> = self
+            .env
+            .keys()
+            .map(String::as_str)
+            .filter(|k| !allowed(k))
+            .collect();
+        if refused.is_empty() {
+            return Ok(());
+        }
+        Err(field(
+            &refused
+                .iter()
+                .map(|k| format!("env.{k}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            format!(
+                "not allowed: a runtime config may set only the variables the release's signed run spec lists in overlay_env ({}) and {}",
+                if spec.overlay_env.is_empty() {
+                    "none".to_owned()
+                } else {
+                    spec.overlay_env.join(", ")
+                },
+                DEFAULT_OVERLAY_ENV.join(", ")
+            ),
+        ))
     }
 
     /// `spec` with this overlay laid over it.
@@ -364,5 +413,35 @@ mod tests {
         let mut p = RunOverlay::default().to_proto();
         p.env.insert("LD_AUDIT".into(), "/x.so".into());
         assert!(RunOverlay::from_proto(p).is_err());
+    }
+
+    #[test]
+    fn only_variables_the_signed_spec_allows_may_be_set() {
+        let overlay = |keys: &[&str]| RunOverlay {
+            env: keys
+                .iter()
+                .map(|k| (k.to_string(), "v".to_string()))
+                .collect(),
+            ..RunOverlay::default()
+        };
+        let mut signed = spec();
+        // Nothing listed: only the defaults.
+        assert!(overlay(&["RUST_LOG", "TZ"]).check_env(&signed).is_ok());
+        let err = overlay(&["GCONV_PATH", "APP_MODE", "RUST_LOG"])
+            .check_env(&signed)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("env.APP_MODE, env.GCONV_PATH"), "{err}");
+        assert!(!err.contains("env.RUST_LOG"), "{err}");
+        // Names and prefixes the release signed.
+        signed.overlay_env = vec!["APP_*".into(), "GREETING".into()];
+        assert!(overlay(&["APP_MODE", "APP_X", "GREETING"])
+            .check_env(&signed)
+            .is_ok());
+        assert!(overlay(&["GREETINGS"]).check_env(&signed).is_err());
+        assert!(signed.validate().is_ok());
+        signed.overlay_env = vec!["BAD-NAME".into()];
+        assert!(signed.validate().is_err());
     }
 }

@@ -8,18 +8,43 @@ use pb::configs_server::Configs;
 use tonic::{Request, Response, Status};
 
 use super::caller;
+use crate::catalog::Catalog;
 use crate::layers::Scope;
 use crate::registry::Registry;
+use aviary_proto::manifest::{Manifest, RunSpec};
 
 /// Implements `aviary.v1.Configs`.
 pub(crate) struct ConfigsApi {
     registry: Arc<Registry>,
+    catalog: Arc<Catalog>,
 }
 
 impl ConfigsApi {
-    /// Serves the config layers of `registry`.
-    pub(crate) fn new(registry: Arc<Registry>) -> ConfigsApi {
-        ConfigsApi { registry }
+    /// Serves the config layers of `registry`; overlays are checked against the run
+    /// specs of the module's newest release in `catalog`.
+    pub(crate) fn new(registry: Arc<Registry>, catalog: Arc<Catalog>) -> ConfigsApi {
+        ConfigsApi { registry, catalog }
+    }
+
+    /// Refuses variables the module's newest release does not let overlays set (the edge
+    /// checks again against the release it runs; this is the early, clear error).
+    async fn check_env(&self, module: &str, overlay: &RunOverlay) -> Result<(), Status> {
+        let newest = self.catalog.list(Some(module.to_owned())).await?;
+        let specs: Vec<RunSpec> = newest
+            .first()
+            .map(|r| {
+                r.artifacts
+                    .values()
+                    .filter_map(|a| Manifest::parse(&a.manifest).ok()?.run)
+                    .collect()
+            })
+            .unwrap_or_default();
+        if specs.is_empty() {
+            overlay.check_env(&RunSpec::default())
+        } else {
+            specs.iter().try_for_each(|spec| overlay.check_env(spec))
+        }
+        .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 }
 
@@ -43,6 +68,7 @@ impl Configs for ConfigsApi {
         let scope = Scope::from_proto(req.scope)?;
         let overlay = RunOverlay::from_proto(req.overlay.unwrap_or_default())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        self.check_env(&req.module, &overlay).await?;
         let done = self
             .registry
             .change_config(&actor, &req.module, scope, Some(overlay))

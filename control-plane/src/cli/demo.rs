@@ -326,6 +326,7 @@ async fn deploy_sample(
     let run = RunSpec {
         args,
         env: [("SAMPLE_IMU".to_owned(), format!("http://{imu}"))].into(),
+        overlay_env: vec!["SAMPLE_GREETING".into()],
         listen: Some(listen.clone()),
         notify: Some(true),
         probes: vec![ProbeSpec {

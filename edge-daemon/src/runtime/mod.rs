@@ -81,6 +81,9 @@ impl Runtime {
         let Some(signed) = manifest.run else {
             return Ok(None); // a file module: installed is all there is to it
         };
+        overlay
+            .check_env(&signed)
+            .map_err(|e| format!("runtime config refused: {e}"))?;
         let spec = overlay.apply_to(&signed);
         spec.validate()
             .map_err(|e| format!("run spec with the runtime config is invalid: {e}"))?;

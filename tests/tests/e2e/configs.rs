@@ -74,8 +74,22 @@ async fn an_overlay_reaches_exactly_its_selector_and_a_refused_config_leaves_the
         "sample",
         "1.0.0",
         &v1,
-        "ready_timeout = \"3s\"\nlog_patterns = [\"ERROR\"]\n",
+        "ready_timeout = \"3s\"\nlog_patterns = [\"ERROR\"]\noverlay_env = [\"SAMPLE_GREETING\"]\n",
     )?;
+    // Variables the signed run spec does not list are refused by name (an allow-list).
+    let refused = set(
+        &ws,
+        &cp,
+        &["--selector", "region=eu"],
+        "env = { SAMPLE_OTHER = \"x\", GCONV_PATH = \"/tmp\", SAMPLE_GREETING = \"ok\" }\n",
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(
+        refused.contains("env.GCONV_PATH, env.SAMPLE_OTHER") && refused.contains("overlay_env"),
+        "{refused}"
+    );
     cp.cli(
         &ws,
         &[
