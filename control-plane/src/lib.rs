@@ -19,6 +19,8 @@ mod deploy;
 mod error;
 mod finite;
 mod fleet;
+#[doc(hidden)]
+pub mod fuzzing;
 mod layers;
 mod limits;
 mod listener;

@@ -5,6 +5,8 @@ mod service;
 mod session;
 mod transfer;
 
+pub(crate) use session::{health_records as check_health, hello_info as check_hello};
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -137,7 +137,7 @@ pub(super) async fn open(
 }
 
 /// Validates a Hello into what the registry stores (proto types stop here).
-fn hello_info(hello: pb::Hello) -> Result<HelloInfo, Status> {
+pub(crate) fn hello_info(hello: pb::Hello) -> Result<HelloInfo, Status> {
     if hello.labels.len() > 64 {
         return Err(Status::invalid_argument("at most 64 labels per node"));
     }
@@ -192,7 +192,9 @@ fn hello_info(hello: pb::Hello) -> Result<HelloInfo, Status> {
 /// Validates a health report into per-module records (proto types stop here). A number
 /// that is not finite, a bad module name or more modules than a Hello may carry ends the
 /// stream with the reason: a daemon of ours never sends them.
-fn health_records(report: pb::HealthReport) -> Result<Vec<(String, HealthRecord)>, Status> {
+pub(crate) fn health_records(
+    report: pb::HealthReport,
+) -> Result<Vec<(String, HealthRecord)>, Status> {
     if report.modules.len() > MAX_MODULES {
         return Err(Status::invalid_argument(format!(
             "a health report names at most {MAX_MODULES} modules"
