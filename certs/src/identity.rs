@@ -48,13 +48,20 @@ impl Identity {
     }
 
     /// Reads the Aviary identity out of a DER certificate that TLS already verified.
+    /// A certificate names exactly one identity: with two URI SANs (say an edge and an
+    /// admin one) it would be whichever a reader looked at first, so it is refused, as the
+    /// SPIFFE X.509-SVID rules require.
     pub fn from_cert_der(der: &[u8], trust_domain: &str) -> Result<Identity, CertsError> {
-        spiffe_uris(der)?
-            .iter()
-            .find_map(|uri| Identity::from_spiffe_uri(uri, trust_domain))
-            .ok_or_else(|| {
-                CertsError::NoIdentity(format!("no spiffe://{trust_domain}/... URI SAN"))
-            })
+        let uris = spiffe_uris(der)?;
+        let [uri] = uris.as_slice() else {
+            return Err(CertsError::NoIdentity(format!(
+                "a certificate must carry exactly one URI SAN (its SPIFFE ID); this one has {}",
+                uris.len()
+            )));
+        };
+        Identity::from_spiffe_uri(uri, trust_domain).ok_or_else(|| {
+            CertsError::NoIdentity(format!("no spiffe://{trust_domain}/... URI SAN"))
+        })
     }
 }
 
@@ -152,5 +159,30 @@ mod tests {
         ] {
             assert!(validate_name("node id", bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_certificate_with_two_identities_is_refused() -> Result<(), Box<dyn std::error::Error>> {
+        let cert = |uris: &[&str]| -> Result<Vec<u8>, Box<dyn std::error::Error>> {
+            let mut params = rcgen::CertificateParams::default();
+            for u in uris {
+                params
+                    .subject_alt_names
+                    .push(rcgen::SanType::URI((*u).try_into()?));
+            }
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+            Ok(params.self_signed(&key)?.der().to_vec())
+        };
+        let edge = "spiffe://aviary.local/edge/gw-1";
+        let admin = "spiffe://aviary.local/admin/root";
+        assert_eq!(
+            Identity::from_cert_der(&cert(&[edge])?, "aviary.local")?,
+            Identity::Edge("gw-1".into())
+        );
+        for uris in [&[edge, admin][..], &[admin, edge][..], &[][..]] {
+            let err = Identity::from_cert_der(&cert(uris)?, "aviary.local");
+            assert!(err.is_err(), "{uris:?} accepted as {err:?}");
+        }
+        Ok(())
     }
 }

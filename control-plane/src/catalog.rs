@@ -22,6 +22,9 @@ use crate::store::{Change, Store};
 
 /// Largest attachment (an SBOM), in bytes; it travels in one message.
 pub(crate) const MAX_ATTACHMENT_BYTES: usize = 3 << 20;
+/// Attachments one upload may carry (each up to `MAX_ATTACHMENT_BYTES`, held in memory
+/// until the artifact checks out).
+pub(crate) const MAX_ATTACHMENTS: usize = 8;
 
 /// The release catalog.
 pub(crate) struct Catalog {
@@ -54,6 +57,8 @@ pub(crate) enum Begin {
 pub(crate) struct ReceivedAttachment {
     name: String,
     record: AttachmentRecord,
+    /// Held until the artifact checks out: a refused upload leaves no blob behind.
+    data: bytes::Bytes,
 }
 
 fn blob_error(e: BlobError) -> ControlPlaneError {
@@ -176,31 +181,33 @@ impl Catalog {
             .map_err(blob_error)
     }
 
-    /// Validates and stores one attachment.
-    pub(crate) async fn attachment(
+    /// Validates one attachment (stored only by `finish`, with the artifact).
+    pub(crate) fn attachment(
         &self,
+        received: &[ReceivedAttachment],
         name: String,
         media_type: String,
         data: bytes::Bytes,
     ) -> Result<ReceivedAttachment, ControlPlaneError> {
         validate_attachment(&name, &media_type, &data)?;
-        let sha = Sha256::of(&data);
-        let size = data.len() as u64;
-        let blobs = self.blobs.clone();
-        blocking(move || {
-            let mut w = blobs.writer(sha, size)?;
-            w.write(&data)?;
-            w.finish()
-        })
-        .await?
-        .map_err(blob_error)?;
+        if received.len() >= MAX_ATTACHMENTS {
+            return Err(ControlPlaneError::InvalidArgument(format!(
+                "at most {MAX_ATTACHMENTS} attachments per upload"
+            )));
+        }
+        if received.iter().any(|a| a.name == name) {
+            return Err(ControlPlaneError::InvalidArgument(format!(
+                "attachment {name} sent twice"
+            )));
+        }
         Ok(ReceivedAttachment {
             name,
             record: AttachmentRecord {
                 media_type,
-                sha256: sha.hex(),
-                size,
+                sha256: Sha256::of(&data).hex(),
+                size: data.len() as u64,
             },
+            data,
         })
     }
 
@@ -214,11 +221,38 @@ impl Catalog {
     ) -> Result<ReleaseRecord, ControlPlaneError> {
         let m = &accepted.manifest;
         let what = format!("release/{}@{}", m.module, m.version);
+        let _guard = self.commit.lock().await;
+        let existing = self.get(&m.module, &m.version).await?;
+        // Attachments belong to the release, not to one target: another target's upload
+        // may add one, never replace one with other bytes.
+        if let Some(existing) = &existing {
+            for a in &attachments {
+                if let Some(old) = existing.attachments.get(&a.name) {
+                    if old.sha256 != a.record.sha256 {
+                        let error = ControlPlaneError::AlreadyExists(format!(
+                            "attachment {} of {}@{} exists with other bytes (sha256 {}); attachments are immutable",
+                            a.name, m.module, m.version, old.sha256
+                        ));
+                        return Err(self.refuse(actor, what, error).await);
+                    }
+                }
+            }
+        }
         if let Err(e) = blocking(move || writer.finish()).await? {
             return Err(self.refuse(actor, what, blob_error(e)).await);
         }
-        let _guard = self.commit.lock().await;
-        let mut record = match self.get(&m.module, &m.version).await? {
+        for a in &attachments {
+            let (blobs, data) = (self.blobs.clone(), a.data.clone());
+            let (sha, size) = (Sha256::of(&data), a.record.size);
+            blocking(move || {
+                let mut w = blobs.writer(sha, size)?;
+                w.write(&data)?;
+                w.finish()
+            })
+            .await?
+            .map_err(blob_error)?;
+        }
+        let mut record = match existing {
             Some(existing) => {
                 compatible(&existing, m, &accepted.manifest_bytes)?;
                 existing

@@ -151,8 +151,18 @@ pub fn validate_module_name(name: &str) -> Result<(), ManifestError> {
     Ok(())
 }
 
-/// Parses a SemVer 2.0 version (`2.3.1-rc2+esp32s3`).
+/// Longest version: it becomes part of a slot directory's name on the edge (with the
+/// artifact's short hash), which must fit a file name.
+pub const MAX_VERSION_LEN: usize = 128;
+
+/// Parses a SemVer 2.0 version (`2.3.1-rc2+esp32s3`) of at most `MAX_VERSION_LEN` bytes.
 pub fn parse_version(v: &str) -> Result<semver::Version, ManifestError> {
+    if v.len() > MAX_VERSION_LEN {
+        return Err(field(
+            "version",
+            format!("{} bytes; at most {MAX_VERSION_LEN}", v.len()),
+        ));
+    }
     semver::Version::parse(v).map_err(|e| field("version", format!("{v:?} is not SemVer 2.0: {e}")))
 }
 
@@ -502,5 +512,16 @@ mod tests {
         assert!(m.validate().is_err());
         assert!(Manifest::parse(br#"{"module":"a","extra":1}"#).is_err());
         assert!(Manifest::parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn a_version_too_long_for_a_slot_name_is_refused() {
+        let long = format!("1.0.0-{}", "a".repeat(MAX_VERSION_LEN));
+        let err = parse_version(&long)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("at most 128"), "{err}");
+        assert!(parse_version(&format!("1.0.0-{}", "a".repeat(100))).is_ok());
     }
 }

@@ -144,6 +144,29 @@ impl Faults {
         if let Some(v) = all.into_iter().find(|v| !v.is_finite()) {
             return Err(format!("bias and drift must be finite, got {v}"));
         }
+        // Sensor time is u64 nanoseconds: bounds that keep every sum of them far from
+        // wrapping (a century of sensor time; a second of jitter).
+        if self.bias_at_ns > crate::source::MAX_SENSOR_NS {
+            return Err(format!(
+                "bias_at_ns {} is past {} (a century)",
+                self.bias_at_ns,
+                crate::source::MAX_SENSOR_NS
+            ));
+        }
+        if self.timestamp_jitter_ns > 1_000_000_000 {
+            return Err(format!(
+                "timestamp_jitter_ns {} is more than a second",
+                self.timestamp_jitter_ns
+            ));
+        }
+        for (name, n) in [
+            ("dropout_length", self.dropout_length),
+            ("stuck_length", self.stuck_length),
+        ] {
+            if n > 1_000_000 {
+                return Err(format!("{name} {n} is more than 1000000 samples"));
+            }
+        }
         self.dropout_length = self.dropout_length.max(1);
         self.stuck_length = self.stuck_length.max(1);
         Ok(())

@@ -107,13 +107,35 @@ struct Layout {
     name: String,
 }
 
+/// Largest recording file read (256 MiB of CSV, some 4 million samples).
+pub const MAX_RECORDING_BYTES: u64 = 256 << 20;
+
 impl Recording {
     /// Reads and parses `path`; the sensor id is the file stem.
     pub fn load(path: &Path) -> Result<Recording, CsvError> {
+        use std::io::Read;
         let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| CsvError::Read {
+        let read_err = |source| CsvError::Read {
             file: file.clone(),
             source,
+        };
+        // Bounded whatever the path is (`/dev/zero`, a pipe): the stub holds every
+        // recording in memory.
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|f| f.take(MAX_RECORDING_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_RECORDING_BYTES {
+            return Err(read_err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                format!("larger than {MAX_RECORDING_BYTES} bytes; split the recording"),
+            )));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("not UTF-8 text: {e}"),
+            ))
         })?;
         let name = path
             .file_stem()

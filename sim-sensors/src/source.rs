@@ -39,6 +39,10 @@ pub struct Tick {
     pub sample: Option<pb::ImuSample>,
 }
 
+/// Latest sensor time a request may start at, or a fault may refer to: a century in
+/// nanoseconds, far from where u64 sensor time would wrap.
+pub const MAX_SENSOR_NS: u64 = 100 * 365 * 24 * 3600 * 1_000_000_000;
+
 /// A stream of samples for one subscriber.
 #[derive(Debug)]
 pub struct SampleStream {
@@ -120,7 +124,13 @@ impl SampleStream {
                 start_ns,
                 index,
             } => {
-                let t = *start_ns + (*index as f64 * *period_ns).round() as u64;
+                // Sensor time never wraps: a stream that would pass u64 ends instead.
+                let offset = (*index as f64 * *period_ns).round();
+                let t = if offset < u64::MAX as f64 {
+                    start_ns.checked_add(offset as u64)?
+                } else {
+                    return None;
+                };
                 *index += 1;
                 let (g, a, temp) = signal.next(t);
                 (t, g, a, temp)
@@ -140,7 +150,9 @@ impl SampleStream {
                 }
                 let s = recording.samples[*index];
                 *index += 1;
-                let t = *loop_no * recording.loop_period_ns() + s.t_ns;
+                let t = loop_no
+                    .checked_mul(recording.loop_period_ns())
+                    .and_then(|t| t.checked_add(s.t_ns))?;
                 (t, s.gyro, s.accel, s.temperature_c.unwrap_or(f64::NAN))
             }
         };
@@ -195,6 +207,26 @@ mod tests {
             .map_while(|_| s.next_tick())
             .filter_map(|t| t.sample.map(|s| s.timestamp_ns))
             .collect()
+    }
+
+    #[test]
+    fn sensor_time_ends_a_stream_rather_than_wrap() {
+        let mut s = SampleStream::synthetic(
+            "imu0",
+            SignalSpec::default(),
+            1,
+            1000.0,
+            u64::MAX - 2_500_000,
+            &Faults::default(),
+        );
+        let t = times(&mut s, 10);
+        assert_eq!(t.len(), 3, "{t:?}");
+        assert!(t.windows(2).all(|w| w[0] < w[1]), "{t:?}");
+        let mut looped =
+            SampleStream::replay(recording(), true, u64::MAX - 60, 0, &Faults::default())
+                .expect("ok");
+        let t = times(&mut looped, 10);
+        assert!(t.windows(2).all(|w| w[0] < w[1]) && t.len() < 10, "{t:?}");
     }
 
     #[test]

@@ -60,11 +60,13 @@ impl Releases for ReleasesApi {
                     writer = self.catalog.write(writer, data.into()).await?;
                 }
                 Some(Kind::Attachment(a)) => {
-                    attachments.push(
-                        self.catalog
-                            .attachment(a.name, a.media_type, a.data.into())
-                            .await?,
-                    );
+                    let received = self.catalog.attachment(
+                        &attachments,
+                        a.name,
+                        a.media_type,
+                        a.data.into(),
+                    )?;
+                    attachments.push(received);
                 }
                 Some(Kind::Metadata(_)) => return Err(invalid("metadata may be sent only once")),
                 None => return Err(invalid("UploadReleaseRequest without a kind")),

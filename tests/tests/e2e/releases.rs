@@ -386,3 +386,118 @@ async fn a_client_that_vanishes_mid_upload_leaves_nothing_and_can_start_over() -
     assert_eq!(blob_files(&cp)?.len(), 1);
     Ok(())
 }
+
+/// Uploads with attachments sent after the chunks.
+async fn upload_with(
+    admin: &mut Admin,
+    manifest: &Manifest,
+    data: &[u8],
+    attachments: &[(&str, &[u8])],
+    signer: &ReleaseSigner,
+) -> Result<pb::Release, tonic::Status> {
+    let bytes = manifest.to_json();
+    let mut msgs = vec![pb::UploadReleaseRequest {
+        kind: Some(Kind::Metadata(pb::UploadMetadata {
+            signature: signer.sign(&bytes),
+            manifest: bytes,
+        })),
+    }];
+    msgs.push(pb::UploadReleaseRequest {
+        kind: Some(Kind::Chunk(data.to_vec())),
+    });
+    for (name, body) in attachments {
+        msgs.push(pb::UploadReleaseRequest {
+            kind: Some(Kind::Attachment(pb::Attachment {
+                name: (*name).into(),
+                media_type: "application/spdx+json".into(),
+                data: body.to_vec(),
+            })),
+        });
+    }
+    admin
+        .releases
+        .upload_release(tokio_stream::iter(msgs))
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Issue 11, item 8: attachments of a refused upload were left in the blob store, and a
+/// second target's upload silently replaced the first one's SBOM.
+#[tokio::test]
+async fn attachments_are_stored_with_their_artifact_only_and_never_replaced() -> anyhow::Result<()>
+{
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let mut admin = ws.admin(&cp).await?;
+    let signer = ReleaseSigner::load(&signing_key(&ws))?;
+    let sbom = br#"{"spdxVersion":"SPDX-2.3","name":"sample"}"#;
+    let other = br#"{"spdxVersion":"SPDX-2.3","name":"forged"}"#;
+    let x86 = b"x86 artifact".to_vec();
+    let manifest = manifest_for(&x86, "1.0.0");
+
+    // Bytes that are not the signed artifact: refused, and the SBOM is not kept either.
+    let before = blob_files(&cp)?;
+    let err = upload_with(
+        &mut admin,
+        &manifest,
+        b"other bytes!",
+        &[("sbom.spdx.json", sbom)],
+        &signer,
+    )
+    .await
+    .err()
+    .context("a mismatching artifact was stored")?;
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(
+        blob_files(&cp)?,
+        before,
+        "a refused upload left blobs behind"
+    );
+
+    upload_with(
+        &mut admin,
+        &manifest,
+        &x86,
+        &[("sbom.spdx.json", sbom)],
+        &signer,
+    )
+    .await?;
+    // Another target of the same release: the same SBOM is fine, other bytes are refused.
+    let arm = b"arm artifact".to_vec();
+    let arm_manifest = Manifest {
+        target: "aarch64".into(),
+        ..manifest_for(&arm, "1.0.0")
+    };
+    let err = upload_with(
+        &mut admin,
+        &arm_manifest,
+        &arm,
+        &[("sbom.spdx.json", other)],
+        &signer,
+    )
+    .await
+    .err()
+    .context("an SBOM was replaced")?;
+    assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err:?}");
+    assert!(err.message().contains("immutable"), "{}", err.message());
+    let release = upload_with(
+        &mut admin,
+        &arm_manifest,
+        &arm,
+        &[("sbom.spdx.json", sbom)],
+        &signer,
+    )
+    .await?;
+    assert_eq!(release.artifacts.len(), 2);
+    let stored = admin
+        .releases
+        .get_attachment(pb::GetAttachmentRequest {
+            module: "sample".into(),
+            version: "1.0.0".into(),
+            name: "sbom.spdx.json".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(stored.data, sbom.to_vec());
+    Ok(())
+}

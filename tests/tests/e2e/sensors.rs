@@ -445,6 +445,27 @@ async fn bad_requests_get_clear_errors_and_the_stub_keeps_serving() -> anyhow::R
             tonic::Code::InvalidArgument,
             "dropout_rate 1.5 is not a probability",
         ),
+        // Issue 11: extreme u64 values made sensor time wrap.
+        (
+            pb::StreamImuRequest {
+                start_offset_ns: u64::MAX,
+                ..Default::default()
+            },
+            tonic::Code::InvalidArgument,
+            "start_offset_ns 18446744073709551615: at most",
+        ),
+        (
+            pb::StreamImuRequest {
+                faults: Some(pb::Faults {
+                    bias_at_ns: u64::MAX,
+                    timestamp_jitter_ns: u64::MAX,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            tonic::Code::InvalidArgument,
+            "bias_at_ns 18446744073709551615 is past",
+        ),
     ];
     for (request, code, part) in cases {
         let err = client.stream_imu(request).await.expect_err(part);
@@ -508,6 +529,11 @@ fn malformed_recordings_and_absurd_rates_stop_the_stub_naming_the_spot() -> anyh
             part,
         )?;
     }
+    // Issue 11: `--file /dev/zero` grew the stub without bound.
+    refused_at_start(
+        &["--mode", "replay", "--file", "/dev/zero"],
+        "/dev/zero: larger than 268435456 bytes",
+    )?;
     refused_at_start(&["--mode", "synthetic", "--rate-hz", "0"], "--rate-hz 0")?;
     refused_at_start(
         &["--mode", "synthetic", "--rate-hz", "5000000"],
