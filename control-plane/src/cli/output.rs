@@ -74,6 +74,7 @@ pub(crate) fn node_json(n: &pb::Node) -> Value {
         "nackError": n.nack_error,
         "lastSeen": time(&n.last_seen),
         "revoked": n.revoked,
+        "moduleRollouts": n.module_rollouts.iter().map(module_rollout_json).collect::<Vec<_>>(),
         "configs": n.configs.iter().map(|c| json!({
             "module": c.module,
             "sources": c.sources.iter().collect::<BTreeMap<_, _>>(),
@@ -83,6 +84,61 @@ pub(crate) fn node_json(n: &pb::Node) -> Value {
             "nackError": c.nack_error,
         })).collect::<Vec<_>>(),
     })
+}
+
+/// One module on one node, with the names grpcurl prints.
+fn module_rollout_json(m: &pb::ModuleRollout) -> Value {
+    json!({
+        "module": m.module,
+        "desiredVersion": m.desired_version,
+        "desiredRevision": m.desired_revision,
+        "rollback": m.rollback,
+        "ackedRevision": m.acked_revision,
+        "nackedRevision": m.nacked_revision,
+        "nackError": m.nack_error,
+        "transfer": m.transfer.as_ref().map(|t| json!({
+            "version": t.version, "encoding": t.encoding, "offset": t.offset, "size": t.size,
+        })),
+        "health": m.health.as_ref().map(|h| json!({
+            "probeSuccesses": h.probe_successes, "probeFailures": h.probe_failures,
+            "latencyP50Ms": h.latency_p50_ms, "latencyP99Ms": h.latency_p99_ms,
+            "processState": h.process_state, "restarts": h.restarts,
+            "logMatches": h.log_matches, "slot": h.slot, "version": h.version,
+            "detail": h.detail,
+        })),
+    })
+}
+
+/// What a node does about one module, in a line: applied, refused (and why), or how far
+/// its transfer has come.
+fn module_rollout_line(m: &pb::ModuleRollout) -> String {
+    let what = if m.rollback {
+        format!("back to {}", m.desired_version)
+    } else {
+        m.desired_version.clone()
+    };
+    let state = if m.nacked_revision > 0 && m.nacked_revision >= m.desired_revision {
+        format!("refused r{}: {}", m.nacked_revision, m.nack_error)
+    } else if m.acked_revision >= m.desired_revision {
+        "applied".to_owned()
+    } else if let Some(t) = &m.transfer {
+        let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
+        format!(
+            "receiving {} ({}): {:.1} of {:.1} MiB",
+            t.version,
+            t.encoding,
+            mib(t.offset),
+            mib(t.size)
+        )
+    } else {
+        "pending".to_owned()
+    };
+    let health = m
+        .health
+        .as_ref()
+        .map(|h| format!("; {} {}", h.process_state, h.version))
+        .unwrap_or_default();
+    format!("{what} r{} {state}{health}", m.desired_revision)
 }
 
 fn event_json(e: &pb::Event) -> Value {
@@ -161,6 +217,9 @@ pub(crate) fn node(format: Format, n: &pb::Node) {
                 vec!["last seen".into(), time(&n.last_seen)],
             ];
             let mut rows = rows;
+            for m in &n.module_rollouts {
+                rows.push(vec![format!("module {}", m.module), module_rollout_line(m)]);
+            }
             for c in &n.configs {
                 let state = if c.nacked_revision > 0 && c.nacked_revision >= c.desired_revision {
                     format!("refused: {}", c.nack_error)

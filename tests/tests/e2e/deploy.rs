@@ -284,6 +284,14 @@ async fn a_weight_overtakes_a_transfer_and_a_cut_transfer_resumes_where_it_stopp
         offset < size / 2,
         "the weight arrived only after {offset} of {size} payload bytes"
     );
+    // The operator sees the transfer through the CLI (the throttle keeps it running).
+    let json: serde_json::Value =
+        serde_json::from_str(&cp.cli(&ws, &["-o", "json", "nodes", "get", "gw-1"])?)?;
+    let transfer = &json["moduleRollouts"][0]["transfer"];
+    assert!(
+        transfer["size"].as_u64().unwrap_or(0) > 0 && transfer["encoding"].is_string(),
+        "{json}"
+    );
 
     // Wait until the edge holds over 1.5 MiB (past its first fsynced checkpoint), then cut.
     let size = eventually(
@@ -398,6 +406,22 @@ async fn an_edge_refuses_a_release_its_own_keys_did_not_sign_and_it_is_not_resen
     .await?;
     let m = &node.module_rollouts[0];
     assert!(m.nack_error.contains("signature"), "{m:?}");
+    // The reason reaches the operator through the CLI too, in both formats.
+    let table = cp.cli(&ws, &["nodes", "get", "gw-2"])?;
+    let line = table
+        .lines()
+        .find(|l| l.contains("module esbuild"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("refused") && line.contains("signature"),
+        "{table}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&cp.cli(&ws, &["-o", "json", "nodes", "get", "gw-2"])?)?;
+    let error = json["moduleRollouts"][0]["nackError"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(error.contains("signature"), "{json}");
     assert!(
         installed(&strict).is_none(),
         "gw-2 installed code its keys did not sign"
