@@ -1,6 +1,8 @@
 //! A userspace TCP proxy for failure injection (there is no `tc netem` here): pass
-//! traffic, throttle it (a slow uplink), freeze it (both directions stop, sockets stay
-//! open: a silent peer), or cut every connection (a peer that vanishes mid-transfer).
+//! traffic, delay it (a long path: every byte arrives a fixed time after it was sent, in
+//! order, without limiting throughput), throttle it (a slow uplink), blackhole it (both
+//! directions stop, sockets stay open: a silent peer), or cut every connection (a peer
+//! that vanishes mid-transfer).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,8 +17,10 @@ use tokio::task::JoinSet;
 pub enum Mode {
     /// Forward bytes both ways.
     Pass,
-    /// Hold every byte; connections stay open.
+    /// Hold every byte; connections stay open (a blackhole).
     Freeze,
+    /// Deliver every byte this long after it was read, each way.
+    Latency(std::time::Duration),
     /// Forward at most this many bytes per second each way (a slow uplink).
     Throttle(u32),
 }
@@ -71,6 +75,9 @@ impl Proxy {
     }
 }
 
+/// One direction of a connection: a reader stamps each chunk with when it may be
+/// delivered, a writer delivers in order at that time (so latency adds delay, not a
+/// throughput cap), and both honour freezes, throttles and cuts.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
@@ -78,35 +85,55 @@ async fn pipe(
     mut cut: watch::Receiver<u64>,
 ) {
     cut.mark_unchanged();
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        if *mode.borrow_and_update() == Mode::Freeze {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(tokio::time::Instant, Vec<u8>)>(1024);
+    let mut cut_w = cut.clone();
+    let writer = async move {
+        while let Some((due, data)) = rx.recv().await {
             tokio::select! {
-                _ = cut.changed() => return,
-                r = mode.changed() => if r.is_err() { return } else { continue },
+                _ = cut_w.changed() => return,
+                _ = tokio::time::sleep_until(due) => {}
+            }
+            if to.write_all(&data).await.is_err() {
+                return;
             }
         }
-        let n = tokio::select! {
-            _ = cut.changed() => return,
-            _ = mode.changed() => continue,
-            r = from.read(&mut buf) => match r {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            },
-        };
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-        let throttle = match *mode.borrow() {
-            Mode::Throttle(rate) => Some(rate.max(1)),
-            _ => None,
-        };
-        if let Some(rate) = throttle {
-            let pause = std::time::Duration::from_secs_f64(n as f64 / f64::from(rate));
-            tokio::select! {
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            if *mode.borrow_and_update() == Mode::Freeze {
+                tokio::select! {
+                    _ = cut.changed() => return,
+                    r = mode.changed() => if r.is_err() { return } else { continue },
+                }
+            }
+            let n = tokio::select! {
                 _ = cut.changed() => return,
-                _ = tokio::time::sleep(pause) => {}
+                _ = mode.changed() => continue,
+                r = from.read(&mut buf) => match r {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                },
+            };
+            let current = *mode.borrow();
+            let delay = match current {
+                Mode::Latency(d) => d,
+                _ => std::time::Duration::ZERO,
+            };
+            let due = tokio::time::Instant::now() + delay;
+            if tx.send((due, buf[..n].to_vec())).await.is_err() {
+                return;
+            }
+            if let Mode::Throttle(rate) = current {
+                let pause = std::time::Duration::from_secs_f64(n as f64 / f64::from(rate.max(1)));
+                tokio::select! {
+                    _ = cut.changed() => return,
+                    _ = tokio::time::sleep(pause) => {}
+                }
             }
         }
-    }
+    };
+    // The reader ends at EOF, a cut or a closed writer; the writer delivers what is
+    // queued unless cut, then both halves drop and the sockets close.
+    tokio::join!(writer, reader);
 }

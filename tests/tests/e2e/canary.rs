@@ -742,3 +742,105 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
     drop(stable_target);
     Ok(())
 }
+
+/// Issue 11, item 9: a canary rollout over a bad network: one node on a long path
+/// (latency), one whose connection is cut mid-rollout, one behind a blackhole while the
+/// canary step runs. Every node ends on the version its bucket gives it.
+#[tokio::test]
+async fn a_canary_rollout_over_a_slow_a_cut_and_a_blackholed_link_ends_right_everywhere(
+) -> anyhow::Result<()> {
+    use aviary_tests::proxy::{Mode, Proxy};
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &["--keepalive", "500ms"]).await?;
+    let mut proxies = Vec::new();
+    let mut edges = Vec::new();
+    for i in 0..4 {
+        let proxy = Proxy::start(cp.addr).await?;
+        let url = format!("https://localhost:{}", proxy.addr.port());
+        edges.push(
+            Edge::start_via(
+                &ws,
+                &url,
+                &format!("gw-{i}"),
+                &[("tier", "edge")],
+                &["--arch", "x86_64", "--keepalive", "500ms"],
+            )
+            .await?,
+        );
+        proxies.push(proxy);
+    }
+    proxies[0].set(Mode::Latency(Duration::from_millis(200)));
+    upload(&ws, &cp, "1.0.0")?;
+    upload(&ws, &cp, "2.0.0")?;
+    cp.cli(
+        &ws,
+        &[
+            "rollout",
+            "create",
+            "--module",
+            "model",
+            "--version",
+            "1.0.0",
+        ],
+    )?;
+    wait_versions(&edges, |_| "1.0.0").await?;
+    eventually(Duration::from_secs(20), "rollout 1 to finish", || async {
+        let list = cp.cli(&ws, &["-o", "json", "rollout", "list"])?;
+        Ok(list.contains("ROLLOUT_STATE_SUCCEEDED").then_some(()))
+    })
+    .await?;
+
+    proxies[2].set(Mode::Freeze);
+    let created: serde_json::Value = serde_json::from_str(&cp.cli(
+        &ws,
+        &[
+            "-o",
+            "json",
+            "rollout",
+            "create",
+            "--module",
+            "model",
+            "--version",
+            "2.0.0",
+            "--step",
+            "canary=50",
+            "--step",
+            "pause",
+        ],
+    )?)?;
+    let id = created["rollouts"][0]["id"]
+        .as_str()
+        .context("rollout id")?
+        .to_owned();
+    proxies[1].cut();
+    eventually(Duration::from_secs(30), "the pause step", || async {
+        let r = rollout(&ws, &cp, &id).await?;
+        Ok((r.state == pb::RolloutState::Paused as i32).then_some(()))
+    })
+    .await?;
+    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect();
+    let half = canaries(&id, &nodes, 50);
+    // The blackholed node is back before the check; the others never left.
+    proxies[2].set(Mode::Pass);
+    proxies[2].cut();
+    wait_versions(&edges, |n| {
+        if half.iter().any(|c| c == n) {
+            "2.0.0"
+        } else {
+            "1.0.0"
+        }
+    })
+    .await?;
+    cp.cli(&ws, &["rollout", "promote", &id, "--full"])?;
+    wait_versions(&edges, |_| "2.0.0").await?;
+    eventually(
+        Duration::from_secs(30),
+        "the rollout to succeed",
+        || async {
+            let r = rollout(&ws, &cp, &id).await?;
+            Ok((r.state == pb::RolloutState::Succeeded as i32).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}

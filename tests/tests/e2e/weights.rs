@@ -294,3 +294,52 @@ async fn watch_weights_streams_the_matching_nodes_as_their_weights_change() -> a
     assert_eq!(last.keys().collect::<Vec<_>>(), ["gw-1", "gw-2"]);
     Ok(())
 }
+
+/// Issue 11, items 2 and 9: a network that goes silent (a blackhole, not a dead control
+/// plane) ends in fail-safe weights too, counted from the last contact, and they stay 0
+/// however the daemon retries until the path comes back; a long path (latency) delivers.
+#[tokio::test]
+async fn weights_fail_safe_behind_a_blackholed_network_and_return_through_a_slow_one(
+) -> anyhow::Result<()> {
+    use aviary_tests::proxy::{Mode, Proxy};
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &["--weight-ttl", "2s", "--keepalive", "500ms"]).await?;
+    let proxy = Proxy::start(cp.addr).await?;
+    proxy.set(Mode::Latency(Duration::from_millis(150)));
+    let url = format!("https://localhost:{}", proxy.addr.port());
+    let edge = Edge::start_via(&ws, &url, "gw-1", &[], &["--keepalive", "500ms"]).await?;
+    let mut admin = ws.admin(&cp).await?;
+    until_connected(&admin, 1).await?;
+    admin
+        .nodes
+        .set_weight(pb::SetWeightRequest {
+            module: "gateway".into(),
+            weight: 40,
+            selector: String::new(),
+        })
+        .await?;
+    let before = edge.wait_weight("gateway", 40).await?;
+
+    proxy.set(Mode::Freeze);
+    let zero = edge.wait_weight("gateway", 0).await?;
+    assert!(!zero.connected);
+    let expired_at = zero.expires_at.clone();
+    let until = tokio::time::Instant::now() + Duration::from_secs(6);
+    while tokio::time::Instant::now() < until {
+        let v = edge.view().await?;
+        assert_eq!(
+            (v.weights.get("gateway"), v.connected, &v.expires_at),
+            (Some(&0), false, &expired_at),
+            "weights came back or the TTL restarted behind a blackhole"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The path comes back slow: the daemon reconnects through it and the weights return.
+    proxy.set(Mode::Latency(Duration::from_millis(150)));
+    proxy.cut();
+    let back = edge.wait_weight("gateway", 40).await?;
+    assert!(back.connected);
+    assert_eq!(back.revision, before.revision);
+    Ok(())
+}
