@@ -152,6 +152,11 @@ impl Sims {
         }
     }
 
+    /// The next event, `None` once every simulator has exited.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
     /// CPU time of every simulator process so far.
     pub fn cpu_time(&self) -> Duration {
         self.children
