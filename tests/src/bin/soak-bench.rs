@@ -82,7 +82,10 @@ fn fds(pid: u32) -> usize {
 
 fn upload(ws: &Workspace, cp: &ControlPlane, version: &str) -> anyhow::Result<()> {
     let file = ws.path(&format!("soak-{version}"));
-    std::fs::write(&file, (0..4096).map(|_| fastrand::u8(..)).collect::<Vec<_>>())?;
+    std::fs::write(
+        &file,
+        (0..4096).map(|_| fastrand::u8(..)).collect::<Vec<_>>(),
+    )?;
     cp.upload_release(ws, MODULE, version, &file, "args = [\"--serve\"]\n")?;
     Ok(())
 }
@@ -209,7 +212,10 @@ async fn main() -> anyhow::Result<()> {
     // Growth over the second half: after the warm-up (health windows filling, every
     // stream reconnected at least once) a bounded process holds still.
     let half = samples.len() / 2;
-    let (mid, end) = (samples[half.min(samples.len() - 1)], samples[samples.len() - 1]);
+    let (mid, end) = (
+        samples[half.min(samples.len() - 1)],
+        samples[samples.len() - 1],
+    );
     let growth = |a: f64, b: f64| if a > 0.0 { (b - a) * 100.0 / a } else { 0.0 };
     println!();
     println!(
