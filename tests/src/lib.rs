@@ -2,6 +2,7 @@
 //! with a PKI minted per test, and offers the waits and clients the scenarios need.
 //! Also home of the raw fleet-protocol client shared by tests and the fleet simulator.
 
+pub mod fake_cp;
 pub mod fuzz_targets;
 pub mod proxy;
 pub mod raw;

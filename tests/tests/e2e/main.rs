@@ -4,6 +4,7 @@
 mod auth;
 mod bundles;
 mod canary;
+mod compromised;
 mod configs;
 mod deploy;
 mod durability;
