@@ -48,6 +48,38 @@ fn describe() {
         "Edge nodes with a live fleet stream."
     );
     describe_counter!("aviary_streams_admitted_total", "Fleet streams admitted.");
+    describe_gauge!(
+        "aviary_store_healthy",
+        "1 while the metadata store takes writes; 0 from an I/O error until a write succeeds."
+    );
+    describe_counter!(
+        "aviary_store_errors_total",
+        "I/O errors of the metadata store (and watermark writes that failed)."
+    );
+    describe_counter!(
+        "aviary_store_quarantined_total",
+        "Unreadable records moved to the quarantine tree at start."
+    );
+    describe_counter!(
+        "aviary_audit_events_pruned_total",
+        "Audit events deleted by the retention (--audit-retention-events, --audit-retention-age)."
+    );
+    describe_gauge!(
+        "aviary_open_connections",
+        "Authenticated connections open (their HTTP/2 session started)."
+    );
+    describe_counter!(
+        "aviary_refusals_unaudited_total",
+        "Refused handshakes and calls past the audit budget: counted, not audited."
+    );
+    describe_counter!(
+        "aviary_config_updates_sent_total",
+        "Runtime config updates sent on fleet streams."
+    );
+    describe_counter!(
+        "aviary_health_ignored_total",
+        "Health reports about modules a node neither runs nor is meant to run, dropped."
+    );
     describe_counter!(
         "aviary_streams_shed_total",
         "Fleet streams refused with UNAVAILABLE by admission control."

@@ -110,6 +110,14 @@ fn describe_metrics() {
         "aviary_edge_reconnects_total",
         "Attempts to reopen the fleet stream."
     );
+    describe_counter!(
+        "aviary_edge_local_rollbacks_total",
+        "New versions that never became ready and were rolled back on the gateway."
+    );
+    describe_counter!(
+        "aviary_edge_unreadable_modules_total",
+        "Modules left out because their state.json could not be read."
+    );
 }
 
 /// `aviary-edge apply`: installs an offline bundle with the checks of a fleet update.

@@ -291,15 +291,21 @@ fn upload_worker(
     version: &str,
     args: &str,
 ) -> anyhow::Result<()> {
-    upload_worker_with(ws, cp, version, args, "")
+    upload_worker_with(ws, cp, version, args, READY, "")
 }
 
-/// A worker release whose run spec also carries `extra` (TOML).
+/// How long a good worker may take to become ready: generous, so a busy machine does not
+/// turn a slow start into a refusal. Versions meant to fail use `FAILS_FAST`.
+const READY: &str = "30s";
+const FAILS_FAST: &str = "5s";
+
+/// A worker release with `ready_timeout` whose run spec also carries `extra` (TOML).
 fn upload_worker_with(
     ws: &Workspace,
     cp: &ControlPlane,
     version: &str,
     args: &str,
+    ready_timeout: &str,
     extra: &str,
 ) -> anyhow::Result<()> {
     let file = ws.path(&format!("worker-{version}"));
@@ -313,7 +319,7 @@ fn upload_worker_with(
     let spec = ws.path(&format!("worker-{version}.toml"));
     std::fs::write(
         &spec,
-        format!("args = [{args}]\nlog_patterns = [\"ERROR\"]\nready_timeout = \"5s\"\n{extra}"),
+        format!("args = [{args}]\nlog_patterns = [\"ERROR\"]\nready_timeout = \"{ready_timeout}\"\n{extra}"),
     )?;
     cp.cli(
         ws,
@@ -590,10 +596,11 @@ async fn failing_probes_and_a_crash_loop_each_abort_the_canary_automatically() -
         &cp,
         "2.0.0",
         "\"--idle\"",
+        FAILS_FAST,
         "notify = true\n[[probe]]\ntcp = \"127.0.0.1:1\"\ninterval = \"200ms\"\n",
     )?;
     // Crashes at every start.
-    upload_worker(&ws, &cp, "3.0.0", "\"--crash-at-start\"")?;
+    upload_worker_with(&ws, &cp, "3.0.0", "\"--crash-at-start\"", FAILS_FAST, "")?;
     let create = |version: &str, steps: &[&str]| create_worker_rollout(&ws, &cp, version, steps);
     let first = create("1.0.0", &[])?;
     settle(&ws, &cp, &first).await?;
@@ -679,6 +686,7 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
             &cp,
             version,
             "\"--idle\"",
+            READY,
             &format!(
                 "notify = true\n[[probe]]\ntcp = \"{}\"\ninterval = \"200ms\"\n",
                 target.local_addr()?
@@ -717,9 +725,38 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
     for e in edges.iter().filter(|e| canaries.contains(&e.node_id)) {
         assert_eq!(worker_version(e).as_deref(), Some("2.0.0"), "{}", e.node_id);
     }
+    // An ACK means installed; ready comes after (slowly on a busy machine). Only a canary
+    // that passed its probes as 2.0.0 may have its probe target closed: before that, it
+    // would never become ready and roll back locally, which is another test.
+    for c in &canaries {
+        eventually(
+            Duration::from_secs(30),
+            &format!("{c} to run 2.0.0 with passing probes"),
+            || async {
+                let node = cp.node(&ws, c).await?;
+                Ok(node
+                    .module_rollouts
+                    .iter()
+                    .filter_map(|m| m.health.as_ref())
+                    .any(|h| h.version == "2.0.0" && h.probe_successes > 0 && h.probe_failures == 0)
+                    .then_some(()))
+            },
+        )
+        .await?;
+    }
     drop(canary_target);
     let r = settle(&ws, &cp, &id).await?;
-    assert_eq!(r.state, pb::RolloutState::Aborted as i32, "{r:?}");
+    if r.state != pb::RolloutState::Aborted as i32 {
+        let mut why = Vec::new();
+        for n in &nodes {
+            let node = cp.node(&ws, n).await?;
+            why.extend(node.module_rollouts.iter().map(|m| format!("{n}: {m:?}")));
+        }
+        for e in edges.iter().filter(|e| canaries.contains(&e.node_id)) {
+            why.push(format!("--- {} log:\n{}", e.node_id, e.log()));
+        }
+        bail!("{r:?}\n{}", why.join("\n"));
+    }
     assert!(r.message.contains("stable nodes'"), "{}", r.message);
     for e in &edges {
         eventually(

@@ -74,7 +74,7 @@ async fn an_overlay_reaches_exactly_its_selector_and_a_refused_config_leaves_the
         "sample",
         "1.0.0",
         &v1,
-        "ready_timeout = \"3s\"\nlog_patterns = [\"ERROR\"]\noverlay_env = [\"SAMPLE_GREETING\"]\n",
+        "ready_timeout = \"10s\"\nlog_patterns = [\"ERROR\"]\noverlay_env = [\"SAMPLE_GREETING\"]\n",
     )?;
     // Variables the signed run spec does not list are refused by name (an allow-list).
     let refused = set(

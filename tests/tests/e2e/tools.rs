@@ -103,7 +103,7 @@ async fn grpcurl_lists_every_service_and_drives_the_nodes_api() -> anyhow::Resul
     // keeps it for when the module does, and acknowledges).
     let set = run(Command::new(&g).args(tls_args(&ws.pki.dir)).args([
         "-d",
-        r#"{"module":"gateway","scope":{"selector":"region=eu"},"overlay":{"env":{"MODE":"eu"}}}"#,
+        r#"{"module":"gateway","scope":{"selector":"region=eu"},"overlay":{"env":{"LOG_LEVEL":"eu"}}}"#,
         &addr,
         "aviary.v1.Configs/SetConfig",
     ]))?;
@@ -128,10 +128,10 @@ async fn grpcurl_lists_every_service_and_drives_the_nodes_api() -> anyhow::Resul
     )
     .await?;
     assert_eq!(
-        config["sources"]["env.MODE"], "selector region=eu (v1)",
+        config["sources"]["env.LOG_LEVEL"], "selector region=eu (v1)",
         "{config}"
     );
-    assert_eq!(config["overlay"]["env"]["MODE"], "eu", "{config}");
+    assert_eq!(config["overlay"]["env"]["LOG_LEVEL"], "eu", "{config}");
 
     let health = run(Command::new(&g)
         .args(tls_args(&ws.pki.dir))
