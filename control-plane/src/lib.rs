@@ -21,6 +21,7 @@ mod finite;
 mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
+mod health;
 mod layers;
 mod limits;
 mod listener;

@@ -25,6 +25,7 @@ use crate::deploy::{
     desired_modules, DeployState, Deployment, DesiredModules, ScaleChange, Step, WeightChange,
 };
 use crate::error::ControlPlaneError;
+use crate::health::{HealthSample, History};
 use crate::layers::{desired_configs, ConfigLayer, DesiredConfigs, Encoded};
 use crate::node::{
     desired, DesiredWeights, HealthRecord, ModuleRecord, NackRecord, NodeRecord, NodeStatus,
@@ -159,12 +160,9 @@ struct Entry {
     /// `layers::desired_configs(configs, record)`, kept current likewise.
     configs: watch::Sender<Arc<DesiredConfigs>>,
     /// Recent health reports per module (memory only), for rollout analysis.
-    history: HashMap<String, std::collections::VecDeque<HealthRecord>>,
+    history: HashMap<String, History>,
     session: Option<Session>,
 }
-
-/// Health reports kept per node and module (10 minutes at one a second).
-const HISTORY: usize = 600;
 
 /// Prefix of the NACK record of a node whose architecture has no artifact.
 pub(crate) const SKIPPED: &str = "skipped: ";
@@ -937,16 +935,16 @@ impl Registry {
                 continue;
             };
             // Canaries count once they run the new version; stable nodes while they don't.
-            let window: Vec<&HealthRecord> = history
+            let window: Vec<&HealthSample> = history
                 .iter()
-                .filter(|h| h.at_ms >= since_ms && (h.version == d.version) == canary)
+                .filter(|h| h.at_ms >= since_ms && (*h.version == *d.version) == canary)
                 .collect();
-            let mut previous: Option<&HealthRecord> = None;
+            let mut previous: Option<&HealthSample> = None;
             for h in &window {
                 group.reports += 1;
-                group.successes += h.probe_successes;
-                group.failures += h.probe_failures;
-                group.p99_ms = group.p99_ms.max(h.latency_p99_ms);
+                group.successes += h.successes;
+                group.failures += h.failures;
+                group.p99_ms = group.p99_ms.max(h.p99_ms);
                 // Totals since the daemon started: count increases (a restart resets them).
                 if let Some(p) = previous {
                     group.log_matches += h.log_matches.saturating_sub(p.log_matches);
@@ -954,10 +952,7 @@ impl Registry {
                 }
                 previous = Some(h);
             }
-            if window
-                .last()
-                .is_some_and(|h| h.process_state == "running" && h.probe_failures == 0)
-            {
+            if window.last().is_some_and(|h| h.running && h.failures == 0) {
                 group.healthy += 1;
             }
         }
@@ -1045,11 +1040,11 @@ impl Registry {
                 ignored += 1;
                 continue;
             }
-            let history = entry.history.entry(module.clone()).or_default();
-            if history.len() >= HISTORY {
-                history.pop_front();
-            }
-            history.push_back(health.clone());
+            entry
+                .history
+                .entry(module.clone())
+                .or_default()
+                .push(&health);
             entry.status.modules.entry(module).or_default().health = Some(health);
         }
         st.dirty.insert(node_id.to_owned());
