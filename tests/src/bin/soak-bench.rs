@@ -125,7 +125,7 @@ async fn main() -> anyhow::Result<()> {
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!();
-    println!("| t | CP RSS MiB | CP fds | data dir MiB | audit seq | reconnects | weights | rollouts done | stream errors |");
+    println!("| t | CP RSS MiB | CP fds | data dir MiB | audit seq | reconnects | weights | rollouts done | streams ended |");
     println!("|---|---|---|---|---|---|---|---|---|");
 
     let mut admin = ws.admin(&cp).await?;
