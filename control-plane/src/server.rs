@@ -191,7 +191,7 @@ pub async fn run(
     let _ = engine.await;
     let _ = store_watch.await;
     let _ = pruner.await;
-    registry.flush_statuses().await?;
+    registry.flush_statuses(true).await?;
     tracing::info!("control plane stopped");
     result.map_err(Into::into)
 }
@@ -283,14 +283,22 @@ async fn watch_store(
     }
 }
 
+/// Node statuses every second; health reports alone every `HEALTH_FLUSH_TICKS` seconds
+/// (they are for `GetNode` after a restart: analysis keeps its own history in memory).
 async fn flush_statuses(registry: Arc<Registry>, shutdown: CancellationToken) {
+    const HEALTH_FLUSH_TICKS: u64 = 30;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut n = 0u64;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if let Err(e) = registry.flush_statuses().await {
+        n += 1;
+        if let Err(e) = registry
+            .flush_statuses(n.is_multiple_of(HEALTH_FLUSH_TICKS))
+            .await
+        {
             tracing::warn!(error = %e, "could not persist node statuses");
         }
     }

@@ -175,6 +175,10 @@ struct State {
     configs: Vec<ConfigLayer>,
     revision: u64,
     dirty: HashSet<String>,
+    /// Nodes whose only change is a health report: written at the slower health cadence
+    /// (a fleet reports every second; writing every node's status that often was most of
+    /// the store's work).
+    health_dirty: HashSet<String>,
 }
 
 /// The fleet registry (see the module docs).
@@ -237,6 +241,7 @@ impl Registry {
                 configs: snap.configs,
                 revision: snap.revision,
                 dirty: HashSet::new(),
+                health_dirty: HashSet::new(),
             }),
             writer: tokio::sync::Mutex::new(()),
             events: broadcast::channel(1024).0,
@@ -526,11 +531,15 @@ impl Registry {
         }
     }
 
-    /// Writes statuses changed since the last call (ACKs, NACKs, last seen) in one batch.
-    pub(crate) async fn flush_statuses(&self) -> Result<(), ControlPlaneError> {
+    /// Writes statuses changed since the last call (ACKs, NACKs, last seen) in one batch;
+    /// with `health`, also those whose only change is a health report.
+    pub(crate) async fn flush_statuses(&self, health: bool) -> Result<(), ControlPlaneError> {
         let rows: Vec<(String, NodeStatus)> = {
             let mut st = self.state();
-            let dirty = std::mem::take(&mut st.dirty);
+            let mut dirty = std::mem::take(&mut st.dirty);
+            if health {
+                dirty.extend(std::mem::take(&mut st.health_dirty));
+            }
             dirty
                 .into_iter()
                 .filter_map(|id| {
@@ -1047,7 +1056,7 @@ impl Registry {
                 .push(&health);
             entry.status.modules.entry(module).or_default().health = Some(health);
         }
-        st.dirty.insert(node_id.to_owned());
+        st.health_dirty.insert(node_id.to_owned());
         ignored
     }
 
