@@ -207,6 +207,18 @@ impl Recording {
             }
             previous = Some((absolute, line));
             let first = *first_ns.get_or_insert(absolute);
+            // Sensor time is u64 ns from the first sample, and loops add spans together:
+            // a recording may span at most a century (the fuzzer found one that wrapped).
+            if absolute - first > crate::source::MAX_SENSOR_NS {
+                return Err(err(
+                    line,
+                    1,
+                    format!(
+                        "timestamp {} is more than a century after the first sample",
+                        fields[0].trim()
+                    ),
+                ));
+            }
             let number = |column: usize| -> Result<f64, CsvError> {
                 let text = fields[column].trim();
                 match text.parse::<f64>() {
@@ -259,7 +271,7 @@ impl Recording {
 
     /// Time from one loop's start to the next: the span plus one median interval.
     pub fn loop_period_ns(&self) -> u64 {
-        self.span_ns() + self.median_interval_ns
+        self.span_ns().saturating_add(self.median_interval_ns)
     }
 
     /// Mean sample rate (for status).
@@ -451,6 +463,20 @@ mod tests {
     const EUROC: &str = "#timestamp [ns],w_RS_S_x [rad s^-1],w_RS_S_y [rad s^-1],w_RS_S_z [rad s^-1],a_RS_S_x [m s^-2],a_RS_S_y [m s^-2],a_RS_S_z [m s^-2]\n\
         1403636579758555392,-0.099134701513277898,0.14730578886832138,0.02722713633111154,8.1476917083333333,-0.37592158333333331,-2.4026292499999999\n\
         1403636579763555584,-0.099134701513277898,0.14032447186034408,0.029321531433504733,8.033280791666666,-0.40861041666666664,-2.4026292499999999\n";
+
+    #[test]
+    fn a_recording_spanning_more_than_a_century_is_refused() {
+        // Found by the fuzzer: a timestamp with one digit too many wrapped the loop period.
+        let text = "#timestamp [ns],w_x,w_y,w_z,a_x,a_y,a_z\n1403636579758555392,0,0,0,0,0,1\n14036365797635155583,0,0,0,0,0,1\n";
+        let err = Recording::parse("r", "r.csv", text)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("r.csv:3:1") && err.contains("century"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn euroc_is_si_and_nanoseconds() {
