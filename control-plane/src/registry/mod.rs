@@ -207,6 +207,7 @@ impl Registry {
         let mut statuses: HashMap<String, NodeStatus> = snap.statuses.into_iter().collect();
         let mut shared = HashMap::new();
         let mut encoded = Encoded::default();
+        let mut pruned = HashSet::new();
         let nodes = snap
             .nodes
             .into_iter()
@@ -216,8 +217,22 @@ impl Registry {
                     .entry(current.clone())
                     .or_insert_with(|| Arc::new(Desired::new(&current, ttl_seconds, now)))
                     .clone();
-                let status = statuses.remove(&record.node_id).unwrap_or_default();
+                let mut status = statuses.remove(&record.node_id).unwrap_or_default();
                 let modules = desired_modules(&snap.deployments, &record.node_id, &record.labels);
+                // Stores written before health was limited to the modules a node runs may
+                // hold thousands of invented ones: keep what the node runs, is meant to
+                // run, or answered the control plane about.
+                let before = status.modules.len();
+                status.modules.retain(|name, p| {
+                    modules.contains_key(name)
+                        || record.modules.iter().any(|m| &m.name == name)
+                        || p.acked_revision > 0
+                        || p.nacked.is_some()
+                        || p.transfer.is_some()
+                });
+                if status.modules.len() != before {
+                    pruned.insert(record.node_id.clone());
+                }
                 let configs = desired_configs(&snap.configs, &record, &mut encoded);
                 let entry = Entry {
                     status,
@@ -240,7 +255,7 @@ impl Registry {
                 deployments: snap.deployments,
                 configs: snap.configs,
                 revision: snap.revision,
-                dirty: HashSet::new(),
+                dirty: pruned,
                 health_dirty: HashSet::new(),
             }),
             writer: tokio::sync::Mutex::new(()),
@@ -1428,5 +1443,63 @@ fn node_view(entry: &Entry) -> pb::Node {
             .iter()
             .map(|(module, c)| node_config(entry, module, c))
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::ModuleProgress;
+    use crate::store::SledStore;
+
+    /// Issue 11, item 4: a store poisoned before health was limited (thousands of invented
+    /// modules in one node's status) is cleaned at start and written back.
+    #[tokio::test]
+    async fn invented_modules_in_a_stored_status_are_pruned_at_start() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path())?);
+        let record = NodeRecord {
+            node_id: "gw-1".into(),
+            modules: vec![ModuleRecord {
+                name: "gateway".into(),
+                version: "1.0.0".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        store.commit(Change {
+            nodes: vec![record],
+            durable: true,
+            ..Default::default()
+        })?;
+        let mut status = NodeStatus::default();
+        for m in ["gateway".to_string()]
+            .into_iter()
+            .chain((0..300).map(|i| format!("m-{i}")))
+        {
+            status.modules.insert(
+                m,
+                ModuleProgress {
+                    health: Some(HealthRecord {
+                        detail: "x".repeat(200),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            );
+        }
+        store.save_statuses(&[("gw-1".into(), status)])?;
+        let registry = Registry::open(store.clone(), 300).await?;
+        let kept: Vec<String> = registry.state().nodes["gw-1"]
+            .status
+            .modules
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(kept, ["gateway"]);
+        registry.flush_statuses(false).await?;
+        let stored = store.load()?.statuses;
+        assert_eq!(stored[0].1.modules.len(), 1);
+        Ok(())
     }
 }
