@@ -24,7 +24,14 @@ fn main() -> ExitCode {
     if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
         tracing::warn!(error = %e, "could not raise the open-files limit");
     }
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Blocking work (store commits, payload chunk reads, delta builds) queues for a
+    // bounded pool: tokio's default of 512 threads grew to 120+ during a fleet-wide
+    // rollout, each thread with its own stack and a share of malloc's arenas.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(64)
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("aviary-control-plane: tokio runtime: {e}");
