@@ -209,26 +209,43 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    // Growth over the second half: after the warm-up (health windows filling, every
-    // stream reconnected at least once) a bounded process holds still.
-    let half = samples.len() / 2;
-    let (mid, end) = (
-        samples[half.min(samples.len() - 1)],
-        samples[samples.len() - 1],
-    );
-    let growth = |a: f64, b: f64| if a > 0.0 { (b - a) * 100.0 / a } else { 0.0 };
+    // Growth after the warm-up (health windows filling, every stream reconnected): the
+    // mean of the last quarter against the mean of the quarter before, since single
+    // samples swing with whatever a rollout has in flight at that instant.
+    let quarter = (samples.len() / 4).max(1);
+    let last = &samples[samples.len().saturating_sub(quarter)..];
+    let before = &samples[samples.len().saturating_sub(2 * quarter)..samples.len() - last.len()];
+    let mean = |s: &[Sample], f: fn(&Sample) -> f64| {
+        if s.is_empty() {
+            0.0
+        } else {
+            s.iter().map(f).sum::<f64>() / s.len() as f64
+        }
+    };
+    let rss = |s: &Sample| s.rss_kib as f64 / 1024.0;
+    let disk = |s: &Sample| s.disk as f64 / f64::from(1u32 << 20);
+    let fd = |s: &Sample| s.fds as f64;
+    let growth = |f: fn(&Sample) -> f64| {
+        let (a, b) = (mean(before, f), mean(last, f));
+        if a > 0.0 {
+            (b - a) * 100.0 / a
+        } else {
+            0.0
+        }
+    };
+    let end = samples[samples.len() - 1];
     println!();
     println!(
-        "second half ({:.0} s → {:.0} s): RSS {:.1} → {:.1} MiB ({:+.1}%), fds {} → {}, data dir {:.2} → {:.2} MiB, {} audit events",
-        mid.at.as_secs_f64(),
-        end.at.as_secs_f64(),
-        mid.rss_kib as f64 / 1024.0,
-        end.rss_kib as f64 / 1024.0,
-        growth(mid.rss_kib as f64, end.rss_kib as f64),
-        mid.fds,
-        end.fds,
-        mid.disk as f64 / f64::from(1u32 << 20),
-        end.disk as f64 / f64::from(1u32 << 20),
+        "third quarter → last quarter (means): RSS {:.1} → {:.1} MiB ({:+.1}%), fds {:.0} → {:.0}, data dir {:.2} → {:.2} MiB ({:+.1}%); peak RSS {:.1} MiB; {} audit events",
+        mean(before, rss),
+        mean(last, rss),
+        growth(rss),
+        mean(before, fd),
+        mean(last, fd),
+        mean(before, disk),
+        mean(last, disk),
+        growth(disk),
+        samples.iter().map(rss).fold(0.0, f64::max),
         end.audit_seq
     );
     if !args.smoke && rollouts_done == 0 {
