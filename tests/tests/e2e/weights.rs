@@ -242,7 +242,12 @@ async fn weights_fall_to_zero_after_their_ttl_and_return_with_the_control_plane(
     assert!(samples > 20, "only {samples} samples over four TTLs");
 
     cp.restart().await?;
-    let back = edge.wait_weight("gateway", 40).await?;
+    // After seconds of failed attempts the daemon's backoff may be up to its 30 s cap.
+    let back = eventually(Duration::from_secs(60), "gw-1 back on 40", || async {
+        let v = edge.view().await?;
+        Ok((v.weights.get("gateway") == Some(&40)).then_some(v))
+    })
+    .await?;
     assert!(back.connected);
     assert_eq!(back.revision, held.revision);
     Ok(())
@@ -338,7 +343,11 @@ async fn weights_fail_safe_behind_a_blackholed_network_and_return_through_a_slow
     // The path comes back slow: the daemon reconnects through it and the weights return.
     proxy.set(Mode::Latency(Duration::from_millis(150)));
     proxy.cut();
-    let back = edge.wait_weight("gateway", 40).await?;
+    let back = eventually(Duration::from_secs(60), "gw-1 back on 40", || async {
+        let v = edge.view().await?;
+        Ok((v.weights.get("gateway") == Some(&40)).then_some(v))
+    })
+    .await?;
     assert!(back.connected);
     assert_eq!(back.revision, before.revision);
     Ok(())
