@@ -77,17 +77,19 @@ impl Trees {
 
     /// Every tree by name (the names `TREES` lists), for check and backup.
     pub(super) fn all(&self) -> [(&'static str, &sled::Tree); 9] {
-        [
-            ("nodes", &self.nodes),
-            ("statuses", &self.statuses),
-            ("rules", &self.rules),
-            ("events", &self.events),
-            ("meta", &self.meta),
-            ("releases", &self.releases),
-            ("rollouts", &self.rollouts),
-            ("configs", &self.configs),
-            ("quarantine", &self.quarantine),
-        ]
+        // In the order of `TREES`.
+        let trees = [
+            &self.nodes,
+            &self.statuses,
+            &self.rules,
+            &self.events,
+            &self.meta,
+            &self.releases,
+            &self.rollouts,
+            &self.configs,
+            &self.quarantine,
+        ];
+        std::array::from_fn(|i| (TREES[i], trees[i]))
     }
 
     fn named(&self, name: &str) -> Option<&sled::Tree> {
@@ -617,14 +619,9 @@ impl Trees {
     fn quarantine(&self, bad: Vec<BadRecord>) -> Result<Vec<Quarantined>, StoreError> {
         let mut out = Vec::with_capacity(bad.len());
         for b in bad {
-            let tree = match b.tree {
-                "nodes" => &self.nodes,
-                "statuses" => &self.statuses,
-                "rules" => &self.rules,
-                "rollouts" => &self.rollouts,
-                "configs" => &self.configs,
-                _ => &self.releases,
-            };
+            let tree = self
+                .named(b.tree)
+                .ok_or_else(|| StoreError::Inconsistent(format!("unknown tree {}", b.tree)))?;
             let mut qkey = b.tree.as_bytes().to_vec();
             qkey.push(0);
             qkey.extend_from_slice(&b.key);

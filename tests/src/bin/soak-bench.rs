@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use aviary_proto::v1 as pb;
 use aviary_tests::sims::{Event, Sims};
-use aviary_tests::{rss_kib, ControlPlane, Workspace};
+use aviary_tests::{dir_bytes, rss_kib, ControlPlane, Workspace};
 use clap::Parser;
 
 /// Soak benchmark (see the module docs).
@@ -60,20 +60,6 @@ struct Sample {
     fds: usize,
     disk: u64,
     audit_seq: u64,
-}
-
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    entries
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 fn fds(pid: u32) -> usize {

@@ -10,7 +10,7 @@ use aviary_proto::digest::Sha256;
 use aviary_proto::manifest::Manifest;
 use aviary_proto::v1 as pb;
 use aviary_tests::fake_cp::FakeControlPlane;
-use aviary_tests::{Edge, Workspace};
+use aviary_tests::{dir_bytes, peak_rss_kib, Edge, Workspace};
 use pb::control_message::Kind;
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -52,28 +52,6 @@ fn update(
         transfer_id: transfer.into(),
         ..Default::default()
     })
-}
-
-fn peak_rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no VmHWM"))
-}
-
-fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| match e.metadata() {
-            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-            Ok(m) => m.len(),
-            Err(_) => 0,
-        })
-        .sum()
 }
 
 /// Issue 11, items 3 and 7: a fake control plane made a daemon take 1.06 GB of memory with

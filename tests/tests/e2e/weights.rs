@@ -5,6 +5,38 @@ use std::time::Duration;
 use aviary_proto::v1 as pb;
 use aviary_tests::{bin, eventually, Admin, ControlPlane, Edge, Workspace};
 
+/// Waits for `edge`'s gateway weight to fall to 0, then samples it for `hold` (several
+/// TTLs): it must stay 0, disconnected, with the same expiry, however often the daemon
+/// retries. Only contact with a control plane restarts the TTL, never a failed reconnect.
+async fn stays_safe(edge: &Edge, hold: Duration) -> anyhow::Result<()> {
+    let zero = edge.wait_weight("gateway", 0).await?;
+    assert!(!zero.connected);
+    let until = tokio::time::Instant::now() + hold;
+    let mut samples = 0;
+    while tokio::time::Instant::now() < until {
+        let v = edge.view().await?;
+        assert_eq!(
+            (v.weights.get("gateway"), v.connected, &v.expires_at),
+            (Some(&0), false, &zero.expires_at),
+            "weights came back or the TTL restarted without contact"
+        );
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(samples > 20, "only {samples} samples in {hold:?}");
+    Ok(())
+}
+
+/// Waits for `edge`'s gateway weight to return to `weight`: after seconds of failed
+/// attempts the daemon's full-jitter backoff may be near its 30 s cap.
+async fn back_on(edge: &Edge, weight: u32) -> anyhow::Result<aviary_edge::weights::View> {
+    eventually(Duration::from_secs(60), "the weights to return", || async {
+        let v = edge.view().await?;
+        Ok((v.weights.get("gateway") == Some(&weight)).then_some(v))
+    })
+    .await
+}
+
 /// Waits until `n` nodes have a live fleet stream.
 async fn until_connected(admin: &Admin, n: usize) -> anyhow::Result<()> {
     eventually(
@@ -224,30 +256,10 @@ async fn weights_fall_to_zero_after_their_ttl_and_return_with_the_control_plane(
     assert_eq!(held.weights.get("gateway"), Some(&40));
     // ...then fail safe, and stay safe however often the daemon retries: only contact
     // with a control plane restarts the TTL, never a failed reconnect.
-    let zero = edge.wait_weight("gateway", 0).await?;
-    assert!(!zero.connected);
-    let expired_at = zero.expires_at.clone();
-    let until = tokio::time::Instant::now() + Duration::from_secs(8);
-    let mut samples = 0;
-    while tokio::time::Instant::now() < until {
-        let v = edge.view().await?;
-        assert_eq!(
-            (v.weights.get("gateway"), v.connected, &v.expires_at),
-            (Some(&0), false, &expired_at),
-            "weights came back or the TTL restarted without a control plane"
-        );
-        samples += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(samples > 20, "only {samples} samples over four TTLs");
+    stays_safe(&edge, Duration::from_secs(8)).await?;
 
     cp.restart().await?;
-    // After seconds of failed attempts the daemon's backoff may be up to its 30 s cap.
-    let back = eventually(Duration::from_secs(60), "gw-1 back on 40", || async {
-        let v = edge.view().await?;
-        Ok((v.weights.get("gateway") == Some(&40)).then_some(v))
-    })
-    .await?;
+    let back = back_on(&edge, 40).await?;
     assert!(back.connected);
     assert_eq!(back.revision, held.revision);
     Ok(())
@@ -326,28 +338,12 @@ async fn weights_fail_safe_behind_a_blackholed_network_and_return_through_a_slow
     let before = edge.wait_weight("gateway", 40).await?;
 
     proxy.set(Mode::Freeze);
-    let zero = edge.wait_weight("gateway", 0).await?;
-    assert!(!zero.connected);
-    let expired_at = zero.expires_at.clone();
-    let until = tokio::time::Instant::now() + Duration::from_secs(6);
-    while tokio::time::Instant::now() < until {
-        let v = edge.view().await?;
-        assert_eq!(
-            (v.weights.get("gateway"), v.connected, &v.expires_at),
-            (Some(&0), false, &expired_at),
-            "weights came back or the TTL restarted behind a blackhole"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    stays_safe(&edge, Duration::from_secs(6)).await?;
 
     // The path comes back slow: the daemon reconnects through it and the weights return.
     proxy.set(Mode::Latency(Duration::from_millis(150)));
     proxy.cut();
-    let back = eventually(Duration::from_secs(60), "gw-1 back on 40", || async {
-        let v = edge.view().await?;
-        Ok((v.weights.get("gateway") == Some(&40)).then_some(v))
-    })
-    .await?;
+    let back = back_on(&edge, 40).await?;
     assert!(back.connected);
     assert_eq!(back.revision, before.revision);
     Ok(())
