@@ -259,9 +259,9 @@ mod tests {
             "euroc.csv",
             b"#timestamp [ns],w_RS_S_x [rad s^-1],w_RS_S_y [rad s^-1],w_RS_S_z [rad s^-1],a_RS_S_x [m s^-2],a_RS_S_y [m s^-2],a_RS_S_z [m s^-2]\n1403636579758555392,-0.099,0.142,0.026,8.125,-0.035,-2.370\n1403636579763555584,-0.098,0.139,0.026,8.033,-0.035,-2.369\n",
         )?;
-        let shared = crate::repo_root().join("../shared/data/imu");
-        if let Ok(entries) = std::fs::read_dir(&shared) {
-            for e in entries.flatten() {
+        let recordings = crate::repo_root().join("sim-sensors/data/imu");
+        for e in std::fs::read_dir(&recordings)?.flatten() {
+            if e.path().extension().is_some_and(|x| x == "csv") {
                 let text = std::fs::read(e.path())?;
                 let head: Vec<u8> = text
                     .split(|b| *b == b'\n')

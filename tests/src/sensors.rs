@@ -13,12 +13,9 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::{bin, free_port, spawn_and_read, terminate, Workspace};
 
-/// The shared IMU recordings (`../shared/data/imu/`), or `AVIARY_IMU_DATA`.
+/// One of the repo's real IMU recordings (`sim-sensors/data/imu/`).
 pub fn imu_data(file: &str) -> PathBuf {
-    std::env::var_os("AVIARY_IMU_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::repo_root().join("../shared/data/imu"))
-        .join(file)
+    crate::repo_root().join("sim-sensors/data/imu").join(file)
 }
 
 /// A running sensor stub.

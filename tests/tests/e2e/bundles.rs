@@ -14,7 +14,7 @@ fn esbuild_pair() -> anyhow::Result<(PathBuf, PathBuf)> {
     let pair = (dir.join("esbuild-0.24.1"), dir.join("esbuild-0.24.2"));
     if !pair.0.exists() || !pair.1.exists() {
         bail!(
-            "{} missing: scripts/test runs ../shared/tools/fetch-delta-pairs.sh",
+            "{} missing: scripts/test runs scripts/fetch-delta-pairs",
             dir.display()
         );
     }

@@ -1,4 +1,4 @@
-//! The sensor stub over real sockets: replay of the shared recordings, seeded synthetic
+//! The sensor stub over real sockets: replay of the repo's real recordings, seeded synthetic
 //! streams, pacing under a stalled subscriber, the bridge, and clear refusals.
 
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ const G: f64 = 9.806_65;
 /// One recorded row: t_ns since the first, gyro rad/s, accel m/s².
 type Row = (u64, [f64; 3], [f64; 3]);
 
-/// The shared CSV parsed independently of the stub.
+/// A recording parsed independently of the stub.
 fn expected(file: &str, time_scale_ns: f64) -> anyhow::Result<Vec<Row>> {
     let text = std::fs::read_to_string(imu_data(file))?;
     let mut rows = Vec::new();
@@ -58,6 +58,33 @@ fn check_sample(
         || !close(a.z, accel[2])
     {
         bail!("sample {s:?} differs from the recording ({t_ns}, {gyro:?}, {accel:?})");
+    }
+    Ok(())
+}
+
+#[test]
+fn the_recordings_are_upstreams_bytes() -> anyhow::Result<()> {
+    // The sums in sim-sensors/data/imu/README.md: a checkout that converted line endings
+    // or a hand edit would replay something that was never recorded.
+    for (file, sum) in [
+        (
+            "xio3_inertial.csv",
+            "6f7a9f0ead32451ce8e881650a3702757ac17228a9bb38fc246cb6044c24f6ee",
+        ),
+        (
+            "ngimu_sensors.csv",
+            "5bb127f5886477f71e405df9662e61291ecc6a2b9f01751a1983d87d8f32b38d",
+        ),
+    ] {
+        let bytes = std::fs::read(imu_data(file)).with_context(|| file.to_string())?;
+        anyhow::ensure!(
+            aviary_proto::digest::Sha256::of(&bytes).hex() == sum,
+            "{file} is not the recording sim-sensors/data/imu/README.md names"
+        );
+        anyhow::ensure!(
+            bytes.windows(2).any(|w| w == b"\r\n"),
+            "{file} lost its CRLF"
+        );
     }
     Ok(())
 }
