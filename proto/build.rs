@@ -15,6 +15,11 @@ const FILES: &[&str] = &[
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
+    // The architecture a build names itself by (src/arch.rs) is the triple it targets.
+    println!(
+        "cargo:rustc-env=AVIARY_BUILD_TARGET={}",
+        std::env::var("TARGET")?
+    );
     let fds = protox::Compiler::new(["proto"])?
         .include_imports(true)
         .include_source_info(true)

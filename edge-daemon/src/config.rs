@@ -169,6 +169,20 @@ impl Args {
         if keepalive < Duration::from_millis(100) {
             return Err(ConfigError("--keepalive must be at least 100ms".into()));
         }
+        let arch = match self.arch.or(file.arch) {
+            // Named by hand (a build for a base ABI running on a wider one); still only
+            // a name releases can carry.
+            Some(arch) if aviary_proto::arch::is_target(&arch) => arch,
+            Some(arch) => {
+                return Err(ConfigError(format!(
+                    "arch {arch:?} is not one of {}",
+                    aviary_proto::arch::TARGETS.join(", ")
+                )))
+            }
+            None => aviary_proto::arch::host_target()
+                .map_err(|e| ConfigError(e.to_string()))?
+                .to_owned(),
+        };
         Ok(Config {
             control_plane: required(self.control_plane.or(file.control_plane), "control-plane")?,
             certs: required(self.certs.or(file.certs), "certs")?,
@@ -179,10 +193,7 @@ impl Args {
             metrics_listen: self.metrics_listen.or(file.metrics_listen),
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             keepalive,
-            arch: self
-                .arch
-                .or(file.arch)
-                .unwrap_or_else(|| aviary_proto::manifest::host_target().to_owned()),
+            arch,
         })
     }
 }

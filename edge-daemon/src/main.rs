@@ -137,7 +137,13 @@ fn apply(
             ));
         }
         let modules = Modules::open(state_dir).map_err(|e| e.to_string())?;
-        let target = arch.unwrap_or_else(|| aviary_proto::manifest::host_target().to_owned());
+        let target = match arch {
+            Some(arch) if aviary_proto::arch::is_target(&arch) => arch,
+            Some(arch) => return Err(format!("--arch {arch:?} is not an architecture name")),
+            None => aviary_proto::arch::host_target()
+                .map_err(|e| e.to_string())?
+                .to_owned(),
+        };
         Installer::new(modules, trusted, target)
             .apply_bundle(bundle)
             .map_err(|e| e.to_string())

@@ -7,6 +7,7 @@
 //! Architecture invariant: only this crate knows how the .proto files become Rust; every
 //! other crate converts these types to its own domain types where a request enters.
 
+pub mod arch;
 pub mod bundle;
 pub mod codec;
 pub mod delta;

@@ -20,19 +20,6 @@ use crate::digest::Sha256;
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 64 * 1024;
 
-/// Targets an artifact can be built for (the `arch` of a node's Hello).
-pub const TARGETS: [&str; 4] = ["x86_64", "aarch64", "armv7", "riscv64"];
-
-/// The target name of the machine this runs on (`arm` builds are `armv7`).
-pub fn host_target() -> &'static str {
-    match std::env::consts::ARCH {
-        "aarch64" => "aarch64",
-        "arm" => "armv7",
-        "riscv64" => "riscv64",
-        _ => "x86_64",
-    }
-}
-
 /// Why a manifest, run spec or name is refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ManifestError {
@@ -64,7 +51,7 @@ pub struct Manifest {
     pub module: String,
     /// SemVer 2.0 version.
     pub version: String,
-    /// One of [`TARGETS`].
+    /// One of [`crate::arch::TARGETS`].
     pub target: String,
     /// sha256 of the artifact, lowercase hex.
     pub sha256: String,
@@ -100,10 +87,14 @@ impl Manifest {
     pub fn validate(&self) -> Result<(), ManifestError> {
         validate_module_name(&self.module)?;
         parse_version(&self.version)?;
-        if !TARGETS.contains(&self.target.as_str()) {
+        if !crate::arch::is_target(&self.target) {
             return Err(field(
                 "target",
-                format!("{:?} is not one of {}", self.target, TARGETS.join(", ")),
+                format!(
+                    "{:?} is not one of {}",
+                    self.target,
+                    crate::arch::TARGETS.join(", ")
+                ),
             ));
         }
         if Sha256::parse_hex(&self.sha256).is_none() || self.sha256 != self.sha256.to_lowercase() {

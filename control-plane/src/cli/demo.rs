@@ -346,7 +346,7 @@ async fn deploy_sample(
         let manifest = Manifest {
             module: "sample".into(),
             version: version.into(),
-            target: aviary_proto::manifest::host_target().into(),
+            target: aviary_proto::arch::host_target()?.into(),
             sha256: aviary_proto::digest::Sha256::of(&bytes).hex(),
             size: bytes.len() as u64,
             run: Some(run.clone()),
@@ -474,7 +474,7 @@ async fn canary_demo(
         let manifest = Manifest {
             module: "worker".into(),
             version: (*version).into(),
-            target: aviary_proto::manifest::host_target().into(),
+            target: aviary_proto::arch::host_target()?.into(),
             sha256: aviary_proto::digest::Sha256::of(&bytes).hex(),
             size: bytes.len() as u64,
             run: Some(run.clone()),

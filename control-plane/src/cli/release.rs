@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use aviary_certs::ReleaseSigner;
+use aviary_proto::arch::{host_target, is_target, TARGETS};
 use aviary_proto::bundle::{BundleHeader, Encoding, PayloadInfo};
 use aviary_proto::digest::hash_reader;
-use aviary_proto::manifest::{host_target, Manifest, RunSpec, TARGETS};
+use aviary_proto::manifest::{Manifest, RunSpec};
 use aviary_proto::v1 as pb;
 use clap::{Args, Subcommand};
 use pb::upload_release_request::Kind;
@@ -137,8 +138,11 @@ impl ManifestArgs {
             }
             None => None,
         };
-        let target = self.target.clone().unwrap_or_else(|| host_target().into());
-        if !TARGETS.contains(&target.as_str()) {
+        let target = match self.target.clone() {
+            Some(target) => target,
+            None => host_target().context("--target")?.to_owned(),
+        };
+        if !is_target(&target) {
             bail!("--target {target}: one of {}", TARGETS.join(", "));
         }
         let manifest = Manifest {

@@ -235,12 +235,16 @@ fn systemd_units_verify_cleanly_and_are_hardened() -> anyhow::Result<()> {
             "control-plane/systemd/aviary-control-plane.service",
             "aviary-control-plane",
         ),
+        (
+            "sim-sensors/systemd/aviary-sensors.service",
+            "aviary-sensors",
+        ),
     ] {
         let text = std::fs::read_to_string(repo_root().join(unit))?;
         assert!(text.contains("ProtectSystem=strict") && text.contains("NoNewPrivileges=yes"));
         // verify checks that ExecStart exists: point it at the binary we built.
         let local = text.replace(
-            &format!("/usr/local/bin/{binary}"),
+            &format!("/usr/bin/{binary}"),
             &bin(binary)?.display().to_string(),
         );
         let path = dir
@@ -360,6 +364,27 @@ fn bad_daemon_config_exits_64_naming_the_flag() -> anyhow::Result<()> {
         .output()?;
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--node-id"));
+    // An architecture no release can name would wait forever for artifacts.
+    let out = Command::new(bin("aviary-edge")?)
+        .args([
+            "--control-plane",
+            "https://127.0.0.1:1",
+            "--certs",
+            "/c",
+            "--state-dir",
+            "/s",
+            "--node-id",
+            "gw-1",
+            "--arch",
+            "arm",
+        ])
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("arch \"arm\" is not one of") && stderr.contains("armv7"),
+        "{stderr}"
+    );
     Ok(())
 }
 
