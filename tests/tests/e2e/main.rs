@@ -9,6 +9,7 @@ mod configs;
 mod deploy;
 mod durability;
 mod lifecycle;
+mod packages;
 mod protocol;
 mod releases;
 mod runtime;
