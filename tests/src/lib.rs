@@ -3,6 +3,7 @@
 //! Also home of the raw fleet-protocol client shared by tests and the fleet simulator.
 
 pub mod fake_cp;
+pub mod foreign;
 pub mod fuzz_targets;
 pub mod proxy;
 pub mod raw;
@@ -173,7 +174,8 @@ async fn spawn_and_read(
         }
         bail!("exited before printing {prefix:?}")
     };
-    let rest = match tokio::time::timeout(Duration::from_secs(20), read).await {
+    // Generous: a debug daemon under qemu on a loaded two-core machine starts slowly.
+    let rest = match tokio::time::timeout(Duration::from_secs(60), read).await {
         Ok(Ok(rest)) => rest,
         Ok(Err(e)) => bail!(
             "{}: {e}; log:\n{}",
@@ -181,7 +183,7 @@ async fn spawn_and_read(
             std::fs::read_to_string(log).unwrap_or_default()
         ),
         Err(_) => bail!(
-            "{} did not start in 20s; log:\n{}",
+            "{} did not start in 60s; log:\n{}",
             program.display(),
             std::fs::read_to_string(log).unwrap_or_default()
         ),
@@ -311,7 +313,21 @@ impl ControlPlane {
         file: &std::path::Path,
         run_spec: &str,
     ) -> anyhow::Result<()> {
-        let spec = ws.path(&format!("{module}-{version}.toml"));
+        self.upload_release_for(ws, module, version, "x86_64", file, run_spec)
+    }
+
+    /// Like `upload_release`, as the artifact for `target` (another architecture's
+    /// artifact of the same version adds to the release).
+    pub fn upload_release_for(
+        &self,
+        ws: &Workspace,
+        module: &str,
+        version: &str,
+        target: &str,
+        file: &std::path::Path,
+        run_spec: &str,
+    ) -> anyhow::Result<()> {
+        let spec = ws.path(&format!("{module}-{version}-{target}.toml"));
         std::fs::write(&spec, run_spec)?;
         let (file, spec) = (file.to_string_lossy(), spec.to_string_lossy());
         let key = ws.pki.dir.join("release-signing.key");
@@ -323,7 +339,7 @@ impl ControlPlane {
             "--version",
             version,
             "--target",
-            "x86_64",
+            target,
             "--file",
             &file,
             "--run-spec",
@@ -332,7 +348,7 @@ impl ControlPlane {
             &key.to_string_lossy(),
         ];
         self.cli(ws, &args)
-            .with_context(|| format!("upload {module} {version}"))?;
+            .with_context(|| format!("upload {module} {version} for {target}"))?;
         Ok(())
     }
 
@@ -454,6 +470,8 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 /// A running `aviary-edge`.
 pub struct Edge {
     child: Option<Child>,
+    /// The program and its leading arguments (the daemon, or qemu and the daemon).
+    program: Vec<String>,
     /// Its node id.
     pub node_id: String,
     /// Its state dir.
@@ -484,6 +502,34 @@ impl Edge {
         labels: &[(&str, &str)],
         extra: &[&str],
     ) -> anyhow::Result<Edge> {
+        let program = vec![bin("aviary-edge")?.display().to_string()];
+        Edge::start_program(ws, url, node_id, labels, extra, program).await
+    }
+
+    /// Like `start`, with the daemon cross-built for `cpu` and run under qemu.
+    pub async fn start_foreign(
+        ws: &Workspace,
+        cp: &ControlPlane,
+        node_id: &str,
+        labels: &[(&str, &str)],
+        extra: &[&str],
+        cpu: foreign::Foreign,
+    ) -> anyhow::Result<Edge> {
+        cpu.check_binfmt()?;
+        let program = cpu.command("debug", "aviary-edge")?;
+        Edge::start_program(ws, &cp.url(), node_id, labels, extra, program).await
+    }
+
+    /// Like `start_via`, running `program` (an executable and its leading arguments,
+    /// e.g. qemu and a release daemon) instead of this build's daemon.
+    pub async fn start_program(
+        ws: &Workspace,
+        url: &str,
+        node_id: &str,
+        labels: &[(&str, &str)],
+        extra: &[&str],
+        program: Vec<String>,
+    ) -> anyhow::Result<Edge> {
         ws.edge_cert(node_id)?;
         let state_dir = ws.path(&format!("edge-{node_id}"));
         let mut args: Vec<String> = vec!["--control-plane".into(), url.to_owned()];
@@ -504,10 +550,10 @@ impl Edge {
         let log = ws.path(&format!("edge-{node_id}.log"));
         let mut first = args.clone();
         first.extend(["--local-listen".into(), "127.0.0.1:0".into()]);
-        let (child, local) =
-            spawn_and_read(&bin("aviary-edge")?, &first, &log, "local http on ").await?;
+        let (child, local) = spawn_edge(&program, &first, &log).await?;
         Ok(Edge {
             child: Some(child),
+            program,
             node_id: node_id.into(),
             state_dir,
             local: local.parse()?,
@@ -539,7 +585,7 @@ impl Edge {
         weight: u32,
     ) -> anyhow::Result<aviary_edge::weights::View> {
         eventually(
-            Duration::from_secs(15),
+            Duration::from_secs(30),
             &format!("{} to report {module}={weight}", self.node_id),
             || async {
                 let view = self.view().await?;
@@ -547,6 +593,16 @@ impl Edge {
                 let ok = view.weights.get(module) == Some(&weight) && file == view;
                 Ok(ok.then_some(view))
             },
+        )
+        .await
+    }
+
+    /// Waits until the daemon says it is connected to the control plane.
+    pub async fn wait_connected(&self) -> anyhow::Result<()> {
+        eventually(
+            Duration::from_secs(60),
+            &format!("{} to connect", self.node_id),
+            || async { Ok(self.view().await?.connected.then_some(())) },
         )
         .await
     }
@@ -570,8 +626,7 @@ impl Edge {
         self.kill9().await?;
         let mut args = self.args.clone();
         args.extend(["--local-listen".into(), self.local.to_string()]);
-        let (child, _) =
-            spawn_and_read(&bin("aviary-edge")?, &args, &self.log, "local http on ").await?;
+        let (child, _) = spawn_edge(&self.program, &args, &self.log).await?;
         self.child = Some(child);
         Ok(())
     }
@@ -580,6 +635,18 @@ impl Edge {
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// Starts `program` (the daemon, possibly behind qemu) with `args`; waits for its local
+/// HTTP address.
+async fn spawn_edge(
+    program: &[String],
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<(Child, String)> {
+    let (exe, leading) = program.split_first().context("no program")?;
+    let all: Vec<String> = leading.iter().chain(args).cloned().collect();
+    spawn_and_read(Path::new(exe), &all, log, "local http on ").await
 }
 
 /// A tmpfs of a given size mounted at a directory (a disk that fills up), unmounted on

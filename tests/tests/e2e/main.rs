@@ -8,6 +8,7 @@ mod compromised;
 mod configs;
 mod deploy;
 mod durability;
+mod foreign;
 mod lifecycle;
 mod packages;
 mod protocol;

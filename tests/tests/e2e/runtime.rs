@@ -12,7 +12,12 @@ use aviary_proto::v1 as pb;
 use aviary_tests::{bin, eventually, free_port, Admin, ControlPlane, Edge, Workspace};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn deploy(admin: &mut Admin, module: &str, version: &str) -> anyhow::Result<String> {
+/// Starts a rollout of `module` `version` to every node; its id.
+pub(crate) async fn deploy(
+    admin: &mut Admin,
+    module: &str,
+    version: &str,
+) -> anyhow::Result<String> {
     Ok(admin
         .rollouts
         .create_rollout(pb::CreateRolloutRequest {
@@ -26,7 +31,7 @@ async fn deploy(admin: &mut Admin, module: &str, version: &str) -> anyhow::Resul
 }
 
 /// One `GET /` over a fresh connection: the version served.
-async fn get(addr: SocketAddr) -> anyhow::Result<String> {
+pub(crate) async fn get(addr: SocketAddr) -> anyhow::Result<String> {
     let mut s = tokio::net::TcpStream::connect(addr).await?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await?;
@@ -39,17 +44,108 @@ async fn get(addr: SocketAddr) -> anyhow::Result<String> {
     Ok(text.lines().last().unwrap_or_default().trim().to_owned())
 }
 
-fn spec(port: u16, extra_args: &str) -> String {
+/// The sample module's run spec on a daemon-owned socket at `port`, probed every 200 ms.
+pub(crate) fn spec(port: u16, extra_args: &str) -> String {
     format!(
         "args = [{extra_args}]\nlisten = \"127.0.0.1:{port}\"\nnotify = true\nready_timeout = \"5s\"\nlog_patterns = [\"ERROR\"]\n\
          [[probe]]\nhttp = \"http://127.0.0.1:{port}/healthz\"\ninterval = \"200ms\"\ntimeout = \"300ms\"\n"
     )
 }
 
+/// Clients that `GET /` a module over and over, counting what fails.
+pub(crate) struct Hammer {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    last: Arc<std::sync::Mutex<String>>,
+    clients: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+impl Hammer {
+    /// Starts `n` clients of `addr`, each one request at a time on a fresh connection.
+    pub(crate) fn start(addr: SocketAddr, n: usize) -> Hammer {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let last = Arc::new(std::sync::Mutex::new(String::new()));
+        let clients = (0..n)
+            .map(|_| {
+                let (stop, ok, last) = (stop.clone(), ok.clone(), last.clone());
+                tokio::spawn(async move {
+                    let mut errors = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        match get(addr).await {
+                            Ok(v) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                                if let Ok(mut last) = last.lock() {
+                                    *last = v;
+                                }
+                            }
+                            Err(e) => errors.push(e.to_string()),
+                        }
+                    }
+                    errors
+                })
+            })
+            .collect();
+        Hammer {
+            stop,
+            ok,
+            last,
+            clients,
+        }
+    }
+
+    /// Waits until `n` requests have succeeded (the load is on before a swap starts).
+    pub(crate) async fn wait_ok(&self, n: u64) -> anyhow::Result<()> {
+        eventually(Duration::from_secs(60), "the load to start", || async {
+            Ok((self.ok.load(Ordering::Relaxed) >= n).then_some(()))
+        })
+        .await
+    }
+
+    /// Waits until a reply names `version`.
+    pub(crate) async fn wait_version(&self, version: &str) -> anyhow::Result<()> {
+        eventually(
+            Duration::from_secs(120),
+            &format!("{version} to serve"),
+            || async {
+                let last = self.last.lock().map(|l| l.clone()).unwrap_or_default();
+                Ok((last == version).then_some(()))
+            },
+        )
+        .await
+    }
+
+    /// Stops the clients; fails if any request failed or fewer than `min_ok` succeeded.
+    pub(crate) async fn finish(self, min_ok: u64) -> anyhow::Result<()> {
+        // A little load after the swap too: the old process is gone by now.
+        let after = self.ok.load(Ordering::Relaxed) + 10;
+        self.wait_ok(after).await?;
+        self.stop.store(true, Ordering::Relaxed);
+        let mut errors = Vec::new();
+        for c in self.clients {
+            errors.extend(c.await?);
+        }
+        let ok = self.ok.load(Ordering::Relaxed);
+        anyhow::ensure!(
+            ok >= min_ok,
+            "{ok} requests: too little load to mean anything"
+        );
+        anyhow::ensure!(
+            errors.is_empty(),
+            "requests failed across the swap: {errors:?}"
+        );
+        Ok(())
+    }
+}
+
 /// Waits until rollout `id` has an outcome.
-async fn settled(ws: &Workspace, cp: &ControlPlane, id: &str) -> anyhow::Result<pb::Rollout> {
+pub(crate) async fn settled(
+    ws: &Workspace,
+    cp: &ControlPlane,
+    id: &str,
+) -> anyhow::Result<pb::Rollout> {
     eventually(
-        Duration::from_secs(30),
+        Duration::from_secs(120),
         &format!("rollout {id} to settle"),
         || async {
             let mut admin = ws.admin(cp).await?;
@@ -101,53 +197,12 @@ async fn a_hot_swap_under_load_refuses_no_connection_and_a_bad_version_rolls_bac
     .with_context(|| edge.log())?;
 
     // Hammer the module through the daemon's socket while v2 replaces v1.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let saw_v2 = Arc::new(AtomicBool::new(false));
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let (stop, ok, failed, saw_v2) = (stop.clone(), ok.clone(), failed.clone(), saw_v2.clone());
-        clients.push(tokio::spawn(async move {
-            let mut errors = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                match get(addr).await {
-                    Ok(v) => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                        if v == "2.0.0" {
-                            saw_v2.store(true, Ordering::Relaxed);
-                        }
-                    }
-                    Err(e) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        errors.push(e.to_string());
-                    }
-                }
-            }
-            errors
-        }));
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let hammer = Hammer::start(addr, 4);
+    hammer.wait_ok(10).await?;
     let r2 = deploy(&mut admin, "sample", "2.0.0").await?;
-    eventually(Duration::from_secs(30), "v2 to serve", || async {
-        Ok(saw_v2.load(Ordering::Relaxed).then_some(()))
-    })
-    .await?;
+    hammer.wait_version("2.0.0").await?;
     settled(&ws, &cp, &r2).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut errors = Vec::new();
-    for c in clients {
-        errors.extend(c.await?);
-    }
-    assert!(
-        ok.load(Ordering::Relaxed) > 50,
-        "too little load to mean anything"
-    );
-    assert_eq!(
-        failed.load(Ordering::Relaxed),
-        0,
-        "requests failed across the swap: {errors:?}"
-    );
+    hammer.finish(50).await?;
 
     // Health reports reach the control plane every second.
     let health = eventually(Duration::from_secs(10), "a health report of v2", || async {
