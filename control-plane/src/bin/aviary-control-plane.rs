@@ -48,6 +48,11 @@ fn main() -> ExitCode {
         }
         let shutdown = CancellationToken::new();
         tokio::spawn(stop_on_signal(shutdown.clone()));
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        tokio::spawn(tracing::Instrument::instrument(
+            trim_malloc(shutdown.clone()),
+            tracing::info_span!("malloc_trim"),
+        ));
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
             if let Ok(addr) = ready_rx.await {
@@ -162,6 +167,35 @@ fn limit_malloc_arenas() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
         set_arena_max(2);
     }
+}
+
+/// Gives the pages malloc holds free back to the system once a minute. A rollout's burst
+/// of transfers (or a stall that queues work) raises the heap's high-water mark, and
+/// glibc returns only the top of a heap by itself: without this the soak benchmark's RSS
+/// ratcheted up at each burst and never came down (docs/perf.md).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+async fn trim_malloc(shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(60));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let started = std::time::Instant::now();
+        // It walks every arena under its lock: not on a runtime worker.
+        let released = tokio::task::spawn_blocking(malloc_trim)
+            .await
+            .unwrap_or(false);
+        tracing::debug!(released, took = ?started.elapsed(), "malloc_trim");
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[allow(unsafe_code)]
+fn malloc_trim() -> bool {
+    // SAFETY: malloc_trim takes the allocator's own locks; it has no preconditions.
+    unsafe { libc::malloc_trim(0) == 1 }
 }
 
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
