@@ -473,7 +473,7 @@ mod tests {
                 ..manifest()
             },
             Manifest {
-                target: "mips".into(),
+                target: "z80".into(),
                 ..manifest()
             },
             Manifest {

@@ -232,6 +232,8 @@ impl Installer {
             f.write_all(bytes).map_err(io(&path))?;
             f.sync_all().map_err(io(&path))?;
         }
+        // The slot appears with its final mode, never private and then opened.
+        super::slots::make_passage(staging.path())?;
         sync_dir(staging.path())?;
 
         let slot = Slot {
@@ -247,6 +249,11 @@ impl Installer {
         }
         if let Some(parent) = dest.parent() {
             std::fs::create_dir_all(parent).map_err(io(parent))?;
+            // slots/ and the module's directory, on the way to the slot.
+            super::slots::make_passage(parent)?;
+            if let Some(module_dir) = parent.parent() {
+                super::slots::make_passage(module_dir)?;
+            }
         }
         let staged = staging.keep();
         if let Err(e) = std::fs::rename(&staged, &dest) {

@@ -8,6 +8,9 @@
 //! STATE_DIR/modules/NAME/config.json         {"revision": 9, "overlay": {...}}: the runtime
 //!                                            config layers applied (absent: none)
 //! ```
+//! Directories from `STATE_DIR` down to each slot are 0711: a module that runs as its own
+//! user reaches and executes its artifact but cannot list or change what is installed.
+//!
 //! Invariant: `state.json` only ever names complete slot directories, and it is replaced
 //! atomically (temp, fsync, rename, fsync dir). A `kill -9` or power cut at any instant
 //! therefore leaves the module at its old or its new version, never a mix; whatever was
@@ -86,6 +89,16 @@ fn replace_symlink(path: &Path) -> Result<(), InstallError> {
     }
 }
 
+/// Mode of the directories on the way to a slot: a module running as its own user must
+/// reach and execute its artifact, but may not list or change what is installed.
+pub(crate) const PASSAGE_MODE: u32 = 0o711;
+
+/// Gives `dir` [`PASSAGE_MODE`].
+pub(crate) fn make_passage(dir: &Path) -> Result<(), InstallError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(PASSAGE_MODE)).map_err(io(dir))
+}
+
 /// fsync a directory, so renames into it survive a power cut.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), InstallError> {
     std::fs::File::open(dir)
@@ -100,7 +113,40 @@ impl Modules {
         std::fs::create_dir_all(&root).map_err(io(&root))?;
         // Absolute: modules run with their slot as working directory.
         let root = std::fs::canonicalize(&root).map_err(io(&root))?;
-        Ok(Modules { root })
+        let modules = Modules { root };
+        modules.open_passages(state_dir)?;
+        Ok(modules)
+    }
+
+    /// Every directory from the state dir down to each slot gets [`PASSAGE_MODE`], also
+    /// those an older daemon made 0700: a module with a `user` could not start its own
+    /// artifact. Temporary and partial files stay private.
+    fn open_passages(&self, state_dir: &Path) -> Result<(), InstallError> {
+        make_passage(state_dir)?;
+        make_passage(&self.root)?;
+        let entries = std::fs::read_dir(&self.root).map_err(io(&self.root))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            // Only real module directories: never through a symlink.
+            if aviary_proto::manifest::validate_module_name(&name).is_err()
+                || !entry.file_type().is_ok_and(|t| t.is_dir())
+            {
+                continue;
+            }
+            make_passage(&entry.path())?;
+            let slots = entry.path().join("slots");
+            if !std::fs::symlink_metadata(&slots).is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
+            make_passage(&slots)?;
+            for slot in std::fs::read_dir(&slots).map_err(io(&slots))?.flatten() {
+                if slot.file_type().is_ok_and(|t| t.is_dir()) {
+                    make_passage(&slot.path())?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The `modules/` directory.
@@ -291,6 +337,51 @@ impl Modules {
         }
         let _ = std::fs::remove_file(self.dir(name).join("state.json.tmp"));
         let _ = std::fs::remove_file(self.dir(name).join("config.json.tmp"));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::symlink_metadata(path)
+            .map(|m| m.permissions().mode() & 0o7777)
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn open_makes_the_way_to_every_slot_passable_but_nothing_else() -> Result<(), InstallError> {
+        let dir = tempfile::tempdir().map_err(io(Path::new("tmp")))?;
+        let state = dir.path().join("state");
+        // As a daemon before this one left them, under UMask=0077.
+        let slot = state.join("modules/sample/slots/1.0.0-abc");
+        let tmp = state.join("modules/sample/tmp");
+        let elsewhere = dir.path().join("elsewhere");
+        for d in [&slot, &tmp, &elsewhere] {
+            std::fs::create_dir_all(d).map_err(io(d))?;
+        }
+        std::os::unix::fs::symlink(&elsewhere, state.join("modules/linked"))
+            .map_err(io(&elsewhere))?;
+        for d in [&state, &slot, &tmp, &elsewhere] {
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).map_err(io(d))?;
+        }
+        Modules::open(&state)?;
+        for d in [
+            state.clone(),
+            state.join("modules"),
+            state.join("modules/sample"),
+            state.join("modules/sample/slots"),
+            slot,
+        ] {
+            assert_eq!(mode(&d), PASSAGE_MODE, "{}", d.display());
+        }
+        // What is in flight stays private, and no symlink is followed.
+        assert_eq!(mode(&tmp), 0o700);
+        assert_eq!(mode(&elsewhere), 0o700);
         Ok(())
     }
 }

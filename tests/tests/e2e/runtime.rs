@@ -2,6 +2,7 @@
 //! load, and local rollback of a version that never becomes ready or crashes at start.
 
 use std::net::SocketAddr;
+use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -453,5 +454,90 @@ async fn a_bundle_applied_beside_a_running_daemon_is_picked_up_without_a_control
         .await
         .with_context(|| edge.log())?;
     }
+    Ok(())
+}
+
+/// Pids of the processes running an artifact of `module` installed by `edge`.
+fn module_pids(edge: &Edge, module: &str) -> Vec<u32> {
+    let slots = edge.state_dir.join("modules").join(module).join("slots");
+    let slots = std::fs::canonicalize(&slots).unwrap_or(slots);
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let exe = std::fs::read_link(e.path().join("exe")).ok()?;
+            exe.starts_with(&slots).then_some(pid)
+        })
+        .collect()
+}
+
+/// uid and gid of a local user, from /etc/passwd.
+fn passwd_ids(user: &str) -> anyhow::Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[0] == user)
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        .with_context(|| format!("no user {user}: scripts/test creates it (useradd --system)"))
+}
+
+#[tokio::test]
+async fn a_module_with_a_user_runs_as_that_user_with_no_other_groups() -> anyhow::Result<()> {
+    let (uid, gid) = passwd_ids("aviary-mod")?;
+    let ws = Workspace::new()?;
+    // The workspace stands in for /var/lib: others may pass through it, as on a gateway.
+    std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o711))?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    // With the shipped unit's UMask=0077, so everything the daemon makes is private
+    // unless it opens it on purpose.
+    let program = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        "umask 077 && exec \"$0\" \"$@\"".to_owned(),
+        bin("aviary-edge")?.display().to_string(),
+    ];
+    let edge =
+        Edge::start_program(&ws, &cp.url(), "gw-1", &[], &["--arch", "x86_64"], program).await?;
+    let port = free_port()?.port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+    let v1 = ws.sample_release("1.0.0")?;
+    let spec = format!("user = \"aviary-mod\"\n{}", spec(port, ""));
+    cp.upload_release(&ws, "sample", "1.0.0", &v1, &spec)?;
+    let mut admin = ws.admin(&cp).await?;
+    let r = settled(&ws, &cp, &deploy(&mut admin, "sample", "1.0.0").await?).await?;
+    assert_eq!(
+        r.state,
+        pb::RolloutState::Succeeded as i32,
+        "{r:?}\n{}",
+        edge.log()
+    );
+    assert_eq!(get(addr).await?, "1.0.0");
+
+    let pids = module_pids(&edge, "sample");
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0]))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    // Real, effective, saved and filesystem ids all switched; root's groups are gone.
+    assert_eq!(
+        field("Uid:"),
+        format!("{uid} {uid} {uid} {uid}"),
+        "{status}"
+    );
+    assert_eq!(
+        field("Gid:"),
+        format!("{gid} {gid} {gid} {gid}"),
+        "{status}"
+    );
+    assert_eq!(field("Groups:"), "", "{status}");
+    assert_eq!(field("CapEff:"), "0000000000000000", "{status}");
     Ok(())
 }
