@@ -699,9 +699,14 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
         &ws,
         &cp,
         "2.0.0",
+        // The pause holds the analysis until the canaries' probe target is closed: on a
+        // busy machine, waiting for their first passing probes took longer than a 4 s
+        // window, which then judged two healthy canaries and promoted them.
         &[
             "--step",
             "canary=50",
+            "--step",
+            "pause",
             "--step",
             "analysis=4s",
             "--max-error-rate-vs-baseline",
@@ -745,6 +750,7 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
         .await?;
     }
     drop(canary_target);
+    cp.cli(&ws, &["rollout", "promote", &id])?;
     let r = settle(&ws, &cp, &id).await?;
     if r.state != pb::RolloutState::Aborted as i32 {
         let mut why = Vec::new();
