@@ -13,7 +13,7 @@ use aviary_proto::v1 as pb;
 use aviary_tests::foreign::{elf_machine, Foreign};
 use aviary_tests::{eventually, free_port, ControlPlane, Edge, Workspace};
 
-use crate::runtime::{deploy, get, settled, spec, Hammer};
+use crate::runtime::{deploy, get, refusal, settled, spec, Hammer};
 
 /// ELF `e_machine` of aarch64 and x86_64.
 const EM_AARCH64: u16 = 0xB7;
@@ -141,20 +141,9 @@ async fn an_aarch64_daemon_under_qemu_gets_its_own_artifact_a_delta_a_clean_swap
 
     // 3.0.0 never becomes ready: the daemon goes back to 2.0.0 by itself.
     let r3 = deploy(&mut admin, "sample", "3.0.0").await?;
-    let node = eventually(
-        Duration::from_secs(120),
-        "gw-arm64 to refuse 3.0.0",
-        || async {
-            let node = cp.node(&ws, "gw-arm64").await?;
-            Ok(node
-                .module_rollouts
-                .iter()
-                .find(|m| m.nacked_revision > 0 && m.nacked_revision == m.desired_revision)
-                .cloned())
-        },
-    )
-    .await
-    .with_context(|| edge.log())?;
+    let node = refusal(&ws, &cp, "gw-arm64")
+        .await
+        .with_context(|| edge.log())?;
     assert!(
         node.nack_error.contains("rolled back locally to 2.0.0"),
         "{node:?}"

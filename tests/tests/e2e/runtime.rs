@@ -53,6 +53,26 @@ pub(crate) fn spec(port: u16, extra_args: &str) -> String {
     )
 }
 
+/// Waits until `node` refuses the revision it is meant to run; its module status then.
+pub(crate) async fn refusal(
+    ws: &Workspace,
+    cp: &ControlPlane,
+    node: &str,
+) -> anyhow::Result<pb::ModuleRollout> {
+    eventually(
+        Duration::from_secs(120),
+        &format!("{node} to refuse its desired revision"),
+        || async {
+            let status = cp.node(ws, node).await?;
+            Ok(status
+                .module_rollouts
+                .into_iter()
+                .find(|m| m.nacked_revision > 0 && m.nacked_revision == m.desired_revision))
+        },
+    )
+    .await
+}
+
 /// Clients that `GET /` a module over and over, counting what fails.
 pub(crate) struct Hammer {
     stop: Arc<AtomicBool>,
@@ -221,16 +241,9 @@ async fn a_hot_swap_under_load_refuses_no_connection_and_a_bad_version_rolls_bac
 
     // v3 never becomes ready: the daemon kills it, v2 keeps serving, the node reports it.
     let r3 = deploy(&mut admin, "sample", "3.0.0").await?;
-    let node = eventually(Duration::from_secs(30), "gw-1 to refuse v3", || async {
-        let node = cp.node(&ws, "gw-1").await?;
-        Ok(node
-            .module_rollouts
-            .iter()
-            .find(|m| m.nacked_revision > 0 && m.nacked_revision == m.desired_revision)
-            .cloned())
-    })
-    .await
-    .with_context(|| edge.log())?;
+    let node = refusal(&ws, &cp, "gw-1")
+        .await
+        .with_context(|| edge.log())?;
     assert!(
         node.nack_error.contains("not ready")
             && node.nack_error.contains("rolled back locally to 2.0.0"),

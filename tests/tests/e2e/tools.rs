@@ -350,35 +350,25 @@ fn bad_daemon_config_exits_64_naming_the_flag() -> anyhow::Result<()> {
         .output()?;
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--data-dir"));
-    let out = Command::new(bin("aviary-edge")?)
-        .args([
+    let edge = |extra: &[&str]| -> anyhow::Result<std::process::Output> {
+        let base = [
             "--control-plane",
             "https://127.0.0.1:1",
             "--certs",
             "/c",
             "--state-dir",
             "/s",
-            "--node-id",
-            "../evil",
-        ])
-        .output()?;
+        ];
+        Ok(Command::new(bin("aviary-edge")?)
+            .args(base)
+            .args(extra)
+            .output()?)
+    };
+    let out = edge(&["--node-id", "../evil"])?;
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--node-id"));
     // An architecture no release can name would wait forever for artifacts.
-    let out = Command::new(bin("aviary-edge")?)
-        .args([
-            "--control-plane",
-            "https://127.0.0.1:1",
-            "--certs",
-            "/c",
-            "--state-dir",
-            "/s",
-            "--node-id",
-            "gw-1",
-            "--arch",
-            "arm",
-        ])
-        .output()?;
+    let out = edge(&["--node-id", "gw-1", "--arch", "arm"])?;
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
