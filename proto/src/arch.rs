@@ -82,17 +82,13 @@ pub fn target_of_triple(triple: &str) -> Result<&'static str, UnknownTarget> {
         triple: triple.to_owned(),
     };
     let parts: Vec<&str> = triple.split('-').collect();
-    if parts.len() < 3 || !parts.contains(&"linux") {
+    // `linux` is never first: the architecture is.
+    let Some(os) = parts.iter().skip(1).position(|p| *p == "linux") else {
         return Err(unknown());
-    }
+    };
     let arch = parts[0];
-    // The environment is whatever follows `linux` (absent in none of today's triples).
-    let env = parts
-        .iter()
-        .position(|p| *p == "linux")
-        .and_then(|i| parts.get(i + 1))
-        .copied()
-        .unwrap_or("");
+    // The environment (`gnueabihf`, `musl`, ...) follows the OS.
+    let env = parts.get(os + 2).copied().unwrap_or("");
     let hard_float = env.ends_with("hf");
     let name = match arch {
         "x86_64" if env == "gnux32" => "x86_64-x32",

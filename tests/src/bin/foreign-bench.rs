@@ -86,10 +86,16 @@ async fn main() -> anyhow::Result<()> {
         };
         let program = match Foreign::by_triple(triple) {
             Some(cpu) => cpu.command(&args.profile, "aviary-edge").ok(),
-            // The host: its own build of this profile, native.
-            None => Some(vec![dir.join("aviary-edge").display().to_string()])
-                .filter(|_| dir.join("aviary-edge").exists())
-                .or_else(|| Some(vec![bin("aviary-edge").ok()?.display().to_string()])),
+            // The host: its build for this triple if there is one, else this build's.
+            None => {
+                let own = dir.join("aviary-edge");
+                let exe = if own.exists() {
+                    Some(own)
+                } else {
+                    bin("aviary-edge").ok()
+                };
+                exe.map(|e| vec![e.display().to_string()])
+            }
         };
         let (rss, cpu) = match program {
             Some(program) => {
