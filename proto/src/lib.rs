@@ -14,6 +14,7 @@ pub mod delta;
 pub mod digest;
 pub mod manifest;
 pub mod overlay;
+pub mod sandbox;
 
 /// `aviary.v1`: fleet stream, nodes, audit, releases, rollouts.
 #[allow(missing_docs, unreachable_pub, clippy::all)]

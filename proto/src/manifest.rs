@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Sha256;
+use crate::sandbox;
 
 /// Largest manifest accepted, in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 64 * 1024;
@@ -200,6 +201,24 @@ pub struct RunSpec {
     /// prefixes ending in `*` (`APP_*`). Besides these only `overlay::DEFAULT_OVERLAY_ENV`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overlay_env: Vec<String>,
+    /// Device nodes the module may open (`/dev/ttyUSB0`); without any it can open only
+    /// `/dev/null`, `zero`, `full`, `random` and `urandom`, as under `PrivateDevices=`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<String>,
+    /// Socket families besides AF_UNIX, AF_INET and AF_INET6 (`AF_CAN`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub address_families: Vec<String>,
+    /// Paths the module may create, change and remove files beneath; nothing else.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub writable: Vec<String>,
+    /// The module may map memory that is writable and executable (JIT runtimes: Node.js,
+    /// the JVM, .NET, LuaJIT); refused by default, like `MemoryDenyWriteExecute=`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub jit: bool,
+    /// Memory limit (`256M`, as systemd's `MemoryMax=`); over it the kernel kills the
+    /// module and the daemon restarts or rolls back as for any crash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_max: Option<String>,
 }
 
 /// One HTTP or TCP probe.
@@ -288,7 +307,34 @@ impl RunSpec {
         for p in &self.probes {
             p.validate()?;
         }
+        for d in &self.devices {
+            sandbox::check_path(d).map_err(|e| field("run.devices", e))?;
+        }
+        for w in &self.writable {
+            sandbox::check_path(w).map_err(|e| field("run.writable", e))?;
+        }
+        for f in &self.address_families {
+            if sandbox::address_family(f).is_none() {
+                let known: Vec<&str> = sandbox::EXTRA_ADDRESS_FAMILIES
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect();
+                return Err(field(
+                    "run.address_families",
+                    format!("{f:?} is not one of {}", known.join(", ")),
+                ));
+            }
+        }
+        self.memory_max()?;
         Ok(())
+    }
+
+    /// The memory limit in bytes, if the spec sets one.
+    pub fn memory_max(&self) -> Result<Option<u64>, ManifestError> {
+        self.memory_max
+            .as_deref()
+            .map(|m| sandbox::parse_memory(m).map_err(|e| field("run.memory_max", e)))
+            .transpose()
     }
 
     /// How long a new version may take to become ready.
@@ -503,6 +549,42 @@ mod tests {
         assert!(m.validate().is_err());
         assert!(Manifest::parse(br#"{"module":"a","extra":1}"#).is_err());
         assert!(Manifest::parse(b"not json").is_err());
+    }
+
+    #[test]
+    fn sandbox_fields_round_trip_and_bad_ones_are_refused() {
+        let spec: RunSpec = toml::from_str(
+            "devices = [\"/dev/ttyUSB0\"]\naddress_families = [\"AF_CAN\"]\n\
+             writable = [\"/var/lib/app\"]\njit = true\nmemory_max = \"256M\"",
+        )
+        .expect("parses");
+        assert_eq!(spec.validate(), Ok(()));
+        assert_eq!(spec.memory_max(), Ok(Some(256 << 20)));
+        let json = serde_json::to_vec(&spec).expect("serialises");
+        assert_eq!(serde_json::from_slice::<RunSpec>(&json).ok(), Some(spec));
+        // An empty spec says nothing of the sandbox: the defaults are the tight ones.
+        assert_eq!(
+            serde_json::to_string(&RunSpec::default()).ok().as_deref(),
+            Some("{}")
+        );
+
+        let bad = [
+            "devices = [\"ttyUSB0\"]",
+            "devices = [\"/dev/../etc/shadow\"]",
+            "writable = [\"/\"]",
+            "address_families = [\"AF_KEY\"]",
+            "address_families = [\"can\"]",
+            "memory_max = \"lots\"",
+            "memory_max = \"1K\"",
+            "jit = \"yes\"",
+        ];
+        for b in bad {
+            let parsed = toml::from_str::<RunSpec>(b);
+            assert!(
+                parsed.map(|s| s.validate().is_err()).unwrap_or(true),
+                "{b} accepted"
+            );
+        }
     }
 
     #[test]

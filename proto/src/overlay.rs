@@ -373,6 +373,21 @@ mod tests {
     }
 
     #[test]
+    fn an_overlay_cannot_widen_the_sandbox() {
+        // Only a release key may grant devices, families, paths, JIT or memory.
+        for field in [
+            "devices = [\"/dev/mem\"]",
+            "address_families = [\"AF_PACKET\"]",
+            "writable = [\"/etc\"]",
+            "jit = true",
+            "memory_max = \"64G\"",
+            "user = \"root\"",
+        ] {
+            assert!(RunOverlay::from_toml(field).is_err(), "{field} accepted");
+        }
+    }
+
+    #[test]
     fn bad_overlays_are_refused_with_the_field() {
         let port =
             RunOverlay::from_toml("[[probe]]\ntcp = \"127.0.0.1:70000\"").expect_err("refused");
