@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::link::Link;
 use crate::modules::{Installer, Modules};
-use crate::runtime::Runtime;
+use crate::runtime::{Host, Runtime};
 use crate::weights::Weights;
 use crate::{local_http, session, EdgeError};
 
@@ -49,7 +49,9 @@ pub async fn run(
     }
     let modules = Modules::open(&config.state_dir)
         .map_err(|e| EdgeError::InvalidAssignment(format!("module store: {e}")))?;
-    let runtime = Arc::new(Runtime::new(modules.clone()));
+    // Modules never read the node's key or the daemon's state, whatever user they run as.
+    let host = Host::detect(&[&config.state_dir, &config.certs]);
+    let runtime = Arc::new(Runtime::new(modules.clone(), host));
     let installer = Arc::new(Installer::new(
         modules.clone(),
         trusted,

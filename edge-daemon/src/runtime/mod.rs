@@ -1,5 +1,6 @@
 //! Running modules: one supervisor task per module (`supervisor`), process start/stop and
-//! socket hand-over (`spawn`), HTTP/TCP probes (`probe`).
+//! socket hand-over (`spawn`), what a module may touch (`sandbox`), HTTP/TCP probes
+//! (`probe`).
 //!
 //! `Runtime::activate(module)` makes the running process match the module's current
 //! slot on disk. The caller installs first and activates second; when activation fails
@@ -11,6 +12,7 @@
 //! version is swapped in, and the caller records the config only once it runs.
 
 pub mod probe;
+mod sandbox;
 mod spawn;
 mod supervisor;
 
@@ -22,12 +24,14 @@ use aviary_proto::overlay::RunOverlay;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::modules::Modules;
+pub use sandbox::Host;
 pub use supervisor::Stats;
 use supervisor::{Command, Launch};
 
 /// The module processes of this daemon.
 pub struct Runtime {
     modules: Modules,
+    host: Arc<Host>,
     supervisors: Mutex<HashMap<String, Handle>>,
 }
 
@@ -35,10 +39,11 @@ pub struct Runtime {
 type Handle = (mpsc::Sender<Command>, Arc<Stats>);
 
 impl Runtime {
-    /// A runtime over the installed `modules`.
-    pub fn new(modules: Modules) -> Runtime {
+    /// A runtime over the installed `modules`, confining them as `host` allows.
+    pub fn new(modules: Modules, host: Host) -> Runtime {
         Runtime {
             modules,
+            host: Arc::new(host),
             supervisors: Mutex::new(HashMap::new()),
         }
     }
@@ -93,6 +98,7 @@ impl Runtime {
             artifact: dir.join("artifact"),
             dir,
             spec,
+            host: self.host.clone(),
         }))
     }
 

@@ -1,11 +1,12 @@
 //! Starting and stopping module processes: the run spec's args, env, working dir and
 //! user, stdout/stderr piped to the daemon, and a daemon-owned listening socket handed
-//! over as fd 3 by systemd's `LISTEN_FDS` convention.
+//! over as fd 3 by systemd's `LISTEN_FDS` convention; confinement is `sandbox`'s.
 //!
 //! `LISTEN_PID` must be the module's own pid, known only after fork: the process is
 //! started through `/bin/sh -c 'export LISTEN_PID=$$; exec "$0" "$@"'`, which execs the
-//! module in place (same pid). This is the only module of the daemon with `unsafe`: the
-//! `prctl`/`dup2` in the child between fork and exec, and `kill(2)` for a graceful SIGTERM.
+//! module in place (same pid). This and `sandbox` are the daemon's only modules with
+//! `unsafe`: the `prctl`/`dup2` in the child between fork and exec, and `kill(2)` for a
+//! graceful SIGTERM.
 
 use std::net::TcpListener;
 use std::os::fd::AsRawFd;
@@ -16,6 +17,8 @@ use std::time::Duration;
 use aviary_proto::manifest::RunSpec;
 use tokio::process::{Child, Command};
 
+use super::sandbox::{Confinement, Host, ModuleCgroup, SandboxError};
+
 /// The fd a handed-over socket has in the module (`SD_LISTEN_FDS_START`).
 const LISTEN_FD: i32 = 3;
 
@@ -25,6 +28,9 @@ pub(super) enum SpawnError {
     /// The run spec names a user that does not exist here.
     #[error("user {0:?} is not in /etc/passwd")]
     NoSuchUser(String),
+    /// The sandbox the run spec asks for cannot be built.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
     /// fork/exec failed.
     #[error("cannot start {path}: {source}")]
     Exec {
@@ -56,6 +62,8 @@ pub(super) struct Started {
     pub child: Child,
     /// `NOTIFY_SOCKET` of this process (abstract, so nothing to clean up).
     pub notify: Option<tokio::net::UnixDatagram>,
+    /// The memory cgroup of the process, to remove once it has exited.
+    pub cgroup: Option<ModuleCgroup>,
 }
 
 /// A unique abstract unix datagram socket for one process's notifications.
@@ -73,13 +81,18 @@ fn notify_socket() -> std::io::Result<(String, tokio::net::UnixDatagram)> {
     ))
 }
 
-/// Starts `artifact` as `spec` says, in `cwd` unless the spec names a working dir.
+/// Starts `artifact` (of `module`, in slot directory `slot`) as `spec` says, in `slot`
+/// unless the spec names a working dir, confined as [`super::sandbox`] says.
 pub(super) fn start(
+    host: &Host,
+    module: &str,
     artifact: &Path,
     spec: &RunSpec,
-    cwd: &Path,
+    slot: &Path,
     listener: Option<&TcpListener>,
 ) -> Result<Started, SpawnError> {
+    let cwd = spec.working_dir.as_deref().map(Path::new).unwrap_or(slot);
+    let (confinement, cgroup) = Confinement::prepare(host, module, spec, slot, cwd)?;
     let mut cmd = match listener {
         Some(_) => {
             let mut c = Command::new("/bin/sh");
@@ -97,7 +110,7 @@ pub(super) fn start(
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         )
         .envs(&spec.env)
-        .current_dir(spec.working_dir.as_deref().map(Path::new).unwrap_or(cwd))
+        .current_dir(cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -109,7 +122,7 @@ pub(super) fn start(
     if listener.is_some() {
         cmd.env("LISTEN_FDS", "1").env("LISTEN_FDNAMES", "listen");
     }
-    in_child(&mut cmd, listener.map(|l| l.as_raw_fd()));
+    in_child(&mut cmd, listener.map(|l| l.as_raw_fd()), confinement);
     let exec_error = |source| SpawnError::Exec {
         path: artifact.display().to_string(),
         source,
@@ -123,23 +136,29 @@ pub(super) fn start(
         _ => None,
     };
     let child = cmd.spawn().map_err(exec_error)?;
-    Ok(Started { child, notify })
+    Ok(Started {
+        child,
+        notify,
+        cgroup,
+    })
 }
 
 /// In the child before exec: die with the daemon (a `kill -9` of the daemon must not
-/// leave modules holding their sockets), and make `listen_fd` the child's fd 3.
+/// leave modules holding their sockets), make `listen_fd` the child's fd 3, and enter
+/// the module's confinement last (after it, the child may do only what the spec grants).
 #[allow(unsafe_code)]
-fn in_child(cmd: &mut Command, listen_fd: Option<i32>) {
+fn in_child(cmd: &mut Command, listen_fd: Option<i32>, confinement: Confinement) {
     // SAFETY: the closure runs in the child between fork and exec and calls only
-    // async-signal-safe functions (prctl, dup2, fcntl) on a descriptor the parent keeps
-    // open for the whole spawn (the listener outlives the call).
+    // async-signal-safe functions (prctl, dup2, fcntl, and the system calls of
+    // `Confinement::enter`) on descriptors the parent keeps open for the whole spawn (the
+    // listener outlives the call; the confinement is owned by the closure).
     unsafe {
         cmd.pre_exec(move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             let Some(fd) = listen_fd else {
-                return Ok(());
+                return confinement.enter();
             };
             if fd == LISTEN_FD {
                 // Already in place: just clear close-on-exec.
@@ -151,7 +170,7 @@ fn in_child(cmd: &mut Command, listen_fd: Option<i32>) {
                 // dup2 leaves the new descriptor without FD_CLOEXEC.
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            confinement.enter()
         });
     }
 }

@@ -25,6 +25,7 @@ use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot};
 
 use super::probe::probe;
+use super::sandbox::Host;
 use super::spawn;
 use crate::backoff::Backoff;
 
@@ -44,6 +45,8 @@ pub(super) struct Launch {
     pub dir: PathBuf,
     /// How to run it.
     pub spec: RunSpec,
+    /// What the daemon's kernel lets it confine modules with.
+    pub host: Arc<Host>,
 }
 
 /// Figures the health reports carry.
@@ -223,9 +226,19 @@ fn start(
     listener: Option<&TcpListener>,
     stats: &Arc<Stats>,
 ) -> Result<(Child, Option<UnixDatagram>), String> {
-    let spawn::Started { mut child, notify } =
-        spawn::start(&launch.artifact, &launch.spec, &launch.dir, listener)
-            .map_err(|e| e.to_string())?;
+    let spawn::Started {
+        mut child,
+        notify,
+        cgroup,
+    } = spawn::start(
+        &launch.host,
+        name,
+        &launch.artifact,
+        &launch.spec,
+        &launch.dir,
+        listener,
+    )
+    .map_err(|e| e.to_string())?;
     let patterns = Arc::new(launch.spec.log_patterns.clone());
     let out = child
         .stdout
@@ -235,10 +248,14 @@ fn start(
         .stderr
         .take()
         .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>);
+    // Stdout closes when the process and everything it forked are gone: then its cgroup
+    // is empty and can be removed.
+    let mut cgroup = Some(cgroup);
     for (stream, which) in [(out, "stdout"), (err, "stderr")] {
         let Some(stream) = stream else { continue };
         let (name, version) = (name.to_owned(), launch.version.clone());
         let (patterns, stats) = (patterns.clone(), stats.clone());
+        let cgroup = cgroup.take();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stream).lines();
             while let Ok(Some(line)) = lines.next_line().await {
@@ -247,6 +264,7 @@ fn start(
                 }
                 tracing::info!(target: "module", module = %name, %version, stream = which, "{line}");
             }
+            drop(cgroup);
         });
     }
     Ok((child, notify))
