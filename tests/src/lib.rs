@@ -98,6 +98,50 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
+/// A loopback port for TCP probes that accepts and drops every connection until it is
+/// dropped, then refuses. A listener nobody accepts on fills its backlog after a few
+/// hundred probes and then times them out, which reads as a failing target.
+pub struct ProbeTarget {
+    /// Where the probes connect.
+    pub addr: SocketAddr,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ProbeTarget {
+    /// Binds an ephemeral loopback port and starts accepting.
+    pub fn start() -> anyhow::Result<ProbeTarget> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if flag.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                drop(conn);
+            }
+        });
+        Ok(ProbeTarget {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for ProbeTarget {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the blocked accept; the thread then drops the listener.
+        let _ = std::net::TcpStream::connect(self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// A temp dir with a fresh PKI in `pki/`, removed on drop.
 pub struct Workspace {
     /// The temp dir.

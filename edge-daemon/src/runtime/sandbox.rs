@@ -62,6 +62,8 @@ pub struct Host {
     hidden: Vec<PathBuf>,
     /// Landlock ABI version, 0 without Landlock.
     landlock_abi: i32,
+    /// The seccomp audit architecture, if this process may install filters.
+    seccomp_arch: Option<u32>,
     /// Where module memory cgroups go, if the daemon may make them.
     cgroups: Option<CgroupRoot>,
 }
@@ -85,11 +87,12 @@ impl Host {
                  beyond their users' permissions"
             );
         }
-        if AUDIT_ARCH.is_none() {
+        let seccomp_arch = AUDIT_ARCH.filter(|_| seccomp_works());
+        if seccomp_arch.is_none() {
             tracing::warn!(
                 arch = std::env::consts::ARCH,
-                "no seccomp filter for this architecture: modules' address families and \
-                 executable memory are not restricted"
+                "no seccomp filter here (architecture or emulator): modules' address \
+                 families and executable memory are not restricted"
             );
         }
         let cgroups = CgroupRoot::find();
@@ -107,6 +110,7 @@ impl Host {
                 .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()))
                 .collect(),
             landlock_abi,
+            seccomp_arch,
             cgroups,
         }
     }
@@ -158,7 +162,8 @@ impl Confinement {
                     .filter_map(|f| address_family(f)),
             )
             .collect();
-        let filter = AUDIT_ARCH
+        let filter = host
+            .seccomp_arch
             .map(|arch| seccomp_filter(arch, &families, spec.jit))
             .unwrap_or_default();
         // validate() already refused a bad size; a spec without one has no limit.
@@ -519,6 +524,38 @@ fn writable(dir: &Path) -> bool {
     };
     // SAFETY: c is NUL-terminated; access(2) only checks.
     unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+/// Whether this process may install a seccomp filter. qemu-user refuses one (EINVAL) so
+/// that an emulated program cannot filter the emulator's own system calls; a module
+/// started with one would then not start at all. The probe filter allows everything and
+/// binds only a throwaway thread.
+#[allow(unsafe_code)]
+fn seccomp_works() -> bool {
+    let probe = std::thread::spawn(|| {
+        let allow = [libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        }];
+        let prog = libc::sock_fprog {
+            len: 1,
+            filter: allow.as_ptr().cast_mut(),
+        };
+        // SAFETY: prctl on this thread only, with a filter that outlives the call.
+        unsafe {
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+                && libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                    0,
+                    0,
+                ) == 0
+        }
+    });
+    probe.join().unwrap_or(false)
 }
 
 // seccomp (linux/audit.h, linux/seccomp.h): the filter checks the architecture first, so

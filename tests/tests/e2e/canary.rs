@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use aviary_proto::digest::Sha256;
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, ControlPlane, Edge, Workspace};
+use aviary_tests::{bin, eventually, ControlPlane, Edge, ProbeTarget, Workspace};
 
 fn upload(ws: &Workspace, cp: &ControlPlane, version: &str) -> anyhow::Result<Vec<u8>> {
     let bytes = format!("model weights {version}").into_bytes();
@@ -678,8 +678,8 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
     let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect();
     // Each version's TCP probe has a target of its own; closing the canary's later makes
     // the canaries fail while the stable nodes stay healthy.
-    let stable_target = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let canary_target = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let stable_target = ProbeTarget::start()?;
+    let canary_target = ProbeTarget::start()?;
     for (version, target) in [("1.0.0", &stable_target), ("2.0.0", &canary_target)] {
         upload_worker_with(
             &ws,
@@ -689,7 +689,7 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
             READY,
             &format!(
                 "notify = true\n[[probe]]\ntcp = \"{}\"\ninterval = \"200ms\"\n",
-                target.local_addr()?
+                target.addr
             ),
         )?;
     }
