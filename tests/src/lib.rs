@@ -98,6 +98,45 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
+/// This build's daemon started the way the shipped unit starts it, as far as a process
+/// without systemd can: the unit's `CapabilityBoundingSet=` (which is then all root
+/// holds), `NoNewPrivileges=` and `UMask=`, read from the unit file itself. An
+/// executable and its leading arguments, for [`Edge::start_program`].
+pub fn edge_as_unit() -> anyhow::Result<Vec<String>> {
+    let unit =
+        std::fs::read_to_string(repo_root().join("edge-daemon/systemd/aviary-edge.service"))?;
+    let setting = |key: &str| {
+        unit.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::trim)
+            .with_context(|| format!("no {key}= in the edge unit"))
+    };
+    let mut bounding = String::from("-all");
+    for cap in setting("CapabilityBoundingSet")?.split_whitespace() {
+        let name = cap
+            .strip_prefix("CAP_")
+            .context("capability without CAP_")?;
+        bounding.push_str(&format!(",+{}", name.to_ascii_lowercase()));
+    }
+    anyhow::ensure!(
+        setting("NoNewPrivileges")? == "yes",
+        "the unit sets no_new_privs"
+    );
+    Ok(vec![
+        "setpriv".into(),
+        "--bounding-set".into(),
+        bounding,
+        "--inh-caps".into(),
+        "-all".into(),
+        "--no-new-privs".into(),
+        "--".into(),
+        "/bin/sh".into(),
+        "-c".into(),
+        format!("umask {} && exec \"$0\" \"$@\"", setting("UMask")?),
+        bin("aviary-edge")?.display().to_string(),
+    ])
+}
+
 /// A loopback port for TCP probes that accepts and drops every connection until it is
 /// dropped, then refuses. A listener nobody accepts on fills its backlog after a few
 /// hundred probes and then times them out, which reads as a failing target.

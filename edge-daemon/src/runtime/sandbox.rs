@@ -466,6 +466,15 @@ impl CgroupRoot {
         let cgroup = ModuleCgroup { dir };
         std::fs::write(cgroup.dir.join(self.limit_file), bytes.to_string())
             .map_err(|e| kernel(self.limit_file, e))?;
+        // A limit a module can swap past is no limit on a gateway's flash: where the
+        // kernel accounts swap, it counts too (v1: memory+swap; v2: no swap at all).
+        let swap = match self.limit_file {
+            "memory.max" => ("memory.swap.max", "0".to_owned()),
+            _ => ("memory.memsw.limit_in_bytes", bytes.to_string()),
+        };
+        if cgroup.dir.join(swap.0).exists() {
+            std::fs::write(cgroup.dir.join(swap.0), swap.1).map_err(|e| kernel(swap.0, e))?;
+        }
         let procs = std::fs::OpenOptions::new()
             .write(true)
             .open(cgroup.dir.join("cgroup.procs"))

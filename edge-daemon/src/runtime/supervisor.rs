@@ -271,7 +271,10 @@ fn start(
 }
 
 /// Waits until `launch`'s probes all pass once (or, without probes, until it has stayed
-/// up for a second), within its ready timeout.
+/// up for a second), within its ready timeout. On a daemon-owned socket without
+/// READY=1 the probes may be answered by the predecessor, so the new process must also
+/// have stayed up for that second: a runtime that dies as it warms up (V8 refused
+/// executable memory, say) is then caught before it is ACKed, not after.
 async fn ready(
     child: &mut Child,
     notify: Option<UnixDatagram>,
@@ -282,6 +285,7 @@ async fn ready(
             .spec
             .ready_timeout()
             .unwrap_or(Duration::from_secs(30));
+    let shared_unnotified = launch.spec.listen.is_some() && notify.is_none();
     if let Some(socket) = notify {
         // The process itself says READY=1; probes alone cannot tell it from its
         // predecessor on a shared socket.
@@ -334,7 +338,7 @@ async fn ready(
                     break;
                 }
             }
-            if all {
+            if all && (!shared_unnotified || Instant::now() >= alive_for) {
                 return Ok(());
             }
         }

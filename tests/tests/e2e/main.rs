@@ -14,6 +14,7 @@ mod packages;
 mod protocol;
 mod releases;
 mod runtime;
+mod sandbox;
 mod sensors;
 mod tools;
 mod weights;

@@ -135,7 +135,8 @@ fn the_packages_install_upgrade_and_purge_in_a_clean_debian() -> anyhow::Result<
 
     let conffiles = root.dpkg(&["-s", "aviary-edge"])?;
     assert!(conffiles.contains("/etc/aviary/edge.toml"), "{conffiles}");
-    // The units run as a dynamic user: the packages add no accounts.
+    // The edge runs as root with a bounded capability set (module users are the
+    // operator's), the others as dynamic users: the packages add no accounts.
     assert_eq!(root.passwd()?, users_before);
 
     // The packaged binaries are the ones this build made, and they run.

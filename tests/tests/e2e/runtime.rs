@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, free_port, Admin, ControlPlane, Edge, Workspace};
+use aviary_tests::{
+    bin, edge_as_unit, eventually, free_port, Admin, ControlPlane, Edge, Workspace,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Starts a rollout of `module` `version` to every node; its id.
@@ -504,16 +506,17 @@ async fn a_module_with_a_user_runs_as_that_user_with_no_other_groups() -> anyhow
     // The workspace stands in for /var/lib: others may pass through it, as on a gateway.
     std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o711))?;
     let cp = ControlPlane::start(&ws, &[]).await?;
-    // With the shipped unit's UMask=0077, so everything the daemon makes is private
-    // unless it opens it on purpose.
-    let program = vec![
-        "/bin/sh".to_owned(),
-        "-c".to_owned(),
-        "umask 077 && exec \"$0\" \"$@\"".to_owned(),
-        bin("aviary-edge")?.display().to_string(),
-    ];
-    let edge =
-        Edge::start_program(&ws, &cp.url(), "gw-1", &[], &["--arch", "x86_64"], program).await?;
+    // As the shipped unit starts it: its capabilities, no_new_privs and UMask=0077, so
+    // everything the daemon makes is private unless it opens it on purpose.
+    let edge = Edge::start_program(
+        &ws,
+        &cp.url(),
+        "gw-1",
+        &[],
+        &["--arch", "x86_64"],
+        edge_as_unit()?,
+    )
+    .await?;
     let port = free_port()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let v1 = ws.sample_release("1.0.0")?;
