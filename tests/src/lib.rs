@@ -98,11 +98,11 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(listener.local_addr()?)
 }
 
-/// This build's daemon started the way the shipped unit starts it, as far as a process
-/// without systemd can: the unit's `CapabilityBoundingSet=` (which is then all root
-/// holds), `NoNewPrivileges=` and `UMask=`, read from the unit file itself. An
-/// executable and its leading arguments, for [`Edge::start_program`].
-pub fn edge_as_unit() -> anyhow::Result<Vec<String>> {
+/// This build's daemon as the shipped unit starts it, as far as a process without
+/// systemd can: the unit's `CapabilityBoundingSet=` (which is then all root holds),
+/// `NoNewPrivileges=` and `UMask=`, read from the unit file itself. An executable and
+/// its leading arguments.
+fn edge_as_unit() -> anyhow::Result<Vec<String>> {
     let unit =
         std::fs::read_to_string(repo_root().join("edge-daemon/systemd/aviary-edge.service"))?;
     let setting = |key: &str| {
@@ -587,6 +587,17 @@ impl Edge {
     ) -> anyhow::Result<Edge> {
         let program = vec![bin("aviary-edge")?.display().to_string()];
         Edge::start_program(ws, url, node_id, labels, extra, program).await
+    }
+
+    /// Like `start` without labels, holding only what the shipped unit gives the daemon
+    /// (its capabilities, no_new_privs and umask).
+    pub async fn start_as_unit(
+        ws: &Workspace,
+        cp: &ControlPlane,
+        node_id: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Edge> {
+        Edge::start_program(ws, &cp.url(), node_id, &[], extra, edge_as_unit()?).await
     }
 
     /// Like `start`, with the daemon cross-built for `cpu` and run under qemu.

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use aviary_proto::v1 as pb;
-use aviary_tests::{
-    bin, edge_as_unit, eventually, free_port, Admin, ControlPlane, Edge, Workspace,
-};
+use aviary_tests::{bin, eventually, free_port, Admin, ControlPlane, Edge, Workspace};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Starts a rollout of `module` `version` to every node; its id.
@@ -508,15 +506,7 @@ async fn a_module_with_a_user_runs_as_that_user_with_no_other_groups() -> anyhow
     let cp = ControlPlane::start(&ws, &[]).await?;
     // As the shipped unit starts it: its capabilities, no_new_privs and UMask=0077, so
     // everything the daemon makes is private unless it opens it on purpose.
-    let edge = Edge::start_program(
-        &ws,
-        &cp.url(),
-        "gw-1",
-        &[],
-        &["--arch", "x86_64"],
-        edge_as_unit()?,
-    )
-    .await?;
+    let edge = Edge::start_as_unit(&ws, &cp, "gw-1", &["--arch", "x86_64"]).await?;
     let port = free_port()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     let v1 = ws.sample_release("1.0.0")?;

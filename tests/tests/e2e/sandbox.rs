@@ -2,7 +2,7 @@
 //! families, writable paths, executable memory and memory limit its signed run spec
 //! names, and nothing else, even as root. These run where systemd is not PID 1, as on a
 //! gateway without systemd, with the daemon holding only what the shipped unit gives it
-//! (`edge_as_unit`).
+//! (`Edge::start_as_unit`).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aviary_proto::v1 as pb;
-use aviary_tests::{edge_as_unit, eventually, free_port, ControlPlane, Edge, Workspace};
+use aviary_tests::{eventually, free_port, ControlPlane, Edge, Workspace};
 
 use crate::runtime::{deploy, get, refusal, settled, Hammer};
 
@@ -151,18 +151,25 @@ fn outcomes(log: &str, tag: &str) -> Option<BTreeMap<String, String>> {
     seen.contains_key("done").then_some(seen)
 }
 
-/// Uploads and rolls out `module` with `spec`; the settled rollout.
+/// Uploads and rolls out `module` with `spec` to `edge`; fails unless it succeeds.
 async fn roll(
     ws: &Workspace,
     cp: &ControlPlane,
+    edge: &Edge,
     module: &str,
     version: &str,
     artifact: &Path,
     spec: &str,
-) -> anyhow::Result<pb::Rollout> {
+) -> anyhow::Result<()> {
     cp.upload_release(ws, module, version, artifact, spec)?;
     let mut admin = ws.admin(cp).await?;
-    settled(ws, cp, &deploy(&mut admin, module, version).await?).await
+    let r = settled(ws, cp, &deploy(&mut admin, module, version).await?).await?;
+    anyhow::ensure!(
+        r.state == pb::RolloutState::Succeeded as i32,
+        "{r:?}\n{}",
+        edge.log()
+    );
+    Ok(())
 }
 
 #[tokio::test]
@@ -170,15 +177,7 @@ async fn a_module_gets_the_devices_families_paths_and_memory_its_spec_names_and_
 ) -> anyhow::Result<()> {
     let ws = Workspace::new()?;
     let cp = ControlPlane::start(&ws, &[]).await?;
-    let edge = Edge::start_program(
-        &ws,
-        &cp.url(),
-        "gw-1",
-        &[],
-        &["--arch", "x86_64"],
-        edge_as_unit()?,
-    )
-    .await?;
+    let edge = Edge::start_as_unit(&ws, &cp, "gw-1", &["--arch", "x86_64"]).await?;
     let devices = TestDevices::make(&["named", "other"])?;
     let (named, other) = (devices.0[0].display(), devices.0[1].display());
     let probe = artifact(&ws, "probe-module", PROBE_MODULE)?;
@@ -198,33 +197,22 @@ async fn a_module_gets_the_devices_families_paths_and_memory_its_spec_names_and_
     };
 
     // Nothing granted: as root, yet Landlock and seccomp keep it to the base set.
-    let r = roll(
+    roll(
         &ws,
         &cp,
+        &edge,
         "boxed",
         "1.0.0",
         &probe,
         &args("boxed", &writable[0]),
     )
     .await?;
-    assert_eq!(
-        r.state,
-        pb::RolloutState::Succeeded as i32,
-        "{r:?}\n{}",
-        edge.log()
-    );
     let granted_spec = format!(
         "{}devices = [\"{named}\"]\naddress_families = [\"AF_NETLINK\"]\nwritable = [\"{}\"]\nmemory_max = \"48M\"\n",
         args("granted", &writable[1]),
         writable[1].display()
     );
-    let r = roll(&ws, &cp, "granted", "1.0.0", &probe, &granted_spec).await?;
-    assert_eq!(
-        r.state,
-        pb::RolloutState::Succeeded as i32,
-        "{r:?}\n{}",
-        edge.log()
-    );
+    roll(&ws, &cp, &edge, "granted", "1.0.0", &probe, &granted_spec).await?;
 
     let boxed = eventually(
         Duration::from_secs(60),
@@ -335,15 +323,7 @@ async fn a_nodejs_module_with_jit_serves_and_hot_swaps_and_one_without_jit_is_ro
     // /var/lib on a gateway.
     std::fs::set_permissions(ws.dir.path(), std::fs::Permissions::from_mode(0o711))?;
     let cp = ControlPlane::start(&ws, &[]).await?;
-    let edge = Edge::start_program(
-        &ws,
-        &cp.url(),
-        "gw-1",
-        &[],
-        &["--arch", "x86_64"],
-        edge_as_unit()?,
-    )
-    .await?;
+    let edge = Edge::start_as_unit(&ws, &cp, "gw-1", &["--arch", "x86_64"]).await?;
     let node = artifact(&ws, "node-module.js", NODE_MODULE)?;
     let port = free_port()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -354,24 +334,12 @@ async fn a_nodejs_module_with_jit_serves_and_hot_swaps_and_one_without_jit_is_ro
              [[probe]]\nhttp = \"http://127.0.0.1:{port}/healthz\"\ninterval = \"200ms\"\ntimeout = \"2s\"\n"
         )
     };
-    let r = roll(&ws, &cp, "web", "1.0.0", &node, &spec("1.0.0", true)).await?;
-    assert_eq!(
-        r.state,
-        pb::RolloutState::Succeeded as i32,
-        "{r:?}\n{}",
-        edge.log()
-    );
+    roll(&ws, &cp, &edge, "web", "1.0.0", &node, &spec("1.0.0", true)).await?;
     assert_eq!(get(addr).await?, "1.0.0");
 
     let hammer = Hammer::start(addr, 4);
     hammer.wait_ok(20).await?;
-    let r = roll(&ws, &cp, "web", "2.0.0", &node, &spec("2.0.0", true)).await?;
-    assert_eq!(
-        r.state,
-        pb::RolloutState::Succeeded as i32,
-        "{r:?}\n{}",
-        edge.log()
-    );
+    roll(&ws, &cp, &edge, "web", "2.0.0", &node, &spec("2.0.0", true)).await?;
     hammer.wait_version("2.0.0").await?;
     hammer.finish(40).await?;
 
