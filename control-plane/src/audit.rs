@@ -3,11 +3,9 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use aviary_proto::v1 as pb;
-
 /// An audit event before the store gives it a sequence number.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewEvent {
+pub(crate) struct NewEvent {
     /// Who: `admin/alice`, `edge/gw-1`, `peer/127.0.0.1:5000`, `control-plane`.
     pub actor: String,
     /// What: `nodes.set_weight`, `auth.denied`, ...
@@ -20,7 +18,7 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// Shorthand constructor.
-    pub fn new(
+    pub(crate) fn new(
         actor: impl Into<String>,
         action: impl Into<String>,
         target: impl Into<String>,
@@ -37,7 +35,7 @@ impl NewEvent {
 
 /// A stored audit event.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Event {
+pub(crate) struct Event {
     /// Gap-free, increasing from 1.
     pub seq: u64,
     /// Unix milliseconds.
@@ -54,7 +52,7 @@ pub struct Event {
 
 impl Event {
     /// Stamps a new event with its sequence number and the current time.
-    pub fn stamp(seq: u64, new: NewEvent) -> Event {
+    pub(crate) fn stamp(seq: u64, new: NewEvent) -> Event {
         Event {
             seq,
             time_ms: now_ms(),
@@ -62,19 +60,6 @@ impl Event {
             action: new.action,
             target: new.target,
             detail: new.detail,
-        }
-    }
-}
-
-impl From<Event> for pb::Event {
-    fn from(e: Event) -> pb::Event {
-        pb::Event {
-            seq: e.seq,
-            time: Some(timestamp(e.time_ms)),
-            actor: e.actor,
-            action: e.action,
-            target: e.target,
-            detail: e.detail,
         }
     }
 }
@@ -119,37 +104,10 @@ impl EventFilter {
     }
 }
 
-impl From<Option<pb::EventFilter>> for EventFilter {
-    fn from(f: Option<pb::EventFilter>) -> EventFilter {
-        let f = f.unwrap_or_default();
-        let nonempty = |s: String| (!s.is_empty()).then_some(s);
-        EventFilter {
-            node_id: nonempty(f.node_id),
-            rollout_id: nonempty(f.rollout_id),
-            actor: nonempty(f.actor),
-            action: nonempty(f.action),
-            since_ms: f.since.map(|t| millis(&t)),
-            until_ms: f.until.map(|t| millis(&t)),
-        }
-    }
-}
-
 /// Milliseconds since the Unix epoch now.
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Unix milliseconds as a protobuf timestamp.
-pub(crate) fn timestamp(ms: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: (ms / 1000) as i64,
-        nanos: ((ms % 1000) * 1_000_000) as i32,
-    }
-}
-
-fn millis(t: &prost_types::Timestamp) -> u64 {
-    (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000
 }

@@ -18,23 +18,31 @@ use tower::{Layer, Service};
 
 use crate::admission::TokenBucket;
 use crate::audit::NewEvent;
+use crate::journal::Journal;
 use crate::listener::PeerInfo;
-use crate::registry::Registry;
+
+/// Answers whether a node is revoked (the registry does; tests may not need one).
+pub(crate) trait Revocations: Send + Sync + 'static {
+    /// True when `node_id` is revoked.
+    fn is_revoked(&self, node_id: &str) -> bool;
+}
 
 /// Installs `Auth` around the router.
 #[derive(Clone)]
 pub(crate) struct AuthLayer {
-    registry: Arc<Registry>,
+    revocations: Arc<dyn Revocations>,
+    journal: Arc<Journal>,
     audit_budget: Arc<TokenBucket>,
 }
 
 impl AuthLayer {
-    /// Checks callers against `registry` (for revocations) and audits refusals there:
+    /// Checks callers against `revocations` and audits refusals in `journal`:
     /// at most 5 a second (bursts of 20), so one certificate cannot flood the log; the
     /// rest are counted (`aviary_refusals_unaudited_total`).
-    pub(crate) fn new(registry: Arc<Registry>) -> AuthLayer {
+    pub(crate) fn new(revocations: Arc<dyn Revocations>, journal: Arc<Journal>) -> AuthLayer {
         AuthLayer {
-            registry,
+            revocations,
+            journal,
             audit_budget: Arc::new(TokenBucket::new(5.0, 20.0)),
         }
     }
@@ -46,7 +54,8 @@ impl<S> Layer<S> for AuthLayer {
     fn layer(&self, inner: S) -> Auth<S> {
         Auth {
             inner,
-            registry: self.registry.clone(),
+            revocations: self.revocations.clone(),
+            journal: self.journal.clone(),
             audit_budget: self.audit_budget.clone(),
         }
     }
@@ -56,7 +65,8 @@ impl<S> Layer<S> for AuthLayer {
 #[derive(Clone)]
 pub(crate) struct Auth<S> {
     inner: S,
-    registry: Arc<Registry>,
+    revocations: Arc<dyn Revocations>,
+    journal: Arc<Journal>,
     audit_budget: Arc<TokenBucket>,
 }
 
@@ -83,10 +93,10 @@ fn required_role(path: &str) -> Role {
 pub(crate) fn authorize(
     path: &str,
     identity: &Identity,
-    registry: &Registry,
+    revocations: &dyn Revocations,
 ) -> Result<(), String> {
     if let Identity::Edge(id) = identity {
-        if registry.is_revoked(id) {
+        if revocations.is_revoked(id) {
             return Err(format!("node {id} is revoked"));
         }
     }
@@ -125,7 +135,7 @@ where
         let (actor, verdict) = match req.extensions().get::<PeerInfo>() {
             Some(peer) => (
                 peer.identity.to_string(),
-                authorize(&path, &peer.identity, &self.registry),
+                authorize(&path, &peer.identity, self.revocations.as_ref()),
             ),
             // Only reachable if a listener without mTLS were ever wired in: refuse.
             None => (
@@ -143,7 +153,7 @@ where
             Err(reason) => {
                 tracing::info!(%actor, %path, %reason, "call refused");
                 metrics::counter!("aviary_calls_refused_total").increment(1);
-                let registry = self.registry.clone();
+                let journal = self.journal.clone();
                 let audit = self.audit_budget.try_take();
                 if !audit {
                     metrics::counter!("aviary_refusals_unaudited_total").increment(1);
@@ -151,7 +161,7 @@ where
                 let event = NewEvent::new(actor, "auth.denied", path, reason.clone());
                 Box::pin(async move {
                     if audit {
-                        if let Err(e) = registry.audit(event, false).await {
+                        if let Err(e) = journal.audit(event, false).await {
                             tracing::warn!(error = %e, "could not audit refused call");
                         }
                     }

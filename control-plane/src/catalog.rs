@@ -16,7 +16,7 @@ use aviary_proto::manifest::Manifest;
 use crate::audit::NewEvent;
 use crate::blobs::{BlobError, BlobWriter, Blobs};
 use crate::error::ControlPlaneError;
-use crate::registry::Registry;
+use crate::journal::Journal;
 use crate::release::{ArtifactRecord, AttachmentRecord, ReleaseRecord};
 use crate::store::{Change, Store};
 
@@ -29,7 +29,7 @@ pub(crate) const MAX_ATTACHMENTS: usize = 8;
 /// The release catalog.
 pub(crate) struct Catalog {
     store: Arc<dyn Store>,
-    registry: Arc<Registry>,
+    journal: Arc<Journal>,
     blobs: Blobs,
     trusted: TrustedKeys,
     max_release_bytes: u64,
@@ -83,17 +83,16 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Catalog {
-    /// A catalog over `store`, auditing through `registry`.
+    /// A catalog over the journal's store, committing and auditing through it.
     pub(crate) fn new(
-        store: Arc<dyn Store>,
-        registry: Arc<Registry>,
+        journal: Arc<Journal>,
         blobs: Blobs,
         trusted: TrustedKeys,
         max_release_bytes: u64,
     ) -> Catalog {
         Catalog {
-            store,
-            registry,
+            store: journal.store().clone(),
+            journal,
             blobs,
             trusted,
             max_release_bytes,
@@ -118,7 +117,7 @@ impl Catalog {
             target,
             error.to_string(),
         );
-        if let Err(e) = self.registry.audit(event, false).await {
+        if let Err(e) = self.journal.audit(event, false).await {
             tracing::warn!(error = %e, "could not audit a refused upload");
         }
         error
@@ -297,7 +296,7 @@ impl Catalog {
                 )
             }
         );
-        self.registry
+        self.journal
             .commit(Change {
                 releases: vec![record.clone()],
                 events: vec![NewEvent::new(

@@ -14,9 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use aviary_proto::overlay::{RunOverlay, Sources};
-use aviary_proto::v1 as pb;
 use bytes::Bytes;
-use prost::Message;
 
 use crate::error::ControlPlaneError;
 use crate::node::NodeRecord;
@@ -34,41 +32,25 @@ pub(crate) enum Scope {
 }
 
 impl Scope {
-    /// From the API's `ConfigScope` (neither field set = the base).
-    pub(crate) fn from_proto(s: Option<pb::ConfigScope>) -> Result<Scope, ControlPlaneError> {
-        let s = s.unwrap_or_default();
-        match (s.selector.trim().is_empty(), s.node_id.is_empty()) {
+    /// From a request's selector and node id (neither set = the base).
+    pub(crate) fn parse(selector: &str, node_id: &str) -> Result<Scope, ControlPlaneError> {
+        match (selector.trim().is_empty(), node_id.is_empty()) {
             (true, true) => Ok(Scope::Base),
             (false, true) => {
-                let selector = Selector::parse(&s.selector)?;
+                let selector = Selector::parse(selector)?;
                 if selector == Selector::default() {
                     return Ok(Scope::Base);
                 }
                 Ok(Scope::Selector(selector))
             }
             (true, false) => {
-                aviary_certs::validate_name("node id", &s.node_id)
+                aviary_certs::validate_name("node id", node_id)
                     .map_err(|e| ControlPlaneError::InvalidArgument(e.to_string()))?;
-                Ok(Scope::Node(s.node_id))
+                Ok(Scope::Node(node_id.to_owned()))
             }
             (false, false) => Err(ControlPlaneError::InvalidArgument(
                 "a config layer has a selector or a node id, not both".into(),
             )),
-        }
-    }
-
-    /// The API form.
-    pub(crate) fn to_proto(&self) -> pb::ConfigScope {
-        match self {
-            Scope::Base => pb::ConfigScope::default(),
-            Scope::Selector(s) => pb::ConfigScope {
-                selector: s.to_string(),
-                node_id: String::new(),
-            },
-            Scope::Node(id) => pb::ConfigScope {
-                selector: String::new(),
-                node_id: id.clone(),
-            },
         }
     }
 
@@ -125,17 +107,6 @@ impl ConfigLayer {
     /// "selector region=eu (v2)": what provenance shows.
     pub(crate) fn name(&self) -> String {
         format!("{} (v{})", self.scope, self.version)
-    }
-
-    /// The API form (of a live layer).
-    pub(crate) fn to_proto(&self) -> pb::ConfigLayer {
-        pb::ConfigLayer {
-            module: self.module.clone(),
-            scope: Some(self.scope.to_proto()),
-            overlay: self.overlay.as_ref().map(RunOverlay::to_proto),
-            version: self.version,
-            name: self.scope.to_string(),
-        }
     }
 }
 
@@ -204,7 +175,7 @@ pub(crate) fn desired_configs(
             let message = encoded
                 .0
                 .entry((module.clone(), revision, names.clone()))
-                .or_insert_with(|| encode(module, revision, &overlay))
+                .or_insert_with(|| crate::wire::config_message(module, revision, &overlay))
                 .clone();
             out.insert(
                 module.clone(),
@@ -220,19 +191,6 @@ pub(crate) fn desired_configs(
         i = end;
     }
     out
-}
-
-fn encode(module: &str, revision: u64, overlay: &RunOverlay) -> Bytes {
-    pb::ControlMessage {
-        nonce: String::new(),
-        kind: Some(pb::control_message::Kind::Config(pb::ConfigUpdate {
-            revision,
-            module: module.to_owned(),
-            overlay: Some(overlay.to_proto()),
-        })),
-    }
-    .encode_to_vec()
-    .into()
 }
 
 #[cfg(test)]

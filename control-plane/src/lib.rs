@@ -22,6 +22,7 @@ mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 mod health;
+mod journal;
 mod layers;
 mod limits;
 mod listener;
@@ -33,6 +34,7 @@ mod selector;
 mod server;
 mod store;
 pub mod telemetry;
+mod wire;
 
 pub use error::ControlPlaneError;
 pub use server::run;

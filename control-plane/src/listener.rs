@@ -27,7 +27,7 @@ use tonic::transport::server::Connected;
 use crate::admission::TokenBucket;
 use crate::audit::NewEvent;
 use crate::connections::{ConnGuard, Connections};
-use crate::registry::Registry;
+use crate::journal::Journal;
 
 /// A slow or silent client must not hold a handshake slot for long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -167,7 +167,7 @@ pub(crate) async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     trust_domain: String,
-    registry: Arc<Registry>,
+    journal: Arc<Journal>,
     connections: Arc<Connections>,
     out: mpsc::Sender<Result<PeerConn, io::Error>>,
     shutdown: CancellationToken,
@@ -193,7 +193,7 @@ pub(crate) async fn accept_loop(
         let acceptor = acceptor.clone();
         let out = out.clone();
         let trust_domain = trust_domain.clone();
-        let registry = registry.clone();
+        let journal = journal.clone();
         let audit_budget = audit_budget.clone();
         let shutdown = shutdown.clone();
         let connections = connections.clone();
@@ -241,7 +241,7 @@ pub(crate) async fn accept_loop(
                         "control-plane",
                         reason,
                     );
-                    if let Err(e) = registry.audit(event, false).await {
+                    if let Err(e) = journal.audit(event, false).await {
                         tracing::warn!(error = %e, "could not audit refused handshake");
                     }
                 }

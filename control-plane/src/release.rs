@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
-use aviary_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 /// One release as stored.
@@ -53,35 +52,6 @@ impl ReleaseRecord {
     /// The sled key: `module NUL version`.
     pub(crate) fn key(&self) -> Vec<u8> {
         release_key(&self.module, &self.version)
-    }
-
-    /// The wire form; the top-level artifact fields describe the first target.
-    pub(crate) fn to_pb(&self) -> pb::Release {
-        let artifacts: Vec<pb::Artifact> = self
-            .artifacts
-            .iter()
-            .map(|(target, a)| pb::Artifact {
-                target: target.clone(),
-                sha256: a.sha256.clone(),
-                size: a.size,
-                manifest: a.manifest.clone(),
-                signature: a.signature.clone(),
-            })
-            .collect();
-        let first = artifacts.first().cloned().unwrap_or_default();
-        pb::Release {
-            module: self.module.clone(),
-            version: self.version.clone(),
-            sha256: first.sha256,
-            size: first.size,
-            target: first.target,
-            manifest: first.manifest,
-            signature: first.signature,
-            created_at: Some(prost_types::Timestamp::from(self.created_at)),
-            attachments: self.attachments.keys().cloned().collect(),
-            artifacts,
-            runnable: self.artifacts.values().any(|a| a.runnable),
-        }
     }
 }
 

@@ -20,6 +20,7 @@ use crate::connections::Connections;
 use crate::deltas::Deltas;
 use crate::error::ControlPlaneError;
 use crate::fleet::{Fleet, FleetService};
+use crate::journal::Journal;
 use crate::listener::accept_loop;
 use crate::registry::Registry;
 use crate::store::{SledStore, Store};
@@ -52,7 +53,8 @@ pub async fn run(
     })?;
     let store: Arc<dyn Store> = Arc::new(SledStore::open(&config.data_dir)?);
     let ttl = u32::try_from(config.weight_ttl.as_secs()).unwrap_or(u32::MAX);
-    let registry = Arc::new(Registry::open(store.clone(), ttl).await?);
+    let journal = Arc::new(Journal::new(store.clone()));
+    let registry = Arc::new(Registry::open(journal.clone(), ttl).await?);
     let blobs_dir = config.data_dir.join("blobs");
     let blobs = Blobs::open(&blobs_dir).map_err(|source| ControlPlaneError::Io {
         context: format!("blob store {}", blobs_dir.display()),
@@ -67,8 +69,7 @@ pub async fn run(
         );
     }
     let catalog = Arc::new(Catalog::new(
-        store.clone(),
-        registry.clone(),
+        journal.clone(),
         blobs,
         trusted,
         config.max_release_bytes,
@@ -95,7 +96,7 @@ pub async fn run(
         listener,
         acceptor,
         trust_domain,
-        registry.clone(),
+        journal.clone(),
         connections.clone(),
         conn_tx,
         shutdown.clone(),
@@ -137,6 +138,7 @@ pub async fn run(
     )?);
     let fleet = Fleet::new(
         registry.clone(),
+        journal.clone(),
         catalog.clone(),
         deltas,
         config.fleet.clone(),
@@ -149,7 +151,7 @@ pub async fn run(
     ))
     .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
     let audit =
-        pb::audit_server::AuditServer::new(AuditApi::new(registry.clone(), shutdown.clone()))
+        pb::audit_server::AuditServer::new(AuditApi::new(journal.clone(), shutdown.clone()))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
 
     if let Some(tx) = ready {
@@ -159,7 +161,7 @@ pub async fn run(
         .http2_keepalive_interval(Some(config.keepalive))
         .http2_keepalive_timeout(Some(config.keepalive * 2))
         .layer(crate::limits::MessageLimitsLayer)
-        .layer(AuthLayer::new(registry.clone()))
+        .layer(AuthLayer::new(registry.clone(), journal.clone()))
         .add_service(FleetService::new(fleet))
         .add_service(nodes)
         .add_service(audit)

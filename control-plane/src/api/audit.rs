@@ -9,22 +9,22 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use crate::audit::EventFilter;
-use crate::registry::Registry;
+use super::views;
+use crate::journal::Journal;
 
 const DEFAULT_LIMIT: u32 = 1000;
 const MAX_LIMIT: u32 = 10_000;
 
 /// Implements `aviary.v1.Audit`.
 pub(crate) struct AuditApi {
-    registry: Arc<Registry>,
+    journal: Arc<Journal>,
     shutdown: CancellationToken,
 }
 
 impl AuditApi {
-    /// Serves the audit log of `registry`; watches end at `shutdown`.
-    pub(crate) fn new(registry: Arc<Registry>, shutdown: CancellationToken) -> AuditApi {
-        AuditApi { registry, shutdown }
+    /// Serves the audit log of `journal`; watches end at `shutdown`.
+    pub(crate) fn new(journal: Arc<Journal>, shutdown: CancellationToken) -> AuditApi {
+        AuditApi { journal, shutdown }
     }
 }
 
@@ -40,11 +40,15 @@ impl Audit for AuditApi {
             n => n.min(MAX_LIMIT),
         };
         let events = self
-            .registry
-            .events(req.after_seq, EventFilter::from(req.filter), limit as usize)
+            .journal
+            .events(
+                req.after_seq,
+                views::event_filter(req.filter),
+                limit as usize,
+            )
             .await?;
         Ok(Response::new(pb::ListEventsResponse {
-            events: events.into_iter().map(Into::into).collect(),
+            events: events.into_iter().map(views::event).collect(),
         }))
     }
 
@@ -55,17 +59,17 @@ impl Audit for AuditApi {
         req: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let req = req.into_inner();
-        let filter = EventFilter::from(req.filter);
-        let registry = self.registry.clone();
+        let filter = views::event_filter(req.filter);
+        let journal = self.journal.clone();
         let shutdown = self.shutdown.clone();
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(async move {
-            let mut live = registry.subscribe_events();
+            let mut live = journal.subscribe();
             let mut last = req.after_seq;
             loop {
                 // Catch up from the store (also after falling behind the live feed).
                 loop {
-                    let page = match registry.events(last, filter.clone(), 500).await {
+                    let page = match journal.events(last, filter.clone(), 500).await {
                         Ok(page) => page,
                         Err(e) => {
                             let _ = tx.send(Err(e.into())).await;
@@ -77,7 +81,7 @@ impl Audit for AuditApi {
                     }
                     for event in page {
                         last = event.seq;
-                        if tx.send(Ok(event.into())).await.is_err() {
+                        if tx.send(Ok(views::event(event))).await.is_err() {
                             return;
                         }
                     }
@@ -92,7 +96,9 @@ impl Audit for AuditApi {
                         Ok(event) if event.seq <= last => {}
                         Ok(event) => {
                             last = event.seq;
-                            if filter.matches(&event) && tx.send(Ok(event.into())).await.is_err() {
+                            if filter.matches(&event)
+                                && tx.send(Ok(views::event(event))).await.is_err()
+                            {
                                 return;
                             }
                         }

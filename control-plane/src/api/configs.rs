@@ -7,9 +7,8 @@ use aviary_proto::v1 as pb;
 use pb::configs_server::Configs;
 use tonic::{Request, Response, Status};
 
-use super::caller;
+use super::{caller, views};
 use crate::catalog::Catalog;
-use crate::layers::Scope;
 use crate::registry::Registry;
 use aviary_proto::manifest::{Manifest, RunSpec};
 
@@ -65,7 +64,7 @@ impl Configs for ConfigsApi {
         let actor = caller(&req)?;
         let req = req.into_inner();
         required("module", &req.module)?;
-        let scope = Scope::from_proto(req.scope)?;
+        let scope = views::scope_from(req.scope)?;
         let overlay = RunOverlay::from_proto(req.overlay.unwrap_or_default())
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.check_env(&req.module, &overlay).await?;
@@ -87,7 +86,7 @@ impl Configs for ConfigsApi {
         let actor = caller(&req)?;
         let req = req.into_inner();
         required("module", &req.module)?;
-        let scope = Scope::from_proto(req.scope)?;
+        let scope = views::scope_from(req.scope)?;
         let done = self
             .registry
             .change_config(&actor, &req.module, scope, None)
@@ -106,7 +105,12 @@ impl Configs for ConfigsApi {
         let module = &req.get_ref().module;
         let module = (!module.is_empty()).then_some(module.as_str());
         Ok(Response::new(pb::ListConfigsResponse {
-            layers: self.registry.config_layers(module),
+            layers: self
+                .registry
+                .config_layers(module)
+                .iter()
+                .map(views::config_layer)
+                .collect(),
         }))
     }
 
@@ -117,6 +121,8 @@ impl Configs for ConfigsApi {
         let req = req.get_ref();
         let module = required("module", &req.module)?;
         let node_id = required("node_id", &req.node_id)?;
-        Ok(Response::new(self.registry.node_config(module, node_id)?))
+        Ok(Response::new(views::node_config(
+            self.registry.node_config(module, node_id)?,
+        )))
     }
 }

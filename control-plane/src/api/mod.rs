@@ -6,6 +6,7 @@ mod configs;
 mod nodes;
 mod releases;
 mod rollouts;
+pub(crate) mod views;
 
 pub(crate) use audit::AuditApi;
 pub(crate) use configs::ConfigsApi;

@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-use super::caller;
+use super::{caller, views};
 use crate::connections::Connections;
 use crate::registry::Registry;
 use crate::selector::Selector;
@@ -44,7 +44,12 @@ impl Nodes for NodesApi {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let selector = Selector::parse(&req.get_ref().selector)?;
         Ok(Response::new(pb::ListNodesResponse {
-            nodes: self.registry.list(&selector),
+            nodes: self
+                .registry
+                .list(&selector)
+                .into_iter()
+                .map(views::node)
+                .collect(),
         }))
     }
 
@@ -56,7 +61,7 @@ impl Nodes for NodesApi {
         if id.is_empty() {
             return Err(Status::invalid_argument("node_id is required"));
         }
-        Ok(Response::new(self.registry.get(id)?))
+        Ok(Response::new(views::node(self.registry.get(id)?)))
     }
 
     async fn set_weight(
@@ -118,7 +123,7 @@ impl Nodes for NodesApi {
             let mut updates = registry.subscribe_weights();
             'snapshot: loop {
                 for w in registry.weights_snapshot(&selector) {
-                    if tx.send(Ok(w)).await.is_err() {
+                    if tx.send(Ok(views::node_weights(w))).await.is_err() {
                         return;
                     }
                 }
@@ -133,7 +138,7 @@ impl Nodes for NodesApi {
                             let matches = registry
                                 .labels(&w.node_id)
                                 .is_some_and(|l| selector.matches(&l));
-                            if matches && tx.send(Ok(w)).await.is_err() {
+                            if matches && tx.send(Ok(views::node_weights(w))).await.is_err() {
                                 return;
                             }
                         }

@@ -7,7 +7,7 @@ use pb::releases_server::Releases;
 use pb::upload_release_request::Kind;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::caller;
+use super::{caller, views};
 use crate::catalog::{Begin, Catalog};
 use crate::error::ControlPlaneError;
 use crate::limits::oversized;
@@ -48,7 +48,7 @@ impl Releases for ReleasesApi {
             .await?
         {
             // Identical artifact already stored: answer at once, the rest is redundant.
-            Begin::Stored(record) => return Ok(Response::new(record.to_pb())),
+            Begin::Stored(record) => return Ok(Response::new(views::release(&record))),
             Begin::Receive(upload) => *upload,
         };
         let mut attachments = Vec::new();
@@ -77,7 +77,7 @@ impl Releases for ReleasesApi {
             .catalog
             .finish(&actor, accepted, writer, attachments)
             .await?;
-        Ok(Response::new(record.to_pb()))
+        Ok(Response::new(views::release(&record)))
     }
 
     async fn get_release(
@@ -92,7 +92,7 @@ impl Releases for ReleasesApi {
             .ok_or_else(|| {
                 ControlPlaneError::NotFound(format!("release {}@{}", r.module, r.version))
             })?;
-        Ok(Response::new(record.to_pb()))
+        Ok(Response::new(views::release(&record)))
     }
 
     async fn list_releases(
@@ -102,7 +102,7 @@ impl Releases for ReleasesApi {
         let module = Some(request.into_inner().module).filter(|m| !m.is_empty());
         let releases = self.catalog.list(module).await?;
         Ok(Response::new(pb::ListReleasesResponse {
-            releases: releases.iter().map(|r| r.to_pb()).collect(),
+            releases: releases.iter().map(views::release).collect(),
         }))
     }
 

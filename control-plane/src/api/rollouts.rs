@@ -9,7 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::caller;
-use crate::audit::timestamp;
+use super::views::timestamp;
 use crate::catalog::Catalog;
 use crate::deploy::Step;
 use crate::deploy::{DeployState, Deployment};

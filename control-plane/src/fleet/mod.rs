@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::admission::TokenBucket;
 use crate::catalog::Catalog;
 use crate::deltas::Deltas;
+use crate::journal::Journal;
 use crate::registry::Registry;
 
 pub(crate) use service::FleetService;
@@ -39,6 +40,7 @@ pub struct FleetSettings {
 /// What every fleet session shares.
 pub(crate) struct Fleet {
     registry: Arc<Registry>,
+    journal: Arc<Journal>,
     catalog: Arc<Catalog>,
     deltas: Arc<Deltas>,
     admission: TokenBucket,
@@ -50,6 +52,7 @@ impl Fleet {
     /// Builds the shared state of the fleet service.
     pub(crate) fn new(
         registry: Arc<Registry>,
+        journal: Arc<Journal>,
         catalog: Arc<Catalog>,
         deltas: Arc<Deltas>,
         settings: FleetSettings,
@@ -58,6 +61,7 @@ impl Fleet {
         Arc::new(Fleet {
             admission: TokenBucket::new(settings.admission_rate, settings.admission_burst),
             registry,
+            journal,
             catalog,
             deltas,
             settings,

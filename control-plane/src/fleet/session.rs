@@ -90,7 +90,7 @@ pub(super) async fn open(
             format!("node/{node_id}"),
             reason.clone(),
         );
-        if let Err(e) = fleet.registry.audit(event, false).await {
+        if let Err(e) = fleet.journal.audit(event, false).await {
             tracing::warn!(error = %e, "could not audit refused hello");
         }
         return Err(Status::permission_denied(reason));
@@ -600,7 +600,7 @@ impl Session {
                     target,
                     format!("{what} revision {} refused: {error}", out.revision),
                 );
-                if let Err(e) = self.fleet.registry.audit(event, false).await {
+                if let Err(e) = self.fleet.journal.audit(event, false).await {
                     tracing::warn!(error = %e, "could not audit nack");
                 }
             }

@@ -6,12 +6,11 @@ use std::time::Instant;
 
 use aviary_certs::Identity;
 use aviary_proto::overlay::RunOverlay;
-use aviary_proto::v1 as pb;
 
-use super::{Entry, Registry};
+use super::Registry;
 use crate::audit::NewEvent;
 use crate::error::ControlPlaneError;
-use crate::layers::{desired_configs, layer_key, sort, ConfigLayer, DesiredConfig, Encoded, Scope};
+use crate::layers::{desired_configs, layer_key, sort, ConfigLayer, Encoded, Scope};
 use crate::node::NackRecord;
 use crate::store::Change;
 
@@ -127,39 +126,6 @@ impl Registry {
         })
     }
 
-    /// The live layers of `module` (every module when `None`), in merge order.
-    pub(crate) fn config_layers(&self, module: Option<&str>) -> Vec<pb::ConfigLayer> {
-        self.state()
-            .configs
-            .iter()
-            .filter(|l| l.overlay.is_some() && module.is_none_or(|m| l.module == m))
-            .map(ConfigLayer::to_proto)
-            .collect()
-    }
-
-    /// `module`'s merged config on `node_id`, with the source of each value.
-    pub(crate) fn node_config(
-        &self,
-        module: &str,
-        node_id: &str,
-    ) -> Result<pb::NodeConfig, ControlPlaneError> {
-        let st = self.state();
-        let entry = st
-            .nodes
-            .get(node_id)
-            .ok_or_else(|| ControlPlaneError::NotFound(format!("node {node_id}")))?;
-        let configs = entry.configs.borrow().clone();
-        match configs.get(module) {
-            Some(c) => Ok(node_config(entry, module, c)),
-            None => Ok(pb::NodeConfig {
-                module: module.to_owned(),
-                node_id: node_id.to_owned(),
-                overlay: Some(pb::RunOverlay::default()),
-                ..Default::default()
-            }),
-        }
-    }
-
     /// Records a config ACK.
     pub(crate) fn record_config_ack(&self, node_id: &str, module: &str, revision: u64) {
         let mut st = self.state();
@@ -191,22 +157,5 @@ impl Registry {
             });
             st.dirty.insert(node_id.to_owned());
         }
-    }
-}
-
-/// The API view of one node's merged config of `module`.
-pub(super) fn node_config(entry: &Entry, module: &str, c: &DesiredConfig) -> pb::NodeConfig {
-    let answers = entry.status.configs.get(module);
-    let nacked = answers.and_then(|a| a.nacked.as_ref());
-    pb::NodeConfig {
-        module: module.to_owned(),
-        node_id: entry.record.node_id.clone(),
-        overlay: Some(c.overlay.to_proto()),
-        sources: c.sources.clone().into_iter().collect(),
-        desired_revision: c.revision,
-        acked_revision: answers.map_or(0, |a| a.acked_revision),
-        nacked_revision: nacked.map_or(0, |n| n.revision),
-        nack_error: nacked.map(|n| n.error.clone()).unwrap_or_default(),
-        layers: c.layers.clone(),
     }
 }

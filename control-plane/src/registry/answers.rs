@@ -1,0 +1,145 @@
+//! What nodes tell the control plane back: ACKs, NACKs, transfer progress and health,
+//! kept in memory and written in batches (`flush_statuses`).
+
+use super::Registry;
+use crate::error::ControlPlaneError;
+use crate::journal::blocking;
+use crate::node::{HealthRecord, NackRecord, NodeStatus, TransferProgress};
+
+impl Registry {
+    /// Records that `node_id` applied `revision`.
+    pub(crate) fn record_ack(&self, node_id: &str, revision: u64) {
+        let mut st = self.state();
+        if let Some(entry) = st.nodes.get_mut(node_id) {
+            entry.status.acked_revision = entry.status.acked_revision.max(revision);
+            st.dirty.insert(node_id.to_owned());
+        }
+    }
+
+    /// Records that `node_id` refused `revision`; it stays parked until the state moves on.
+    pub(crate) fn record_nack(&self, node_id: &str, revision: u64, error: &str) {
+        let mut st = self.state();
+        if let Some(entry) = st.nodes.get_mut(node_id) {
+            entry.status.nacked = Some(NackRecord {
+                revision,
+                error: error.to_owned(),
+            });
+            st.dirty.insert(node_id.to_owned());
+        }
+    }
+
+    /// Writes statuses changed since the last call (ACKs, NACKs, last seen) in one batch;
+    /// with `health`, also those whose only change is a health report.
+    pub(crate) async fn flush_statuses(&self, health: bool) -> Result<(), ControlPlaneError> {
+        let rows: Vec<(String, NodeStatus)> = {
+            let mut st = self.state();
+            let mut dirty = std::mem::take(&mut st.dirty);
+            if health {
+                dirty.extend(std::mem::take(&mut st.health_dirty));
+            }
+            dirty
+                .into_iter()
+                .filter_map(|id| {
+                    let status = st.nodes.get(&id)?.status.clone();
+                    Some((id, status))
+                })
+                .collect()
+        };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let store = self.journal.store().clone();
+        let ids: Vec<String> = rows.iter().map(|(id, _)| id.clone()).collect();
+        let saved = blocking(move || store.save_statuses(&rows)).await?;
+        if let Err(e) = saved {
+            // Not written: try again at the next flush.
+            self.state().dirty.extend(ids);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Records how far a node's module transfer has come (shown by `GetNode`).
+    pub(crate) fn record_transfer(
+        &self,
+        node_id: &str,
+        module: &str,
+        transfer: Option<TransferProgress>,
+    ) {
+        let mut st = self.state();
+        if let Some(entry) = st.nodes.get_mut(node_id) {
+            entry
+                .status
+                .modules
+                .entry(module.to_owned())
+                .or_default()
+                .transfer = transfer;
+            st.dirty.insert(node_id.to_owned());
+        }
+    }
+
+    /// Records health reports of the modules `node_id` runs or is meant to run; reports
+    /// about any other module are dropped (a node must not grow its own record without
+    /// bound). Returns how many were dropped.
+    pub(crate) fn record_health(
+        &self,
+        node_id: &str,
+        reports: Vec<(String, HealthRecord)>,
+    ) -> usize {
+        let mut st = self.state();
+        let Some(entry) = st.nodes.get_mut(node_id) else {
+            return reports.len();
+        };
+        let mut ignored = 0;
+        for (module, health) in reports {
+            let known = entry.record.modules.iter().any(|m| m.name == module)
+                || entry.modules.borrow().contains_key(&module);
+            if !known {
+                ignored += 1;
+                continue;
+            }
+            entry
+                .history
+                .entry(module.clone())
+                .or_default()
+                .push(&health);
+            entry.status.modules.entry(module).or_default().health = Some(health);
+        }
+        st.health_dirty.insert(node_id.to_owned());
+        ignored
+    }
+
+    /// Records a module ACK. (Completion is the rollout engine's tick: counting the fleet
+    /// on every ACK would make a fleet-wide rollout quadratic.)
+    pub(crate) fn record_module_ack(&self, node_id: &str, module: &str, revision: u64) {
+        let mut st = self.state();
+        let Some(entry) = st.nodes.get_mut(node_id) else {
+            return;
+        };
+        let p = entry.status.modules.entry(module.to_owned()).or_default();
+        p.acked_revision = p.acked_revision.max(revision);
+        p.transfer = None;
+        st.dirty.insert(node_id.to_owned());
+    }
+
+    /// Records a module NACK (or a skip), parked until the desired module state changes.
+    pub(crate) fn record_module_nack(
+        &self,
+        node_id: &str,
+        module: &str,
+        revision: u64,
+        error: &str,
+    ) {
+        let mut st = self.state();
+        let Some(entry) = st.nodes.get_mut(node_id) else {
+            return;
+        };
+        let p = entry.status.modules.entry(module.to_owned()).or_default();
+        p.nacked = Some(NackRecord {
+            revision,
+            error: error.to_owned(),
+        });
+        p.transfer = None;
+        st.dirty.insert(node_id.to_owned());
+    }
+}

@@ -1,0 +1,182 @@
+//! The fleet counted for a deployment: node counts, completion, canary cutoffs and the
+//! health figures analysis judges.
+
+use super::{Registry, State, SKIPPED};
+use crate::analysis::Figures;
+use crate::deploy::{DeployState, Deployment};
+use crate::error::ControlPlaneError;
+use crate::health::HealthSample;
+
+/// Node counts of a deployment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct DeployProgress {
+    /// Nodes the selector matches.
+    pub selected: u32,
+    /// Of those, the nodes the canary scale covers so far.
+    pub canaries: u32,
+    /// Canaries with a live stream (a step waits only for these; the others catch up).
+    pub connected_canaries: u32,
+    /// Nodes that acknowledged this deployment's revision.
+    pub installed: u32,
+    /// Nodes that refused it.
+    pub failed: u32,
+    /// Nodes with no artifact for their architecture.
+    pub skipped: u32,
+}
+
+impl Registry {
+    /// The canary bucket bound for `percent` of the nodes `d` selects now.
+    pub(crate) fn canary_cutoff(&self, d: &Deployment, percent: u32) -> u32 {
+        let st = self.state();
+        let buckets = st
+            .nodes
+            .values()
+            .filter(|e| !e.record.revoked && d.selector.matches(&e.record.labels))
+            .map(|e| crate::deploy::canary_bucket(&d.id, &e.record.node_id))
+            .collect();
+        let floor = d.scale.last().map_or(0, |s| s.cutoff);
+        crate::deploy::cutoff_for(percent, buckets, floor)
+    }
+
+    /// Canary and stable health of deployment `d` since `since_ms` (for analysis).
+    pub(crate) fn figures(&self, d: &Deployment, since_ms: u64) -> Figures {
+        let st = self.state();
+        let mut f = Figures::default();
+        for entry in st.nodes.values() {
+            if entry.record.revoked || !d.selector.matches(&entry.record.labels) {
+                continue;
+            }
+            let canary = d.covers(&entry.record.node_id).is_some();
+            if canary {
+                let nacked = entry
+                    .status
+                    .modules
+                    .get(&d.module)
+                    .and_then(|p| p.nacked.as_ref())
+                    .is_some_and(|n| n.revision >= d.seq && !n.error.starts_with(SKIPPED));
+                if nacked {
+                    f.nacks += 1;
+                }
+            }
+            let group = if canary {
+                &mut f.canary
+            } else {
+                &mut f.baseline
+            };
+            group.nodes += 1;
+            let Some(history) = entry.history.get(&d.module) else {
+                continue;
+            };
+            // Canaries count once they run the new version; stable nodes while they don't.
+            let window: Vec<&HealthSample> = history
+                .iter()
+                .filter(|h| h.at_ms >= since_ms && (*h.version == *d.version) == canary)
+                .collect();
+            let mut previous: Option<&HealthSample> = None;
+            for h in &window {
+                group.reports += 1;
+                group.successes += h.successes;
+                group.failures += h.failures;
+                group.p99_ms = group.p99_ms.max(h.p99_ms);
+                // Totals since the daemon started: count increases (a restart resets them).
+                if let Some(p) = previous {
+                    group.log_matches += h.log_matches.saturating_sub(p.log_matches);
+                    group.restarts += u64::from(h.restarts.saturating_sub(p.restarts));
+                }
+                previous = Some(h);
+            }
+            if window.last().is_some_and(|h| h.running && h.failures == 0) {
+                group.healthy += 1;
+            }
+        }
+        f
+    }
+
+    /// Progressing rollouts with their node counts (the engine's tick: finished ones are
+    /// not counted).
+    pub(crate) fn progressing(&self) -> Vec<(Deployment, DeployProgress)> {
+        let st = self.state();
+        st.deployments
+            .iter()
+            .filter(|d| d.state == DeployState::Progressing)
+            .map(|d| (d.clone(), progress(&st, d)))
+            .collect()
+    }
+
+    /// Deployments (of `module`, or all), oldest first, with their node counts.
+    pub(crate) fn deployments(&self, module: Option<&str>) -> Vec<(Deployment, DeployProgress)> {
+        let st = self.state();
+        st.deployments
+            .iter()
+            .filter(|d| module.is_none_or(|m| m == d.module))
+            .map(|d| (d.clone(), progress(&st, d)))
+            .collect()
+    }
+
+    /// One deployment with its node counts.
+    pub(crate) fn deployment(
+        &self,
+        id: &str,
+    ) -> Result<(Deployment, DeployProgress), ControlPlaneError> {
+        let st = self.state();
+        st.deployments
+            .iter()
+            .find(|d| d.id == id)
+            .map(|d| (d.clone(), progress(&st, d)))
+            .ok_or_else(|| ControlPlaneError::NotFound(format!("rollout {id}")))
+    }
+}
+
+/// Node counts of `d` from the nodes' answers.
+pub(super) fn progress(st: &State, d: &Deployment) -> DeployProgress {
+    let mut p = DeployProgress::default();
+    for entry in st.nodes.values() {
+        if entry.record.revoked || !d.selector.matches(&entry.record.labels) {
+            continue;
+        }
+        p.selected += 1;
+        if d.covers(&entry.record.node_id).is_none() {
+            continue;
+        }
+        p.canaries += 1;
+        if entry.session.is_some() {
+            p.connected_canaries += 1;
+        }
+        // Only answers to this deployment's desire count for it.
+        let wanted = entry
+            .modules
+            .borrow()
+            .get(&d.module)
+            .filter(|m| m.deployment == d.id)
+            .map(|m| m.revision);
+        let Some(wanted) = wanted else { continue };
+        let answers = entry.status.modules.get(&d.module);
+        if answers.is_some_and(|a| a.acked_revision >= wanted) {
+            p.installed += 1;
+        } else if let Some(n) = answers
+            .and_then(|a| a.nacked.as_ref())
+            .filter(|n| n.revision == wanted)
+        {
+            if n.error.starts_with(SKIPPED) {
+                p.skipped += 1;
+            } else {
+                p.failed += 1;
+            }
+        }
+    }
+    p
+}
+
+/// The deployment of `module` in progress, if every node it selects has answered for it.
+pub(super) fn completed(st: &State, module: &str) -> Option<Deployment> {
+    let d = st
+        .deployments
+        .iter()
+        .find(|d| d.module == module && d.state == DeployState::Progressing)?;
+    // Canary steps still to go: not finished, whatever the nodes say.
+    if (d.current_step as usize) < d.steps.len() || d.percent() < 100 {
+        return None;
+    }
+    let p = progress(st, d);
+    (p.selected > 0 && p.installed + p.skipped + p.failed == p.selected).then(|| d.clone())
+}
