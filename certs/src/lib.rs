@@ -1,18 +1,22 @@
 //! Aviary's private PKI: one CA per deployment, mTLS identities carried as SPIFFE URI SANs
 //! (`spiffe://<trust-domain>/edge/<node-id>`, `.../admin/<name>`), the TLS 1.3 configs
-//! every binary uses, and the ed25519 release-signing key pair.
+//! every binary uses, the mTLS channel built on them (`Link`), and the ed25519
+//! release-signing key pair.
 //!
 //! Architecture invariant: only this crate turns certificates into identities; servers
 //! trust the `Identity` it returns and nothing else about a peer.
+#![forbid(unsafe_code)]
 
 mod error;
 mod identity;
+mod link;
 mod pki;
 mod signing;
 mod tls;
 
 pub use error::CertsError;
 pub use identity::{validate_name, Identity};
+pub use link::{Link, LinkError};
 pub use pki::{issue_admin, issue_edge, CertPaths, EdgeMinter, InitOptions, Pki};
 pub use signing::{
     generate_release_key, PublicKey, ReleaseKeyPaths, ReleaseSigner, TrustedKeys,

@@ -1,4 +1,5 @@
 //! `aviary-certs`: makes a deployment's PKI (DESIGN.md, "Command lines").
+#![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;

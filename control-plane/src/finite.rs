@@ -5,9 +5,8 @@
 //! plane from ever starting again. Every `f64` of a stored record is therefore
 //! `#[serde(with = "crate::finite")]`: writing a non-finite value fails the write (the
 //! store never holds what it cannot read back) and reading one fails the read. Values
-//! from the wire, the CLI and TOML are checked with `check` where they enter.
-
-use std::ops::RangeInclusive;
+//! from the wire, the CLI and TOML are checked with `aviary_proto::finite::check` where
+//! they enter.
 
 use serde::{de, ser, Deserialize, Deserializer, Serializer};
 
@@ -30,35 +29,8 @@ pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Err
     Ok(value)
 }
 
-/// `value` if it is finite and within `range`, else a message naming `what`.
-pub(crate) fn check(what: &str, value: f64, range: RangeInclusive<f64>) -> Result<f64, String> {
-    if !value.is_finite() {
-        return Err(format!("{what} must be a finite number, not {value}"));
-    }
-    if !range.contains(&value) {
-        let (lo, hi) = (range.start(), range.end());
-        return Err(if *hi == f64::MAX {
-            format!("{what} must be at least {lo}, not {value}")
-        } else {
-            format!("{what} must be within {lo}..={hi}, not {value}")
-        });
-    }
-    Ok(value)
-}
-
-/// Parses a finite, non-negative number (clap `value_parser` for float flags).
-pub(crate) fn parse_non_negative(s: &str) -> Result<f64, String> {
-    let value: f64 = s
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a number"))?;
-    check("the value", value, 0.0..=f64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct R {
         #[serde(with = "super")]
@@ -78,22 +50,5 @@ mod tests {
         let r = R { x: -0.5e-300 };
         let back: Result<R, _> = serde_json::to_vec(&r).and_then(|b| serde_json::from_slice(&b));
         assert_eq!(back.ok(), Some(r));
-    }
-
-    #[test]
-    fn checks_name_the_value_and_the_range() {
-        assert_eq!(check("p99", 3.0, 0.0..=f64::MAX), Ok(3.0));
-        let e = check("max_error_rate", 1.5, 0.0..=1.0)
-            .err()
-            .unwrap_or_default();
-        assert!(e.contains("max_error_rate") && e.contains("0..=1"), "{e}");
-        let e = check("p99", f64::NAN, 0.0..=f64::MAX)
-            .err()
-            .unwrap_or_default();
-        assert!(e.contains("finite"), "{e}");
-        for s in ["inf", "NaN", "-1", "x", "infinity"] {
-            assert!(parse_non_negative(s).is_err(), "{s} accepted");
-        }
-        assert_eq!(parse_non_negative("200"), Ok(200.0));
     }
 }

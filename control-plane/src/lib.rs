@@ -1,6 +1,7 @@
 //! The Aviary control plane: holds release and fleet state in sled and streams desired
-//! state to edge daemons over mTLS bidirectional gRPC streams. Also home of the `aviary`
-//! CLI (`cli`), which talks to it as an admin.
+//! state to edge daemons over mTLS bidirectional gRPC streams. Its admin client, the
+//! `aviary` CLI, is the `aviary-cli` crate beside it (`control-plane/cli`).
+#![forbid(unsafe_code)]
 
 mod admission;
 mod analysis;
@@ -11,7 +12,6 @@ mod audit;
 mod auth;
 mod blobs;
 mod catalog;
-pub mod cli;
 pub mod config;
 mod connections;
 pub mod deltas;

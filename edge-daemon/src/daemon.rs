@@ -9,11 +9,11 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::link::Link;
 use crate::modules::{Installer, Modules};
 use crate::runtime::{Host, Runtime};
 use crate::weights::Weights;
 use crate::{local_http, session, EdgeError};
+use aviary_certs::Link;
 
 /// What a started daemon tells its caller.
 #[derive(Clone, Debug)]

@@ -47,3 +47,15 @@ pub enum EdgeError {
     #[error("connect: {0}")]
     Connect(#[from] tonic::transport::Error),
 }
+
+impl From<aviary_certs::LinkError> for EdgeError {
+    fn from(e: aviary_certs::LinkError) -> EdgeError {
+        match e {
+            aviary_certs::LinkError::Url { url, reason } => {
+                EdgeError::ControlPlaneUrl { url, reason }
+            }
+            aviary_certs::LinkError::Certs(e) => EdgeError::Certs(e),
+            aviary_certs::LinkError::Connect(e) => EdgeError::Connect(e),
+        }
+    }
+}

@@ -6,7 +6,6 @@ pub mod backoff;
 pub mod config;
 mod daemon;
 mod error;
-pub mod link;
 pub mod local_http;
 pub mod modules;
 pub mod runtime;

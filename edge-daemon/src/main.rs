@@ -1,4 +1,5 @@
 //! `aviary-edge`: parse config, set up logging and metrics, run the daemon until SIGTERM.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

@@ -16,11 +16,11 @@ use tokio_util::sync::CancellationToken;
 use aviary_proto::bundle::{Encoding, PayloadInfo};
 
 use crate::backoff::Backoff;
-use crate::link::Link;
 use crate::modules::{partial_transfers, Checked, InstallError, Installer, Receiving, Verdict};
 use crate::runtime::Runtime;
 use crate::weights::{Assignment, Weights};
 use crate::EdgeError;
+use aviary_certs::Link;
 
 /// How often module health goes to the control plane.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -109,7 +109,7 @@ async fn stream_once(
     local: &Arc<Local>,
     backoff: &mut Backoff,
 ) -> Result<(), StreamError> {
-    let channel = link.connect().await?;
+    let channel = link.connect().await.map_err(EdgeError::from)?;
     let mut client =
         pb::fleet_client::FleetClient::new(channel).max_decoding_message_size(16 << 20);
     let (tx, rx) = mpsc::channel(16);

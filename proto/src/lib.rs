@@ -6,12 +6,14 @@
 //!
 //! Architecture invariant: only this crate knows how the .proto files become Rust; every
 //! other crate converts these types to its own domain types where a request enters.
+#![forbid(unsafe_code)]
 
 pub mod arch;
 pub mod bundle;
 pub mod codec;
 pub mod delta;
 pub mod digest;
+pub mod finite;
 pub mod manifest;
 pub mod overlay;
 pub mod sandbox;

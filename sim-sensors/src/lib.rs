@@ -5,6 +5,7 @@
 //! which the [`pacer`] thread pushes into a [`subscriber`] queue at each sample's due
 //! time (or which the client pulls directly at speed 0); the [`hub`] knows every open
 //! subscription and fans bridged samples out.
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod error;

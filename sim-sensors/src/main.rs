@@ -1,4 +1,5 @@
 //! `aviary-sensors`: parse config, set up logging and metrics, serve until SIGTERM.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 

@@ -1,6 +1,7 @@
 //! End-to-end harness: starts the real binaries on ephemeral loopback ports in temp dirs
 //! with a PKI minted per test, and offers the waits and clients the scenarios need.
 //! Also home of the raw fleet-protocol client shared by tests and the fleet simulator.
+#![forbid(unsafe_code)]
 
 pub mod fake_cp;
 pub mod foreign;
@@ -21,7 +22,7 @@ use aviary_certs::{InitOptions, Pki};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-pub use aviary_control_plane::cli::Admin;
+pub use aviary_cli::Admin;
 
 /// Directory of the built binaries (`target/debug` next to the running test binary), or
 /// `AVIARY_BIN_DIR`.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use aviary_edge::link::Link;
+use aviary_certs::Link;
 use aviary_proto::v1 as pb;
 use pb::control_message::Kind;
 use tokio::sync::mpsc;

@@ -71,7 +71,7 @@ fn steps_of(steps: &[pb::Step]) -> Result<Vec<Step>, Status> {
                 }
                 // Checked here, where they enter: a NaN or infinity must never reach a
                 // stored record (see `finite`).
-                use crate::finite::check;
+                use aviary_proto::finite::check;
                 let checked = check("max_error_rate", a.max_error_rate, 0.0..=1.0)
                     .and(check(
                         "max_error_rate_vs_baseline",

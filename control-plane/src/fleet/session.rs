@@ -207,7 +207,7 @@ pub(crate) fn health_records(
         aviary_certs::validate_name("module", &m.module)
             .map_err(|e| Status::invalid_argument(format!("health report: {e}")))?;
         let latency = |what: &str, v: f64| {
-            crate::finite::check(what, v, 0.0..=f64::MAX).map_err(|e| {
+            aviary_proto::finite::check(what, v, 0.0..=f64::MAX).map_err(|e| {
                 Status::invalid_argument(format!("health report for {}: {e}", m.module))
             })
         };

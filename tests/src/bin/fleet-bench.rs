@@ -7,6 +7,7 @@
 //!
 //! Run by hand: `cargo run --release -p aviary-tests --bin aviary-fleet-bench -- --nodes 1000,10000,19000`.
 //! `scripts/test` runs `--smoke` (100 nodes, short windows) to keep it working.
+#![forbid(unsafe_code)]
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};

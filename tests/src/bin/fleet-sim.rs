@@ -10,6 +10,7 @@
 //! `ready N` (identities minted), `up IDX UNIX_NS` (stream accepted), `ack IDX REV UNIX_NS`
 //! (weights), `mod IDX VERSION ROLLBACK(0|1) UNIX_NS` (module update ACKed),
 //! `err IDX CODE` (stream refused or ended; the node retries with full-jitter backoff).
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -19,8 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use aviary_certs::Link;
 use aviary_edge::backoff::Backoff;
-use aviary_edge::link::Link;
 use aviary_proto::v1 as pb;
 use aviary_tests::raw::{hello, RawStream};
 use clap::Parser;

@@ -10,6 +10,7 @@
 //! cargo build --release --bins
 //! ./target/release/aviary-foreign-bench          # --idle 60s
 //! ```
+#![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
 

@@ -12,6 +12,7 @@
 //!
 //! Run by hand: `cargo run --release -p aviary-tests --bin aviary-rollout-bench -- --nodes 10000,19000`.
 //! `scripts/test` runs `--smoke` (100 nodes, 2 s windows) to keep it working.
+#![forbid(unsafe_code)]
 
 use std::collections::HashSet;
 use std::time::Duration;

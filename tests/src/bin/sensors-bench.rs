@@ -9,6 +9,7 @@
 //!
 //! The clients run in this process on the same machine, so their scheduling noise is in
 //! the jitter figures too. `scripts/test` runs `--smoke` to keep it working.
+#![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
 

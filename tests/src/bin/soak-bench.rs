@@ -11,6 +11,7 @@
 //!
 //! Run by hand: `cargo build --release --bins && ./target/release/aviary-soak-bench`
 //! (1,000 nodes, 30 minutes). `scripts/test` runs `--smoke` to keep it working.
+#![forbid(unsafe_code)]
 
 use std::time::{Duration, Instant};
 

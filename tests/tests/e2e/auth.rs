@@ -4,8 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use aviary_certs::Link;
 use aviary_certs::TlsFiles;
-use aviary_edge::link::Link;
 use aviary_proto::v1 as pb;
 use aviary_tests::raw::{hello, RawStream};
 use aviary_tests::{eventually, ControlPlane, Workspace};

@@ -121,10 +121,7 @@ fn cp_tool(args: &[&str]) -> anyhow::Result<std::process::Output> {
     )
 }
 
-async fn set_weight(
-    admin: &mut aviary_control_plane::cli::Admin,
-    weight: u32,
-) -> Result<u64, tonic::Status> {
+async fn set_weight(admin: &mut aviary_cli::Admin, weight: u32) -> Result<u64, tonic::Status> {
     Ok(admin
         .nodes
         .set_weight(pb::SetWeightRequest {
@@ -251,7 +248,7 @@ async fn a_full_disk_fails_writes_reports_not_serving_and_recovers_without_a_res
     let disk = aviary_tests::Tmpfs::mount(&ws.path("cp-data"), "16m")?;
     let mut cp = ControlPlane::start(&ws, &[]).await?;
     let mut admin = ws.admin(&cp).await?;
-    let channel = aviary_edge::link::Link::new(
+    let channel = aviary_certs::Link::new(
         &cp.url(),
         &aviary_certs::TlsFiles {
             ca: ws.pki.ca_cert(),

@@ -22,7 +22,7 @@ const EM_X86_64: u16 = 0x3E;
 /// The sample module cross-built for `cpu`, stamped as `version`.
 fn foreign_sample(ws: &Workspace, cpu: Foreign, version: &str) -> anyhow::Result<PathBuf> {
     let out = ws.path(&format!("sample-{}-{version}", cpu.arch));
-    aviary_control_plane::cli::sample::stamp(&cpu.bin("aviary-sample-module")?, version, &out)?;
+    aviary_sample_module::stamp(&cpu.bin("aviary-sample-module")?, version, &out)?;
     Ok(out)
 }
 

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use aviary_certs::Link;
 use aviary_certs::TlsFiles;
-use aviary_edge::link::Link;
 use aviary_proto::v1 as pb;
 use aviary_tests::proxy::{Mode, Proxy};
 use aviary_tests::raw::{hello, RawStream};

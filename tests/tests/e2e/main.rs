@@ -1,5 +1,6 @@
 //! End-to-end scenarios over real processes, real mTLS and real sled. One test binary
 //! (rust-analyzer style); one scenario per test, named for the behaviour it shows.
+#![forbid(unsafe_code)]
 
 mod auth;
 mod bundles;

@@ -614,7 +614,7 @@ async fn with_certs_the_stub_serves_mtls_and_refuses_plaintext() -> anyhow::Resu
         cert: ws.pki.dir.join("admin.pem"),
         key: ws.pki.dir.join("admin.key"),
     };
-    let channel = aviary_edge::link::Link::new(&format!("https://{}", stub.addr), &files)?
+    let channel = aviary_certs::Link::new(&format!("https://{}", stub.addr), &files)?
         .connect()
         .await?;
     let mut client = pb::sensor_stub_client::SensorStubClient::new(channel);

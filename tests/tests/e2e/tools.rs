@@ -155,7 +155,7 @@ async fn reflection_v1_is_served_too() -> anyhow::Result<()> {
         cert: admin.cert,
         key: admin.key,
     };
-    let channel = aviary_edge::link::Link::new(&cp.url(), &files)?
+    let channel = aviary_certs::Link::new(&cp.url(), &files)?
         .connect()
         .await?;
     let request = ServerReflectionRequest {

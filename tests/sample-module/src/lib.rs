@@ -1,5 +1,6 @@
-//! `aviary sample-module` (hidden): the small HTTP service the demo and the tests deploy.
-//! It lives in the `aviary` binary so the demo needs nothing else built.
+//! The sample module: the small HTTP service the demo and the tests deploy. The tests run
+//! it as `aviary-sample-module`; the demo as `aviary sample-module` (hidden), so the demo
+//! needs nothing else built.
 //!
 //! * Serves `GET /` (its version), `GET /healthz` and `GET /greeting` (`$SAMPLE_GREETING`,
 //!   for runtime config tests) on the socket the edge daemon hands it
@@ -16,6 +17,7 @@
 //!   how many samples arrived and the last one (reconnecting if the stub goes away).
 //! * SIGTERM is graceful: it stops accepting and finishes the requests it accepted, so a
 //!   hot swap through a shared socket loses nothing.
+#![forbid(unsafe_code)]
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -53,23 +55,16 @@ fn version() -> String {
         .unwrap_or_else(|| "unstamped".into())
 }
 
-/// The socket from the daemon, if it passed one to this very process.
+/// The socket from the daemon, if it passed one to this very process (`LISTEN_FDS` and
+/// `LISTEN_PID`, systemd's convention; listenfd checks both).
 fn inherited() -> Option<TcpListener> {
-    let fds: u32 = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
-    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
-    if fds < 1 || pid != std::process::id() {
-        return None;
+    match listenfd::ListenFd::from_env().take_tcp_listener(0) {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("sample: LISTEN_FDS: {e}");
+            None
+        }
     }
-    // fd 3 is ours by the LISTEN_FDS contract; nothing else in this process owns it.
-    Some(fd3())
-}
-
-#[allow(unsafe_code)]
-fn fd3() -> TcpListener {
-    use std::os::fd::FromRawFd;
-    // SAFETY: the LISTEN_FDS protocol hands this process fd 3 as a listening socket, and
-    // nothing else in the process has taken ownership of it.
-    unsafe { TcpListener::from_raw_fd(3) }
 }
 
 /// What the module has read from the sensor stub.

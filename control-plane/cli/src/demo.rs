@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use aviary_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
-use super::client::Admin;
+use crate::client::Admin;
 
 const REGIONS: [&str; 3] = ["eu-west", "us-east", "ap-south"];
 const MODULE: &str = "gateway";
@@ -188,7 +188,7 @@ async fn start_control_plane(
     dir: &Path,
     shutdown: CancellationToken,
 ) -> anyhow::Result<SocketAddr> {
-    let args = crate::config::Args {
+    let args = aviary_control_plane::config::Args {
         listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         data_dir: Some(dir.join("control-plane")),
         certs: Some(dir.join("pki")),
@@ -197,7 +197,7 @@ async fn start_control_plane(
     let config = args.resolve()?;
     let (tx, rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        if let Err(e) = crate::run(config, shutdown, Some(tx)).await {
+        if let Err(e) = aviary_control_plane::run(config, shutdown, Some(tx)).await {
             eprintln!("control plane: {e}");
         }
     });
@@ -340,7 +340,7 @@ async fn deploy_sample(
     let mut full_size = 0;
     for version in ["1.0.0", "1.1.0"] {
         let file = dir.join(format!("sample-{version}"));
-        super::sample::stamp(&exe, version, &file)?;
+        aviary_sample_module::stamp(&exe, version, &file)?;
         let bytes = std::fs::read(&file)?;
         full_size = bytes.len();
         let manifest = Manifest {
@@ -353,7 +353,7 @@ async fn deploy_sample(
         };
         let manifest_bytes = manifest.to_json();
         let signature = signer.sign(&manifest_bytes);
-        super::release::upload(
+        crate::release::upload(
             admin,
             &file,
             &manifest,
@@ -469,7 +469,7 @@ async fn canary_demo(
         release("3.0.0", &[]),
     ];
     for (file, version, run) in &releases {
-        super::sample::stamp(&exe, version, file)?;
+        aviary_sample_module::stamp(&exe, version, file)?;
         let bytes = std::fs::read(file)?;
         let manifest = Manifest {
             module: "worker".into(),
@@ -481,7 +481,7 @@ async fn canary_demo(
         };
         let manifest_bytes = manifest.to_json();
         let signature = signer.sign(&manifest_bytes);
-        super::release::upload(
+        crate::release::upload(
             admin,
             file,
             &manifest,
@@ -545,7 +545,7 @@ async fn canary_demo(
                 let p = r.progress.unwrap_or_default();
                 println!(
                     "    {} step {}/{}  canaries {}/{}  installed {}  {}",
-                    super::output::state_name(r.state),
+                    crate::output::state_name(r.state),
                     (r.current_step as usize + 1).min(r.steps.len()),
                     r.steps.len(),
                     p.canaries,
@@ -557,7 +557,7 @@ async fn canary_demo(
             last = Some(r);
         }
         let r = last.context("no rollout state")?;
-        println!("▸ {} ended {}", r.id, super::output::state_name(r.state));
+        println!("▸ {} ended {}", r.id, crate::output::state_name(r.state));
         outcomes.push(r.state);
     }
     Ok((outcomes[1], outcomes[2]))

@@ -1,4 +1,5 @@
 //! The `aviary` command line: an admin client of the control plane, plus `demo`.
+#![forbid(unsafe_code)]
 
 mod client;
 mod config;
@@ -6,7 +7,6 @@ mod demo;
 mod output;
 pub mod release;
 mod rollout_file;
-pub mod sample;
 
 use std::path::PathBuf;
 
@@ -190,19 +190,19 @@ pub enum RolloutCommand {
 #[derive(clap::Args, Debug, Default, Clone)]
 pub struct AnalysisArgs {
     /// Canary probe error rate above which analysis fails (0..1).
-    #[arg(long, default_value_t = 0.0, value_parser = crate::finite::parse_non_negative)]
+    #[arg(long, default_value_t = 0.0, value_parser = aviary_proto::finite::parse_non_negative)]
     pub max_error_rate: f64,
     /// Canary probe p99 latency (ms) above which analysis fails.
-    #[arg(long, default_value_t = 0.0, value_parser = crate::finite::parse_non_negative)]
+    #[arg(long, default_value_t = 0.0, value_parser = aviary_proto::finite::parse_non_negative)]
     pub max_p99_ms: f64,
     /// Canary log-pattern matches above which analysis fails.
     #[arg(long, default_value_t = 0)]
     pub max_log_matches: u64,
     /// Share of healthy canaries (%) below which analysis fails.
-    #[arg(long, default_value_t = 0.0, value_parser = crate::finite::parse_non_negative)]
+    #[arg(long, default_value_t = 0.0, value_parser = aviary_proto::finite::parse_non_negative)]
     pub min_healthy_percent: f64,
     /// Canary error rate minus the stable nodes' above which analysis fails (0..1).
-    #[arg(long, default_value_t = 0.0, value_parser = crate::finite::parse_non_negative)]
+    #[arg(long, default_value_t = 0.0, value_parser = aviary_proto::finite::parse_non_negative)]
     pub max_error_rate_vs_baseline: f64,
     /// Canary health reports needed before judging.
     #[arg(long, default_value_t = 1)]
@@ -425,7 +425,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::SampleModule { args } => {
-            sample::run(args).await;
+            aviary_sample_module::run(args).await;
             Ok(())
         }
         Command::Config { command } => {

@@ -15,7 +15,7 @@ use clap::{Args, Subcommand};
 use pb::upload_release_request::Kind;
 use tokio::io::AsyncReadExt;
 
-use super::{output, Admin, Format};
+use crate::{output, Admin, Format};
 
 /// Bytes per upload message.
 const CHUNK: usize = 1 << 20;

@@ -8,7 +8,7 @@ use aviary_proto::v1 as pb;
 use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
-use super::{Admin, Format};
+use crate::{Admin, Format};
 
 /// Which layer of a module's config.
 #[derive(Args, Debug, Clone)]
@@ -218,7 +218,7 @@ fn node_config(format: Format, c: &pb::NodeConfig) {
             if rows.is_empty() {
                 println!("(no layer overrides anything: the release's run spec as signed)");
             } else {
-                super::output::table(&["KEY", "VALUE", "FROM"], &rows);
+                crate::output::table(&["KEY", "VALUE", "FROM"], &rows);
                 println!("everything else: the release's run spec as signed");
             }
             let state = if c.nacked_revision > 0 && c.nacked_revision >= c.desired_revision {
@@ -257,7 +257,7 @@ fn layers(format: Format, layers: &[pb::ConfigLayer]) {
                     ]
                 })
                 .collect();
-            super::output::table(&["MODULE", "LAYER", "VERSION", "SETS"], &rows);
+            crate::output::table(&["MODULE", "LAYER", "VERSION", "SETS"], &rows);
         }
     }
 }

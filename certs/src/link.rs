@@ -1,5 +1,6 @@
-//! The mTLS gRPC channel to the control plane, used by the daemon, the `aviary` CLI and the
-//! fleet simulator. TLS is done here (tokio-rustls, TLS 1.3, our CA only) rather than by
+//! The mTLS gRPC channel to the control plane (or the sensor stub), over the rustls
+//! client config of `tls.rs`: used by the daemon, the `aviary` CLI, the fleet simulator
+//! and the tests. TLS is done here (tokio-rustls, TLS 1.3, our CA only) rather than by
 //! tonic, so a caller can pick the local source address: the simulator spreads thousands
 //! of connections over 127.0.0.x.
 
@@ -7,14 +8,32 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use aviary_certs::TlsFiles;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::EdgeError;
+use crate::{CertsError, TlsFiles};
+
+/// Why a link could not be made or connected.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The URL is unusable.
+    #[error("{url}: {reason}")]
+    Url {
+        /// The URL given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The client certificate or CA could not be loaded.
+    #[error(transparent)]
+    Certs(#[from] CertsError),
+    /// The connection failed.
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+}
 
 /// How to reach the control plane.
 #[derive(Clone)]
@@ -28,13 +47,13 @@ pub struct Link {
 
 impl Link {
     /// Parses `https://HOST:PORT` and loads the client certificate.
-    pub fn new(url: &str, files: &TlsFiles) -> Result<Link, EdgeError> {
-        Link::with_config(url, aviary_certs::client_config(files)?)
+    pub fn new(url: &str, files: &TlsFiles) -> Result<Link, LinkError> {
+        Link::with_config(url, crate::client_config(files)?)
     }
 
     /// Like `new`, with a ready rustls client configuration.
-    pub fn with_config(url: &str, config: rustls::ClientConfig) -> Result<Link, EdgeError> {
-        let bad = |reason: &str| EdgeError::ControlPlaneUrl {
+    pub fn with_config(url: &str, config: rustls::ClientConfig) -> Result<Link, LinkError> {
+        let bad = |reason: &str| LinkError::Url {
             url: url.to_owned(),
             reason: reason.to_owned(),
         };
@@ -80,7 +99,7 @@ impl Link {
     }
 
     /// Opens one connection (TCP, then TLS 1.3 with the client certificate, then h2).
-    pub async fn connect(&self) -> Result<Channel, EdgeError> {
+    pub async fn connect(&self) -> Result<Channel, LinkError> {
         let link = self.clone();
         let connector = tower::service_fn(move |_: Uri| {
             let link = link.clone();

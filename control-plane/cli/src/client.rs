@@ -3,8 +3,8 @@
 use std::path::Path;
 
 use anyhow::Context;
+use aviary_certs::Link;
 use aviary_certs::TlsFiles;
-use aviary_edge::link::Link;
 use aviary_proto::v1 as pb;
 use tonic::transport::Channel;
 

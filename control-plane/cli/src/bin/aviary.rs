@@ -1,8 +1,9 @@
 //! `aviary`: the operator's CLI (see `aviary --help`).
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
-use aviary_control_plane::cli::{self, Cli, Command};
+use aviary_cli::{self as cli, Cli, Command};
 use clap::Parser;
 
 fn main() -> ExitCode {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use aviary_proto::v1 as pb;
 use serde_json::{json, Value};
 
-use super::Format;
+use crate::Format;
 
 /// Prints rows under a header, columns padded to their widest cell.
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {

@@ -117,7 +117,7 @@ pub(super) fn read(path: &Path) -> anyhow::Result<pb::CreateRolloutRequest> {
                     1.0,
                 ),
             ] {
-                crate::finite::check(what, value, 0.0..=max)
+                aviary_proto::finite::check(what, value, 0.0..=max)
                     .map_err(|e| anyhow::anyhow!("{}: step {}: {e}", path.display(), i + 1))?;
             }
             Kind::Analysis(pb::Analysis {
