@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod files;
 mod identity;
 mod link;
 mod pki;

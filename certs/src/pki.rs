@@ -5,8 +5,6 @@
 //! Keys are written 0600 through a temp file and a rename, so a crash never leaves half a
 //! key behind.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -14,6 +12,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 
+use crate::files::write_file;
 use crate::identity::{spiffe_uris, validate_name};
 use crate::signing::generate_release_key;
 use crate::{CertsError, Identity};
@@ -301,22 +300,6 @@ fn validate_trust_domain(td: &str) -> Result<(), CertsError> {
             reason: "use lower-case letters, digits, '.' and '-'",
         })
     }
-}
-
-/// Writes `bytes` to `path` with `mode` via a temp file, fsync and rename.
-pub(crate) fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertsError> {
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(CertsError::io(&tmp))?;
-    file.write_all(bytes).map_err(CertsError::io(&tmp))?;
-    file.sync_all().map_err(CertsError::io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(CertsError::io(path))?;
-    Ok(())
 }
 
 /// The trust domain named by a CA certificate's `spiffe://<td>` URI SAN.

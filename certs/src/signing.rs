@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
-use crate::pki::write_file;
+use crate::files::write_file;
 use crate::CertsError;
 
 /// DER prefix of an ed25519 SubjectPublicKeyInfo (RFC 8410); the 32 key bytes follow.

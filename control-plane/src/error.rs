@@ -26,7 +26,7 @@ pub enum ControlPlaneError {
     Unavailable(String),
     /// The metadata store failed; nothing was acknowledged.
     #[error("store: {0}")]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] crate::store::error::StoreError),
     /// TLS or PKI files could not be loaded.
     #[error("certificates: {0}")]
     Certs(#[from] aviary_certs::CertsError),

@@ -57,7 +57,7 @@ pub async fn run(
         trusted,
         config.arch.clone(),
     ));
-    let local = Arc::new(session::Local {
+    let local = Arc::new(crate::local::Local {
         installer,
         runtime: runtime.clone(),
         busy: tokio::sync::Mutex::new(()),
@@ -106,7 +106,7 @@ pub async fn run(
 /// Keeps module processes matching the slots on disk: at start (whatever was installed
 /// runs again, with or without a control plane) and after `aviary-edge apply` on a
 /// running daemon. A version that does not become ready is rolled back locally.
-async fn reconcile(local: Arc<session::Local>, shutdown: CancellationToken) {
+async fn reconcile(local: Arc<crate::local::Local>, shutdown: CancellationToken) {
     // Slots seen failing to start: not tried again (no flip-flopping between two bad ones).
     let mut failed: std::collections::HashSet<(String, String)> = Default::default();
     loop {

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod config;
 mod daemon;
 mod error;
+mod local;
 pub mod local_http;
 pub mod modules;
 pub mod runtime;

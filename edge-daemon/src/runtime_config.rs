@@ -9,8 +9,8 @@ use aviary_proto::manifest::validate_module_name;
 use aviary_proto::overlay::RunOverlay;
 use aviary_proto::v1 as pb;
 
+use crate::local::Local;
 use crate::modules::AppliedConfig;
-use crate::session::Local;
 
 /// What applying a config did.
 #[derive(Debug, PartialEq, Eq)]

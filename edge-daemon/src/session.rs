@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use aviary_proto::bundle::{Encoding, PayloadInfo};
 
 use crate::backoff::Backoff;
+use crate::local::Local;
 use crate::modules::{partial_transfers, Checked, InstallError, Installer, Receiving, Verdict};
 use crate::runtime::Runtime;
 use crate::weights::{Assignment, Weights};
@@ -27,15 +28,6 @@ const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How often a connected daemon records contact in `state.json`.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(10);
-
-/// The daemon's modules: what is installed, and the processes running them.
-pub(crate) struct Local {
-    pub(crate) installer: Arc<Installer>,
-    pub(crate) runtime: Arc<Runtime>,
-    /// Held from install to activation, so the reconciler never sees a slot switch
-    /// half-done (and never rolls back what the stream is about to ACK).
-    pub(crate) busy: tokio::sync::Mutex<()>,
-}
 
 /// Who this daemon is, for the Hello.
 #[derive(Clone, Debug)]

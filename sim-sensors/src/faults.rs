@@ -146,11 +146,11 @@ impl Faults {
         }
         // Sensor time is u64 nanoseconds: bounds that keep every sum of them far from
         // wrapping (a century of sensor time; a second of jitter).
-        if self.bias_at_ns > crate::source::MAX_SENSOR_NS {
+        if self.bias_at_ns > crate::units::MAX_SENSOR_NS {
             return Err(format!(
                 "bias_at_ns {} is past {} (a century)",
                 self.bias_at_ns,
-                crate::source::MAX_SENSOR_NS
+                crate::units::MAX_SENSOR_NS
             ));
         }
         if self.timestamp_jitter_ns > 1_000_000_000 {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use crate::pb;
-use crate::subscriber::{End, Feed, Subscriber};
+use crate::subscriber::{End, Feed, Roster, Subscriber};
 
 /// The registry of subscribers.
 #[derive(Debug)]
@@ -208,5 +208,15 @@ impl Hub {
             self.cut.load(Ordering::Relaxed),
             streams,
         )
+    }
+}
+
+impl Roster for Hub {
+    fn count_sent(&self, n: u64) {
+        Hub::count_sent(self, n);
+    }
+
+    fn remove(&self, sub: &Subscriber) {
+        Hub::remove(self, sub);
     }
 }

@@ -20,6 +20,7 @@ pub mod subscriber;
 pub mod synthetic;
 pub mod telemetry;
 pub mod transport;
+pub mod units;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

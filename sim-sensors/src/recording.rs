@@ -9,8 +9,7 @@
 
 use std::path::Path;
 
-/// Standard gravity: x-io devices report acceleration in g.
-pub const STANDARD_GRAVITY: f64 = 9.806_65;
+pub use crate::units::STANDARD_GRAVITY;
 
 /// One recorded reading in SI units.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -209,7 +208,7 @@ impl Recording {
             let first = *first_ns.get_or_insert(absolute);
             // Sensor time is u64 ns from the first sample, and loops add spans together:
             // a recording may span at most a century (the fuzzer found one that wrapped).
-            if absolute - first > crate::source::MAX_SENSOR_NS {
+            if absolute - first > crate::units::MAX_SENSOR_NS {
                 return Err(err(
                     line,
                     1,

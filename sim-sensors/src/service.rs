@@ -72,11 +72,11 @@ impl pb::sensor_stub_server::SensorStub for SensorStubApi {
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let r = request.into_inner();
         let (index, sensor_id) = self.sensor(&r.sensor_id)?;
-        if r.start_offset_ns > crate::source::MAX_SENSOR_NS {
+        if r.start_offset_ns > crate::units::MAX_SENSOR_NS {
             return Err(Status::invalid_argument(format!(
                 "start_offset_ns {}: at most {} (a century of sensor time)",
                 r.start_offset_ns,
-                crate::source::MAX_SENSOR_NS
+                crate::units::MAX_SENSOR_NS
             )));
         }
         if !(r.rate_hz.is_finite() && (0.0..=MAX_RATE_HZ).contains(&r.rate_hz)) {

@@ -39,9 +39,7 @@ pub struct Tick {
     pub sample: Option<pb::ImuSample>,
 }
 
-/// Latest sensor time a request may start at, or a fault may refer to: a century in
-/// nanoseconds, far from where u64 sensor time would wrap.
-pub const MAX_SENSOR_NS: u64 = 100 * 365 * 24 * 3600 * 1_000_000_000;
+pub use crate::units::MAX_SENSOR_NS;
 
 /// A stream of samples for one subscriber.
 #[derive(Debug)]

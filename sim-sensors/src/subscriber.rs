@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use tokio_stream::Stream;
 use tonic::Status;
 
-use crate::hub::Hub;
 use crate::pb;
 use crate::source::{SampleStream, Tick};
 
@@ -185,17 +184,26 @@ impl Subscriber {
     }
 }
 
+/// What a response stream tells the set of subscriptions it belongs to (the hub): a
+/// trait, so that the hub may know subscribers without subscribers knowing the hub.
+pub trait Roster: Send + Sync {
+    /// Counts samples sent to clients.
+    fn count_sent(&self, n: u64);
+    /// Forgets `sub` (its call went away).
+    fn remove(&self, sub: &Subscriber);
+}
+
 /// The response stream tonic sends: takes from the queue, counts, and unregisters from
 /// the hub when the call goes away.
 pub struct QueueStream {
     sub: Arc<Subscriber>,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Roster>,
     done: bool,
 }
 
 impl QueueStream {
     /// Streams `sub`'s queue; `hub` forgets it when dropped.
-    pub fn new(sub: Arc<Subscriber>, hub: Arc<Hub>) -> QueueStream {
+    pub fn new(sub: Arc<Subscriber>, hub: Arc<dyn Roster>) -> QueueStream {
         QueueStream {
             sub,
             hub,
@@ -255,13 +263,13 @@ const MAX_SKIPS_PER_POLL: usize = 1024;
 pub struct PulledStream {
     stream: SampleStream,
     sub: Arc<Subscriber>,
-    hub: Arc<Hub>,
+    hub: Arc<dyn Roster>,
     done: bool,
 }
 
 impl PulledStream {
     /// Serves `stream` to `sub` as fast as it is read.
-    pub fn new(stream: SampleStream, sub: Arc<Subscriber>, hub: Arc<Hub>) -> PulledStream {
+    pub fn new(stream: SampleStream, sub: Arc<Subscriber>, hub: Arc<dyn Roster>) -> PulledStream {
         PulledStream {
             stream,
             sub,

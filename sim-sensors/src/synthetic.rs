@@ -81,7 +81,7 @@ impl Default for SignalSpec {
                 yaw,
                 noise(0.02, 0.0),
                 noise(0.02, 0.0),
-                noise(0.02, crate::recording::STANDARD_GRAVITY),
+                noise(0.02, crate::units::STANDARD_GRAVITY),
                 noise(0.0, 25.0),
             ],
         }
