@@ -6,10 +6,10 @@ use aviary_proto::v1 as pb;
 use prost::Message;
 
 use crate::audit::Event;
-use crate::deploy::Deployment;
 use crate::layers::ConfigLayer;
 use crate::node::{NodeRecord, NodeStatus, WeightRule};
 use crate::release::ReleaseRecord;
+use crate::rollout::Rollout;
 use crate::store::{decode, encode};
 
 /// A stored record of the type the first byte picks, from the JSON after it: whatever
@@ -24,7 +24,7 @@ pub fn store_record(data: &[u8]) {
         1 => round_trip::<NodeStatus>(json),
         2 => round_trip::<WeightRule>(json),
         3 => round_trip::<ReleaseRecord>(json),
-        4 => round_trip::<Deployment>(json),
+        4 => round_trip::<Rollout>(json),
         5 => round_trip::<ConfigLayer>(json),
         _ => round_trip::<Event>(json),
     }

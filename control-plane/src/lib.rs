@@ -15,7 +15,6 @@ mod catalog;
 pub mod config;
 mod connections;
 pub mod deltas;
-mod deploy;
 mod error;
 mod finite;
 mod fleet;

@@ -1,7 +1,7 @@
 //! Accepts TCP, completes the TLS 1.3 handshake with a client certificate, and hands tonic
 //! a connection that carries the peer's verified `Identity`.
 //!
-//! Invariant: every connection tonic sees has passed mTLS against the deployment CA and
+//! Invariant: every connection tonic sees has passed mTLS against the rollout CA and
 //! names an Aviary identity; handshake failures are counted and audited (rate-limited,
 //! because an unauthenticated peer must not be able to flood the audit log).
 

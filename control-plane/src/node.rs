@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::deploy::Deployment;
+use crate::rollout::Rollout;
 use crate::selector::Selector;
 
 /// Upper bound of a weight (a percentage-like relative weight, as Envoy endpoint weights).
@@ -181,7 +181,7 @@ impl WeightRule {
 /// weights of the rollouts that cover it laid over them.
 pub(crate) fn desired(
     rules: &[WeightRule],
-    deployments: &[Deployment],
+    rollouts: &[Rollout],
     node: &NodeRecord,
 ) -> DesiredWeights {
     let newest_rule = rules
@@ -192,10 +192,7 @@ pub(crate) fn desired(
         .unwrap_or(0);
     let mut revision = node.label_revision.max(newest_rule);
     let mut weights = effective_weights(rules, &node.labels);
-    for d in deployments
-        .iter()
-        .filter(|d| d.selector.matches(&node.labels))
-    {
+    for d in rollouts.iter().filter(|d| d.selector.matches(&node.labels)) {
         if let Some((seq, weight)) = d.weight_for(&node.node_id) {
             revision = revision.max(seq);
             if let Some(w) = weight {

@@ -10,11 +10,11 @@ use tonic::{Request, Response, Status};
 
 use super::caller;
 use super::views::timestamp;
+use crate::audit::now_ms;
 use crate::catalog::Catalog;
-use crate::deploy::Step;
-use crate::deploy::{DeployState, Deployment};
 use crate::error::ControlPlaneError;
-use crate::registry::{DeployProgress, NewDeployment, Registry};
+use crate::registry::{NewRollout, Registry};
+use crate::rollout::{Refused, Rollout, RolloutProgress, RolloutState, Step, Transition};
 use crate::selector::Selector;
 
 /// The Rollouts service.
@@ -111,23 +111,19 @@ fn steps_of(steps: &[pb::Step]) -> Result<Vec<Step>, Status> {
     Ok(out)
 }
 
-fn d_is_active(state: i32) -> bool {
-    state == pb::RolloutState::Progressing as i32 || state == pb::RolloutState::Paused as i32
-}
-
-/// The wire form of a deployment.
-fn view(d: &Deployment, p: DeployProgress) -> pb::Rollout {
+/// The wire form of a rollout.
+fn view(d: &Rollout, p: RolloutProgress) -> pb::Rollout {
     pb::Rollout {
         id: d.id.clone(),
         module: d.module.clone(),
         version: d.version.clone(),
         selector: d.selector.to_string(),
         state: match d.state {
-            DeployState::Progressing => pb::RolloutState::Progressing,
-            DeployState::Paused => pb::RolloutState::Paused,
-            DeployState::Succeeded => pb::RolloutState::Succeeded,
-            DeployState::Aborted => pb::RolloutState::Aborted,
-            DeployState::Failed => pb::RolloutState::Failed,
+            RolloutState::Progressing => pb::RolloutState::Progressing,
+            RolloutState::Paused => pb::RolloutState::Paused,
+            RolloutState::Succeeded => pb::RolloutState::Succeeded,
+            RolloutState::Aborted => pb::RolloutState::Aborted,
+            RolloutState::Failed => pb::RolloutState::Failed,
         } as i32,
         current_step: d.current_step,
         steps: d
@@ -174,30 +170,18 @@ fn view(d: &Deployment, p: DeployProgress) -> pb::Rollout {
 }
 
 impl RolloutsApi {
-    /// An operator's transition of rollout `id`: refused (saying `refused`) unless its
-    /// state is `allowed`; `change` edits the record, persisted with audit event `action`.
+    /// An operator's transition of rollout `id`, committed by the registry; answers with
+    /// the rollout after it.
     async fn operate(
         &self,
         actor: &str,
         id: &str,
-        action: &str,
-        allowed: fn(DeployState) -> bool,
-        refused: &str,
-        change: impl FnOnce(&mut Deployment),
+        transition: impl FnOnce(&mut Rollout) -> Result<Transition, Refused>,
     ) -> Result<Response<pb::Rollout>, Status> {
         self.registry
-            .update_deployment(actor, id, action, |d, _| {
-                if !allowed(d.state) {
-                    return Err(ControlPlaneError::FailedPrecondition(format!(
-                        "rollout {id} is {:?}: {refused}",
-                        d.state
-                    )));
-                }
-                change(d);
-                Ok(false)
-            })
+            .update_rollout(actor, id, |d, _| Ok(transition(d)?))
             .await?;
-        let (d, p) = self.registry.deployment(id)?;
+        let (d, p) = self.registry.rollout(id)?;
         Ok(Response::new(view(&d, p)))
     }
 }
@@ -225,9 +209,9 @@ impl Rollouts for RolloutsApi {
         }
         let d = self
             .registry
-            .create_deployment(
+            .create_rollout(
                 &actor,
-                NewDeployment {
+                NewRollout {
                     module: r.module.clone(),
                     version: r.version.clone(),
                     selector,
@@ -236,7 +220,7 @@ impl Rollouts for RolloutsApi {
                 },
             )
             .await?;
-        let (d, p) = self.registry.deployment(&d.id)?;
+        let (d, p) = self.registry.rollout(&d.id)?;
         Ok(Response::new(view(&d, p)))
     }
 
@@ -244,7 +228,7 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::GetRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let (d, p) = self.registry.deployment(&request.get_ref().id)?;
+        let (d, p) = self.registry.rollout(&request.get_ref().id)?;
         Ok(Response::new(view(&d, p)))
     }
 
@@ -255,7 +239,7 @@ impl Rollouts for RolloutsApi {
         let module = Some(request.get_ref().module.as_str()).filter(|m| !m.is_empty());
         let rollouts = self
             .registry
-            .deployments(module)
+            .rollouts(module)
             .into_iter()
             .rev()
             .map(|(d, p)| view(&d, p))
@@ -269,19 +253,7 @@ impl Rollouts for RolloutsApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         let actor = caller(&request)?.to_string();
         let id = request.into_inner().id;
-        let only = |s| s == DeployState::Progressing;
-        self.operate(
-            &actor,
-            &id,
-            "rollout.paused",
-            only,
-            "only a progressing rollout can be paused",
-            |d| {
-                d.state = DeployState::Paused;
-                d.message = format!("paused by {actor} at step {}", d.current_step + 1);
-            },
-        )
-        .await
+        self.operate(&actor, &id, |d| d.pause(&actor)).await
     }
 
     async fn resume_rollout(
@@ -290,17 +262,8 @@ impl Rollouts for RolloutsApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         let actor = caller(&request)?.to_string();
         let id = request.into_inner().id;
-        let only = |s| s == DeployState::Paused;
-        self.operate(&actor, &id, "rollout.resumed", only, "not paused", |d| {
-            // Resuming an open-ended pause step is what it waits for.
-            if matches!(d.steps.get(d.current_step as usize), Some(Step::Pause(0))) {
-                d.current_step += 1;
-            }
-            d.state = DeployState::Progressing;
-            d.step_started_ms = crate::audit::now_ms();
-            d.message = format!("resumed by {actor} at step {}", d.current_step + 1);
-        })
-        .await
+        self.operate(&actor, &id, |d| d.resume(&actor, now_ms()))
+            .await
     }
 
     async fn promote_rollout(
@@ -309,29 +272,8 @@ impl Rollouts for RolloutsApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         let actor = caller(&request)?.to_string();
         let r = request.into_inner();
-        self.operate(
-            &actor,
-            &r.id,
-            "rollout.promoted",
-            DeployState::is_active,
-            "nothing to promote",
-            |d| {
-                let total = d.steps.len() as u32;
-                d.current_step = if r.full {
-                    total
-                } else {
-                    (d.current_step + 1).min(total)
-                };
-                d.state = DeployState::Progressing;
-                d.step_started_ms = crate::audit::now_ms();
-                d.message = if r.full {
-                    format!("promoted to the end by {actor}")
-                } else {
-                    format!("promoted by {actor} to step {}", d.current_step + 1)
-                };
-            },
-        )
-        .await
+        self.operate(&actor, &r.id, |d| d.promote(&actor, r.full, now_ms()))
+            .await
     }
 
     async fn abort_rollout(
@@ -341,9 +283,9 @@ impl Rollouts for RolloutsApi {
         let actor = caller(&request)?;
         let id = request.into_inner().id;
         self.registry
-            .abort_deployment(&actor, &id, "aborted by operator")
+            .abort_rollout(&actor, &id, "aborted by operator")
             .await?;
-        let (d, p) = self.registry.deployment(&id)?;
+        let (d, p) = self.registry.rollout(&id)?;
         Ok(Response::new(view(&d, p)))
     }
 
@@ -353,24 +295,26 @@ impl Rollouts for RolloutsApi {
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
         let id = request.into_inner().id;
-        let (d, p) = self.registry.deployment(&id)?;
+        let (d, p) = self.registry.rollout(&id)?;
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         let registry = self.registry.clone();
         tokio::spawn(async move {
             // The rollout now, then every change of state, step or node counts; the stream
             // ends after a final state.
+            let mut active = d.state.is_active();
             let mut last = view(&d, p);
             if tx.send(Ok(last.clone())).await.is_err() {
                 return;
             }
             loop {
-                if !d_is_active(last.state) {
+                if !active {
                     return;
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-                let Ok((d, p)) = registry.deployment(&id) else {
+                let Ok((d, p)) = registry.rollout(&id) else {
                     return;
                 };
+                active = d.state.is_active();
                 let mut now = view(&d, p);
                 // Timestamps alone are no news.
                 now.updated_at = last.updated_at;
@@ -384,5 +328,75 @@ impl Rollouts for RolloutsApi {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pb::step::Kind;
+
+    fn step(kind: Kind) -> pb::Step {
+        pb::Step { kind: Some(kind) }
+    }
+
+    fn scale(percent: u32) -> pb::Step {
+        step(Kind::SetCanaryScale(pb::SetCanaryScale { percent }))
+    }
+
+    #[test]
+    fn wire_steps_become_engine_steps_and_bad_ones_name_their_position() {
+        let ok = steps_of(&[
+            scale(20),
+            step(Kind::Pause(pb::Pause { seconds: 0 })),
+            step(Kind::SetWeight(pb::SetWeight { weight: 10 })),
+            scale(100),
+        ]);
+        assert_eq!(
+            ok.ok(),
+            Some(vec![
+                Step::CanaryScale(20),
+                Step::Pause(0),
+                Step::Weight(10),
+                Step::CanaryScale(100)
+            ])
+        );
+        let refused = |steps: &[pb::Step]| steps_of(steps).err().map(|s| s.message().to_owned());
+        let shrink = refused(&[scale(50), scale(20)]).unwrap_or_default();
+        assert!(shrink.starts_with("step 2:"), "{shrink}");
+        assert!(refused(&[scale(0)]).is_some());
+        assert!(refused(&[scale(101)]).is_some());
+        let heavy = refused(&[step(Kind::SetWeight(pb::SetWeight { weight: 101 }))]);
+        assert!(heavy.is_some_and(|m| m.contains("out of range")));
+        assert!(refused(&[pb::Step { kind: None }]).is_some_and(|m| m == "step 1 is empty"));
+        let many: Vec<pb::Step> = (0..65).map(|_| scale(100)).collect();
+        assert_eq!(refused(&many).as_deref(), Some("at most 64 steps"));
+    }
+
+    #[test]
+    fn the_view_names_skipped_nodes_and_maps_every_state() {
+        let mut r = Rollout::new(
+            3,
+            "gateway".into(),
+            "1.0.0".into(),
+            Selector::default(),
+            Vec::new(),
+            0,
+            5_000,
+        );
+        let p = RolloutProgress {
+            selected: 3,
+            installed: 2,
+            skipped: 1,
+            ..Default::default()
+        };
+        let v = view(&r, p);
+        assert_eq!(v.id, "r-3");
+        assert_eq!(v.state, pb::RolloutState::Progressing as i32);
+        assert!(v
+            .message
+            .ends_with("(1 node(s) skipped: no artifact for their arch)"));
+        r.state = RolloutState::Aborted;
+        assert_eq!(view(&r, p).state, pb::RolloutState::Aborted as i32);
     }
 }

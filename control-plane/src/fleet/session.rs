@@ -24,12 +24,12 @@ use super::codec::ControlFrame;
 use super::transfer::{plan, Plan, Transfer};
 use super::Fleet;
 use crate::audit::NewEvent;
-use crate::deploy::DesiredModules;
 use crate::layers::DesiredConfigs;
 use crate::limits::oversized;
 use crate::listener::PeerInfo;
 use crate::node::{HealthRecord, ModuleRecord, TransferProgress};
 use crate::registry::{Attachment, Desired, HelloInfo, SKIPPED};
+use crate::rollout::DesiredModules;
 use crate::selector::validate_label;
 use aviary_proto::digest::Sha256;
 

@@ -20,7 +20,7 @@ use prost::Message;
 use super::codec::ControlFrame;
 use super::Fleet;
 use crate::deltas::Payload;
-use crate::deploy::DesiredModule;
+use crate::rollout::DesiredModule;
 
 /// Payload bytes per chunk.
 pub(super) const CHUNK_BYTES: u64 = 64 * 1024;

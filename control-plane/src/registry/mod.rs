@@ -1,7 +1,7 @@
 //! The fleet registry: every node's record, desired state and live session, in memory,
 //! backed by the store through the journal. Split by what it holds, over one `State`:
 //! `sessions.rs` (attach, detach, revoke), `weights.rs` (rules and each node's weight
-//! map), `rollouts.rs` and `progress.rs` (deployments and the fleet's answers to them),
+//! map), `rollouts.rs` and `progress.rs` (rollouts and the fleet's answers to them),
 //! `configs.rs` (config layers), `answers.rs` (ACKs, NACKs, transfers and health),
 //! `views.rs` (domain snapshots for the API; `api/views.rs` turns them into proto).
 //!
@@ -22,12 +22,12 @@ use std::time::Instant;
 use tokio::sync::{broadcast, oneshot, watch};
 
 use crate::audit::NewEvent;
-use crate::deploy::{desired_modules, Deployment, DesiredModules};
 use crate::error::ControlPlaneError;
 use crate::health::History;
 use crate::journal::{blocking, Journal};
 use crate::layers::{desired_configs, ConfigLayer, DesiredConfigs, Encoded};
 use crate::node::{desired, DesiredWeights, NodeRecord, NodeStatus, WeightRule};
+use crate::rollout::{desired_modules, DesiredModules, Rollout};
 use crate::store::{Change, Quarantined};
 
 mod answers;
@@ -38,8 +38,7 @@ mod sessions;
 mod views;
 mod weights;
 
-pub(crate) use progress::DeployProgress;
-pub(crate) use rollouts::NewDeployment;
+pub(crate) use rollouts::NewRollout;
 pub(crate) use sessions::{Attachment, HelloInfo};
 pub(crate) use views::{NodeConfigView, NodeView, NodeWeights};
 pub(crate) use weights::Desired;
@@ -55,7 +54,7 @@ struct Entry {
     /// `node::desired(rules, record)`, kept current by every mutation.
     current: DesiredWeights,
     desired: watch::Sender<Arc<Desired>>,
-    /// `deploy::desired_modules(deployments, labels)`, kept current likewise.
+    /// `deploy::desired_modules(rollouts, labels)`, kept current likewise.
     modules: watch::Sender<Arc<DesiredModules>>,
     /// `layers::desired_configs(configs, record)`, kept current likewise.
     configs: watch::Sender<Arc<DesiredConfigs>>,
@@ -70,7 +69,7 @@ pub(crate) const SKIPPED: &str = "skipped: ";
 struct State {
     nodes: HashMap<String, Entry>,
     rules: Vec<WeightRule>,
-    deployments: Vec<Deployment>,
+    rollouts: Vec<Rollout>,
     /// Config layers in merge order (tombstones included).
     configs: Vec<ConfigLayer>,
     revision: u64,
@@ -110,13 +109,13 @@ impl Registry {
             .nodes
             .into_iter()
             .map(|record| {
-                let current = desired(&snap.rules, &snap.deployments, &record);
+                let current = desired(&snap.rules, &snap.rollouts, &record);
                 let message = shared
                     .entry(current.clone())
                     .or_insert_with(|| Arc::new(Desired::new(&current, ttl_seconds, now)))
                     .clone();
                 let mut status = statuses.remove(&record.node_id).unwrap_or_default();
-                let modules = desired_modules(&snap.deployments, &record.node_id, &record.labels);
+                let modules = desired_modules(&snap.rollouts, &record.node_id, &record.labels);
                 // Stores written before health was limited to the modules a node runs may
                 // hold thousands of invented ones: keep what the node runs, is meant to
                 // run, or answered the control plane about.
@@ -150,7 +149,7 @@ impl Registry {
             state: Mutex::new(State {
                 nodes,
                 rules: snap.rules,
-                deployments: snap.deployments,
+                rollouts: snap.rollouts,
                 configs: snap.configs,
                 revision: snap.revision,
                 dirty: pruned,

@@ -1,45 +1,29 @@
-//! The fleet counted for a deployment: node counts, completion, canary cutoffs and the
+//! The fleet counted for a rollout: node counts, completion, canary cutoffs and the
 //! health figures analysis judges.
 
 use super::{Registry, State, SKIPPED};
 use crate::analysis::Figures;
-use crate::deploy::{DeployState, Deployment};
 use crate::error::ControlPlaneError;
 use crate::health::HealthSample;
-
-/// Node counts of a deployment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct DeployProgress {
-    /// Nodes the selector matches.
-    pub selected: u32,
-    /// Of those, the nodes the canary scale covers so far.
-    pub canaries: u32,
-    /// Canaries with a live stream (a step waits only for these; the others catch up).
-    pub connected_canaries: u32,
-    /// Nodes that acknowledged this deployment's revision.
-    pub installed: u32,
-    /// Nodes that refused it.
-    pub failed: u32,
-    /// Nodes with no artifact for their architecture.
-    pub skipped: u32,
-}
+use crate::rollout::RolloutProgress;
+use crate::rollout::{Rollout, RolloutState};
 
 impl Registry {
     /// The canary bucket bound for `percent` of the nodes `d` selects now.
-    pub(crate) fn canary_cutoff(&self, d: &Deployment, percent: u32) -> u32 {
+    pub(crate) fn canary_cutoff(&self, d: &Rollout, percent: u32) -> u32 {
         let st = self.state();
         let buckets = st
             .nodes
             .values()
             .filter(|e| !e.record.revoked && d.selector.matches(&e.record.labels))
-            .map(|e| crate::deploy::canary_bucket(&d.id, &e.record.node_id))
+            .map(|e| crate::rollout::canary_bucket(&d.id, &e.record.node_id))
             .collect();
         let floor = d.scale.last().map_or(0, |s| s.cutoff);
-        crate::deploy::cutoff_for(percent, buckets, floor)
+        crate::rollout::cutoff_for(percent, buckets, floor)
     }
 
-    /// Canary and stable health of deployment `d` since `since_ms` (for analysis).
-    pub(crate) fn figures(&self, d: &Deployment, since_ms: u64) -> Figures {
+    /// Canary and stable health of rollout `d` since `since_ms` (for analysis).
+    pub(crate) fn figures(&self, d: &Rollout, since_ms: u64) -> Figures {
         let st = self.state();
         let mut f = Figures::default();
         for entry in st.nodes.values() {
@@ -94,32 +78,32 @@ impl Registry {
 
     /// Progressing rollouts with their node counts (the engine's tick: finished ones are
     /// not counted).
-    pub(crate) fn progressing(&self) -> Vec<(Deployment, DeployProgress)> {
+    pub(crate) fn progressing(&self) -> Vec<(Rollout, RolloutProgress)> {
         let st = self.state();
-        st.deployments
+        st.rollouts
             .iter()
-            .filter(|d| d.state == DeployState::Progressing)
+            .filter(|d| d.state == RolloutState::Progressing)
             .map(|d| (d.clone(), progress(&st, d)))
             .collect()
     }
 
-    /// Deployments (of `module`, or all), oldest first, with their node counts.
-    pub(crate) fn deployments(&self, module: Option<&str>) -> Vec<(Deployment, DeployProgress)> {
+    /// Rollouts (of `module`, or all), oldest first, with their node counts.
+    pub(crate) fn rollouts(&self, module: Option<&str>) -> Vec<(Rollout, RolloutProgress)> {
         let st = self.state();
-        st.deployments
+        st.rollouts
             .iter()
             .filter(|d| module.is_none_or(|m| m == d.module))
             .map(|d| (d.clone(), progress(&st, d)))
             .collect()
     }
 
-    /// One deployment with its node counts.
-    pub(crate) fn deployment(
+    /// One rollout with its node counts.
+    pub(crate) fn rollout(
         &self,
         id: &str,
-    ) -> Result<(Deployment, DeployProgress), ControlPlaneError> {
+    ) -> Result<(Rollout, RolloutProgress), ControlPlaneError> {
         let st = self.state();
-        st.deployments
+        st.rollouts
             .iter()
             .find(|d| d.id == id)
             .map(|d| (d.clone(), progress(&st, d)))
@@ -128,8 +112,8 @@ impl Registry {
 }
 
 /// Node counts of `d` from the nodes' answers.
-pub(super) fn progress(st: &State, d: &Deployment) -> DeployProgress {
-    let mut p = DeployProgress::default();
+pub(super) fn progress(st: &State, d: &Rollout) -> RolloutProgress {
+    let mut p = RolloutProgress::default();
     for entry in st.nodes.values() {
         if entry.record.revoked || !d.selector.matches(&entry.record.labels) {
             continue;
@@ -142,12 +126,12 @@ pub(super) fn progress(st: &State, d: &Deployment) -> DeployProgress {
         if entry.session.is_some() {
             p.connected_canaries += 1;
         }
-        // Only answers to this deployment's desire count for it.
+        // Only answers to this rollout's desire count for it.
         let wanted = entry
             .modules
             .borrow()
             .get(&d.module)
-            .filter(|m| m.deployment == d.id)
+            .filter(|m| m.rollout == d.id)
             .map(|m| m.revision);
         let Some(wanted) = wanted else { continue };
         let answers = entry.status.modules.get(&d.module);
@@ -167,12 +151,12 @@ pub(super) fn progress(st: &State, d: &Deployment) -> DeployProgress {
     p
 }
 
-/// The deployment of `module` in progress, if every node it selects has answered for it.
-pub(super) fn completed(st: &State, module: &str) -> Option<Deployment> {
+/// The rollout of `module` in progress, if every node it selects has answered for it.
+pub(super) fn completed(st: &State, module: &str) -> Option<Rollout> {
     let d = st
-        .deployments
+        .rollouts
         .iter()
-        .find(|d| d.module == module && d.state == DeployState::Progressing)?;
+        .find(|d| d.module == module && d.state == RolloutState::Progressing)?;
     // Canary steps still to go: not finished, whatever the nodes say.
     if (d.current_step as usize) < d.steps.len() || d.percent() < 100 {
         return None;

@@ -13,10 +13,10 @@ use super::views::weights_of;
 use super::{Desired, Entry, Registry, Session};
 use crate::audit::{now_ms, NewEvent};
 use crate::auth::Revocations;
-use crate::deploy::{desired_modules, DesiredModules};
 use crate::error::ControlPlaneError;
 use crate::layers::{desired_configs, DesiredConfigs, Encoded};
 use crate::node::{desired, DesiredWeights, ModuleRecord, NodeRecord, NodeStatus};
+use crate::rollout::{desired_modules, DesiredModules};
 use crate::store::Change;
 
 /// What a Hello tells the registry.
@@ -50,7 +50,7 @@ pub(crate) struct Attachment {
     pub cut: oneshot::Receiver<tonic::Status>,
     /// The revision the node NACKed last, parked until the desired state moves on.
     pub parked: Option<u64>,
-    /// The node's desired modules; changes with deployments and aborts.
+    /// The node's desired modules; changes with rollouts and aborts.
     pub modules: watch::Receiver<Arc<DesiredModules>>,
     /// Per module, the revision the node NACKed last (parked likewise).
     pub modules_parked: BTreeMap<String, u64>,
@@ -97,7 +97,7 @@ impl Registry {
             // store was restored from a backup): give it a fresh revision above anything it
             // has seen rather than reuse a number for another map, or send one it refuses
             // as older.
-            let would_send = desired(&st.rules, &st.deployments, &record).revision;
+            let would_send = desired(&st.rules, &st.rollouts, &record).revision;
             let unknown_history = hello.applied_weights > 0
                 && if existing.is_none() {
                     hello.applied_weights >= would_send
@@ -145,7 +145,7 @@ impl Registry {
         }
         let ttl = self.ttl_seconds;
         let rules = std::mem::take(&mut st.rules);
-        let deployments = std::mem::take(&mut st.deployments);
+        let rollouts = std::mem::take(&mut st.rollouts);
         let config_layers = std::mem::take(&mut st.configs);
         let entry = st.nodes.entry(node_id.to_owned()).or_insert_with(|| Entry {
             record: NodeRecord::default(),
@@ -162,7 +162,7 @@ impl Registry {
             session: None,
         });
         if let Some(record) = record {
-            let current = desired(&rules, &deployments, &record);
+            let current = desired(&rules, &rollouts, &record);
             if entry.current != current {
                 entry
                     .desired
@@ -171,7 +171,7 @@ impl Registry {
             }
             entry.record = record;
         }
-        let modules = desired_modules(&deployments, &entry.record.node_id, &entry.record.labels);
+        let modules = desired_modules(&rollouts, &entry.record.node_id, &entry.record.labels);
         if **entry.modules.borrow() != modules {
             entry.modules.send_replace(Arc::new(modules));
         }
@@ -221,7 +221,7 @@ impl Registry {
         };
         let update = weights_of(entry);
         st.rules = rules;
-        st.deployments = deployments;
+        st.rollouts = rollouts;
         st.configs = config_layers;
         st.dirty.insert(node_id.to_owned());
         metrics::gauge!("aviary_connected_nodes").increment(1.0);

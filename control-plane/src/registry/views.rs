@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{Entry, Registry};
-use crate::deploy::DesiredModules;
 use crate::error::ControlPlaneError;
 use crate::layers::{ConfigLayer, DesiredConfig, DesiredConfigs};
 use crate::node::{ConfigProgress, DesiredWeights, NodeRecord, NodeStatus};
+use crate::rollout::DesiredModules;
 use crate::selector::Selector;
 
 /// One node as readers see it: its record, answers, desired state and whether it is

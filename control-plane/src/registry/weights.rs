@@ -11,9 +11,9 @@ use tokio::sync::broadcast;
 use super::views::weights_of;
 use super::{NodeWeights, Registry, State};
 use crate::audit::NewEvent;
-use crate::deploy::{desired_modules, Step};
 use crate::error::ControlPlaneError;
 use crate::node::{desired, DesiredWeights, WeightRule, MAX_WEIGHT};
+use crate::rollout::{desired_modules, Step};
 use crate::selector::Selector;
 use crate::store::Change;
 
@@ -63,7 +63,7 @@ impl Registry {
         let started = Instant::now();
         let (rule, rules, changed, matched) = {
             let st = self.state();
-            if let Some(owner) = st.deployments.iter().find(|d| {
+            if let Some(owner) = st.rollouts.iter().find(|d| {
                 d.module == module
                     && d.state.is_active()
                     && d.steps.iter().any(|s| matches!(s, Step::Weight(_)))
@@ -88,7 +88,7 @@ impl Registry {
                 if selector.matches(&entry.record.labels) {
                     matched.push(entry.record.node_id.clone());
                     // Only nodes the rule matches can change; their revision is the rule's.
-                    let next = desired(&rules, &st.deployments, &entry.record);
+                    let next = desired(&rules, &st.rollouts, &entry.record);
                     if next != entry.current {
                         changed.push((entry.record.node_id.clone(), next));
                     }
@@ -178,18 +178,18 @@ impl Registry {
 /// Recomputes the desired modules and weights of the nodes `selector` matches and
 /// publishes what changed; returns the weight updates for `WatchWeights`.
 pub(super) fn republish(st: &mut State, selector: &Selector, ttl: u32) -> Vec<NodeWeights> {
-    let deployments = std::mem::take(&mut st.deployments);
+    let rollouts = std::mem::take(&mut st.rollouts);
     let rules = std::mem::take(&mut st.rules);
     let now = Instant::now();
     let mut updates = Vec::new();
     for entry in st.nodes.values_mut() {
         if selector.matches(&entry.record.labels) {
-            let next = desired_modules(&deployments, &entry.record.node_id, &entry.record.labels);
+            let next = desired_modules(&rollouts, &entry.record.node_id, &entry.record.labels);
             if **entry.modules.borrow() != next {
                 entry.modules.send_replace(Arc::new(next));
             }
             // Canary weights ride on the same rollouts.
-            let weights = desired(&rules, &deployments, &entry.record);
+            let weights = desired(&rules, &rollouts, &entry.record);
             if weights != entry.current {
                 entry
                     .desired
@@ -199,7 +199,7 @@ pub(super) fn republish(st: &mut State, selector: &Selector, ttl: u32) -> Vec<No
             }
         }
     }
-    st.deployments = deployments;
+    st.rollouts = rollouts;
     st.rules = rules;
     updates
 }

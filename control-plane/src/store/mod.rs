@@ -19,10 +19,10 @@ pub(crate) use error::StoreError;
 pub(crate) use sled_store::SledStore;
 
 use crate::audit::{Event, EventFilter, NewEvent};
-use crate::deploy::Deployment;
 use crate::layers::ConfigLayer;
 use crate::node::{NodeRecord, NodeStatus, WeightRule};
 use crate::release::ReleaseRecord;
+use crate::rollout::Rollout;
 
 /// Everything loaded at start-up.
 #[derive(Debug, Default)]
@@ -35,8 +35,8 @@ pub(crate) struct Snapshot {
     pub rules: Vec<WeightRule>,
     /// The highest revision handed out.
     pub revision: u64,
-    /// Deployments, sorted by `seq`.
-    pub deployments: Vec<Deployment>,
+    /// Rollouts, sorted by `seq`.
+    pub rollouts: Vec<Rollout>,
     /// Runtime config layers (tombstones included), in merge order.
     pub configs: Vec<ConfigLayer>,
     /// Records that could not be read and were moved to the quarantine tree.
@@ -63,8 +63,8 @@ pub(crate) struct Change {
     pub rules: Vec<WeightRule>,
     /// Releases to insert or replace (by module and version).
     pub releases: Vec<ReleaseRecord>,
-    /// Deployments to insert or replace (by seq).
-    pub deployments: Vec<Deployment>,
+    /// Rollouts to insert or replace (by seq).
+    pub rollouts: Vec<Rollout>,
     /// Config layers to insert or replace (by key).
     pub configs: Vec<ConfigLayer>,
     /// New highest revision, if it moved.

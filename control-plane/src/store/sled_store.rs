@@ -108,7 +108,7 @@ impl Trees {
             "rules" => decode::<crate::node::WeightRule>(k, v).map(drop),
             "events" => decode::<Event>(k, v).map(drop),
             "releases" => decode::<ReleaseRecord>(k, v).map(drop),
-            "rollouts" => decode::<crate::deploy::Deployment>(k, v).map(drop),
+            "rollouts" => decode::<crate::rollout::Rollout>(k, v).map(drop),
             "configs" => decode::<crate::layers::ConfigLayer>(k, v).map(drop),
             _ => Ok(()),
         }
@@ -181,7 +181,7 @@ fn check_counters(snap: &Snapshot) -> Result<(), StoreError> {
         .iter()
         .map(|r| ahead("a weight rule", r.seq))
         .chain(
-            snap.deployments
+            snap.rollouts
                 .iter()
                 .map(|d| ahead(&format!("rollout {}", d.id), d.seq)),
         )
@@ -450,13 +450,13 @@ impl Trees {
         snap.rules.sort_by_key(|r| r.seq);
         for (k, v) in rows(&t.rollouts)? {
             keep(
-                &mut snap.deployments,
+                &mut snap.rollouts,
                 decode(&k, &v),
                 ("rollouts", &k, &v),
                 &mut bad,
             );
         }
-        snap.deployments.sort_by_key(|d| d.seq);
+        snap.rollouts.sort_by_key(|d| d.seq);
         for (k, v) in rows(&t.configs)? {
             keep(
                 &mut snap.configs,
@@ -496,8 +496,8 @@ impl Trees {
         for r in &change.releases {
             release_rows.push((r.key(), encode(&r.module, r)?));
         }
-        let mut deployment_rows = Vec::with_capacity(change.deployments.len());
-        for d in &change.deployments {
+        let mut deployment_rows = Vec::with_capacity(change.rollouts.len());
+        for d in &change.rollouts {
             deployment_rows.push((d.seq.to_be_bytes(), encode(&d.id, d)?));
         }
         let mut config_rows = Vec::with_capacity(change.configs.len());
@@ -648,9 +648,9 @@ impl Trees {
 mod tests {
     use super::*;
     use crate::audit::NewEvent;
-    use crate::deploy::Deployment;
     use crate::layers::ConfigLayer;
     use crate::node::{HealthRecord, NodeRecord, WeightRule};
+    use crate::rollout::Rollout;
 
     #[test]
     fn commits_survive_reopen_and_events_are_numbered() -> anyhow::Result<()> {
@@ -731,7 +731,7 @@ mod tests {
         // A float field without `crate::finite` would fail here: the generator puts NaN
         // and infinities in it, JSON writes them as null and the read fails.
         round_trips::<NodeStatus>("status");
-        round_trips::<Deployment>("rollout");
+        round_trips::<Rollout>("rollout");
     }
 
     #[test]
@@ -744,17 +744,17 @@ mod tests {
             ..Default::default()
         });
         assert!(store.save_statuses(&[("gw-1".into(), status)]).is_err());
-        let mut rollout: Deployment = crate::arbitrary::Gen::new(1)
+        let mut rollout: Rollout = crate::arbitrary::Gen::new(1)
             .make()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        rollout.steps = vec![crate::deploy::Step::Analysis(
+        rollout.steps = vec![crate::rollout::Step::Analysis(
             crate::analysis::AnalysisSpec {
                 max_p99_latency_ms: f64::INFINITY,
                 ..Default::default()
             },
         )];
         let refused = store.commit(Change {
-            deployments: vec![rollout],
+            rollouts: vec![rollout],
             events: vec![NewEvent::new(
                 "admin/a",
                 "rollouts.create",
@@ -766,7 +766,7 @@ mod tests {
         });
         assert!(refused.is_err());
         let snap = store.load()?;
-        assert!(snap.statuses.is_empty() && snap.deployments.is_empty());
+        assert!(snap.statuses.is_empty() && snap.rollouts.is_empty());
         assert!(store.events(0, &EventFilter::default(), 10)?.is_empty());
         Ok(())
     }

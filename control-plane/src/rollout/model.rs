@@ -1,17 +1,17 @@
-//! Deployments (rollouts): one module moves to one release on the nodes a selector
+//! The rollout record: one module moves to one release on the nodes a selector
 //! matches, all at once or in canary steps. Like weights, a node's desired modules are not
-//! stored per node: they are a function of the (durable) deployments, the node's id and
-//! its labels, so a deployment to 100,000 nodes commits one record.
+//! stored per node: they are a function of the (durable) rollouts, the node's id and
+//! its labels, so a rollout to 100,000 nodes commits one record.
 //!
 //! Canaries: each node has a stable bucket in 0..10000 from a hash of rollout id and node
 //! id; at canary scale `p` % the nodes with bucket < 100·p run the new version. The scale
 //! only grows, so earlier canaries stay canaries. A rollout without steps is scale 100 from
 //! its first revision.
 //!
-//! For each module the deployments are walked in `seq` order: a node covered by a live or
-//! finished deployment gets its version; an aborted deployment sends the nodes it covered
+//! For each module the rollouts are walked in `seq` order: a node covered by a live or
+//! finished rollout gets its version; an aborted rollout sends the nodes it covered
 //! back to the version they ran before it (kept in the edge's previous slot: nothing is
-//! downloaded). Nodes a deployment does not cover keep what earlier ones gave them.
+//! downloaded). Nodes a rollout does not cover keep what earlier ones gave them.
 //!
 //! Invariant: a module revision (the `seq` of the scale change that first covered the
 //! node, or `abort_seq`) names exactly one desired version for a node, and only grows.
@@ -22,9 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::selector::Selector;
 
-/// Where a deployment stands (`Rollout.state`).
+/// Where a rollout stands (`Rollout.state`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) enum DeployState {
+pub(crate) enum RolloutState {
     /// Steps are being carried out.
     Progressing,
     /// Held by an operator (or by a `pause` step without a duration).
@@ -37,10 +37,10 @@ pub(crate) enum DeployState {
     Aborted,
 }
 
-impl DeployState {
+impl RolloutState {
     /// Still moving (or held): it owns its module.
     pub(crate) fn is_active(self) -> bool {
-        matches!(self, DeployState::Progressing | DeployState::Paused)
+        matches!(self, RolloutState::Progressing | RolloutState::Paused)
     }
 }
 
@@ -105,9 +105,9 @@ pub(crate) struct WeightChange {
     pub seq: u64,
 }
 
-/// One deployment as persisted.
+/// One rollout as persisted.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub(crate) struct Deployment {
+pub(crate) struct Rollout {
     /// `r-SEQ`.
     pub id: String,
     /// Revision at creation (from the global counter).
@@ -119,7 +119,7 @@ pub(crate) struct Deployment {
     /// Which nodes.
     pub selector: Selector,
     /// State.
-    pub state: DeployState,
+    pub state: RolloutState,
     /// Revision of the abort, once aborted.
     pub abort_seq: u64,
     /// Why it stands where it stands.
@@ -151,7 +151,51 @@ pub(crate) struct Deployment {
     pub analysis_failures: u32,
 }
 
-impl Deployment {
+impl Rollout {
+    /// A rollout created at revision `seq`, progressing from its first step (with no
+    /// steps: everywhere at once, from `seq` on).
+    pub(crate) fn new(
+        seq: u64,
+        module: String,
+        version: String,
+        selector: Selector,
+        steps: Vec<Step>,
+        progress_deadline_seconds: u32,
+        now_ms: u64,
+    ) -> Rollout {
+        Rollout {
+            id: format!("r-{seq}"),
+            seq,
+            module,
+            version,
+            selector,
+            state: RolloutState::Progressing,
+            abort_seq: 0,
+            message: if steps.is_empty() {
+                "deploying to every selected node".into()
+            } else {
+                format!("step 1 of {}", steps.len())
+            },
+            created_ms: now_ms,
+            updated_ms: now_ms,
+            scale: if steps.is_empty() {
+                vec![ScaleChange {
+                    percent: 100,
+                    seq,
+                    cutoff: 10_000,
+                }]
+            } else {
+                Vec::new()
+            },
+            steps,
+            current_step: 0,
+            step_started_ms: now_ms,
+            progress_deadline_seconds,
+            weight: Vec::new(),
+            analysis_failures: 0,
+        }
+    }
+
     /// The scale history (records from before canaries have none: 100 % from the start).
     fn scale_changes(&self) -> &[ScaleChange] {
         const ALL: [ScaleChange; 1] = [ScaleChange {
@@ -191,7 +235,7 @@ impl Deployment {
     /// the weight it imposes on its module, if any.
     pub(crate) fn weight_for(&self, node_id: &str) -> Option<(u64, Option<u32>)> {
         let last = self.weight.last()?;
-        if self.state == DeployState::Aborted {
+        if self.state == RolloutState::Aborted {
             // Back to the stable weights, at the abort's revision, for nodes it covered.
             return self
                 .covers(node_id)
@@ -223,28 +267,28 @@ pub(crate) struct DesiredModule {
     pub version: String,
     /// Go back to the previous slot rather than install.
     pub rollback: bool,
-    /// The deployment this comes from.
-    pub deployment: String,
+    /// The rollout this comes from.
+    pub rollout: String,
 }
 
 /// module -> desired.
 pub(crate) type DesiredModules = BTreeMap<String, DesiredModule>;
 
-/// What `deployments` (sorted by `seq`) want of node `node_id` with `labels`.
+/// What `rollouts` (sorted by `seq`) want of node `node_id` with `labels`.
 pub(crate) fn desired_modules(
-    deployments: &[Deployment],
+    rollouts: &[Rollout],
     node_id: &str,
     labels: &BTreeMap<String, String>,
 ) -> DesiredModules {
     let mut out = DesiredModules::new();
-    // The deployment whose version the node runs, per module, as we walk forward in time.
-    let mut standing: BTreeMap<&str, &Deployment> = BTreeMap::new();
-    for d in deployments.iter().filter(|d| d.selector.matches(labels)) {
+    // The rollout whose version the node runs, per module, as we walk forward in time.
+    let mut standing: BTreeMap<&str, &Rollout> = BTreeMap::new();
+    for d in rollouts.iter().filter(|d| d.selector.matches(labels)) {
         let Some(covered_at) = d.covers(node_id) else {
-            continue; // not (yet) a canary: keeps what earlier deployments gave it
+            continue; // not (yet) a canary: keeps what earlier rollouts gave it
         };
         match d.state {
-            DeployState::Aborted => match standing.get(d.module.as_str()) {
+            RolloutState::Aborted => match standing.get(d.module.as_str()) {
                 Some(prev) => {
                     out.insert(
                         d.module.clone(),
@@ -252,7 +296,7 @@ pub(crate) fn desired_modules(
                             revision: d.abort_seq,
                             version: prev.version.clone(),
                             rollback: true,
-                            deployment: d.id.clone(),
+                            rollout: d.id.clone(),
                         },
                     );
                 }
@@ -268,7 +312,7 @@ pub(crate) fn desired_modules(
                         revision: covered_at,
                         version: d.version.clone(),
                         rollback: false,
-                        deployment: d.id.clone(),
+                        rollout: d.id.clone(),
                     },
                 );
             }
@@ -285,10 +329,10 @@ mod tests {
         seq: u64,
         version: &str,
         selector: &str,
-        state: DeployState,
+        state: RolloutState,
         abort_seq: u64,
-    ) -> Deployment {
-        Deployment {
+    ) -> Rollout {
+        Rollout {
             id: format!("r-{seq}"),
             seq,
             module: "gateway".into(),
@@ -314,8 +358,8 @@ mod tests {
         let eu: BTreeMap<_, _> = [("region".to_string(), "eu".to_string())].into();
         let us: BTreeMap<_, _> = [("region".to_string(), "us".to_string())].into();
         let mut deps = vec![
-            dep(3, "1.0.0", "", DeployState::Succeeded, 0),
-            dep(7, "2.0.0", "region=eu", DeployState::Progressing, 0),
+            dep(3, "1.0.0", "", RolloutState::Succeeded, 0),
+            dep(7, "2.0.0", "region=eu", RolloutState::Progressing, 0),
         ];
         assert_eq!(
             desired_modules(&deps, "gw-1", &eu)["gateway"].version,
@@ -325,7 +369,7 @@ mod tests {
             desired_modules(&deps, "gw-1", &us)["gateway"].version,
             "1.0.0"
         );
-        deps[1].state = DeployState::Aborted;
+        deps[1].state = RolloutState::Aborted;
         deps[1].abort_seq = 9;
         let back = &desired_modules(&deps, "gw-1", &eu)["gateway"];
         assert_eq!(
@@ -337,8 +381,8 @@ mod tests {
             3,
             "us untouched"
         );
-        // Aborting the first deployment of a module leaves nothing to go back to.
-        let only = vec![dep(3, "1.0.0", "", DeployState::Aborted, 4)];
+        // Aborting the first rollout of a module leaves nothing to go back to.
+        let only = vec![dep(3, "1.0.0", "", RolloutState::Aborted, 4)];
         assert!(desired_modules(&only, "gw-1", &eu).is_empty());
     }
 }
@@ -366,13 +410,13 @@ mod canary_tests {
 
     #[test]
     fn canaries_are_stable_grow_with_the_scale_and_abort_only_touches_them() {
-        let mut d = Deployment {
+        let mut d = Rollout {
             id: "r-10".into(),
             seq: 10,
             module: "gateway".into(),
             version: "2.0.0".into(),
             selector: Selector::parse("").expect("selector"),
-            state: DeployState::Progressing,
+            state: RolloutState::Progressing,
             abort_seq: 0,
             message: String::new(),
             created_ms: 0,
@@ -412,13 +456,13 @@ mod canary_tests {
             assert_eq!(d.covers(n), Some(11));
         }
         let labels = BTreeMap::new();
-        let stable = Deployment {
+        let stable = Rollout {
             id: "r-3".into(),
             seq: 3,
             version: "1.0.0".into(),
             steps: Vec::new(),
             scale: Vec::new(),
-            state: DeployState::Succeeded,
+            state: RolloutState::Succeeded,
             ..d.clone()
         };
         let deps = vec![stable.clone(), d.clone()];
@@ -435,8 +479,8 @@ mod canary_tests {
             "2.0.0"
         );
         // Abort: canaries roll back, the others never moved.
-        let aborted = Deployment {
-            state: DeployState::Aborted,
+        let aborted = Rollout {
+            state: RolloutState::Aborted,
             abort_seq: 13,
             ..d
         };

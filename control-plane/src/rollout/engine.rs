@@ -1,19 +1,7 @@
-//! The rollout engine: carries out the canary steps of every progressing rollout.
+//! The rollout engine: carries out the canary steps of every progressing rollout. Each
+//! tick it decides (`next`, a pure function of the record, its node counts and the time)
+//! which transition the current step needs, and has the registry commit it.
 //!
-//! ```text
-//!              ┌──────── promote / resume ────────┐
-//!              ▼                                   │
-//!   Progressing ── pause step (0 s) / PauseRollout ─► Paused
-//!        │  ├─ canary scale p: scale → p, wait until every canary installed it
-//!        │  ├─ set weight w: the canaries' module weight is w until the rollout ends
-//!        │  ├─ pause s: wait s seconds
-//!        │  ├─ analysis: judge canaries vs stable over a window; failed → Aborted,
-//!        │  │            too little data by the deadline → Paused
-//!        │  └─ steps done: scale → 100, wait for every node
-//!        ├──► Succeeded (every node installed or skipped)
-//!        ├──► Failed (nodes refused it, or a step missed its progress deadline)
-//!        └──► Aborted (AbortRollout: canaries go back)
-//! ```
 //! The engine holds no state of its own: each tick reads the rollouts from the registry,
 //! and every transition is committed (durably, with an audit event) before nodes hear of
 //! it. A restarted control plane therefore resumes where it stood: a timed pause keeps its
@@ -24,10 +12,11 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::model::{Rollout, Step};
+use super::RolloutProgress;
 use crate::analysis::{judge, AnalysisSpec, Judgement};
 use crate::audit::now_ms;
-use crate::deploy::{DeployState, Deployment, ScaleChange, Step, WeightChange};
-use crate::registry::{DeployProgress, Registry};
+use crate::registry::Registry;
 
 /// How often the engine looks at the rollouts.
 const TICK: Duration = Duration::from_millis(200);
@@ -46,7 +35,7 @@ pub(crate) async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
         }
         for (d, p) in registry.progressing() {
             if let Err(e) = advance(&registry, &d, p).await {
-                tracing::warn!(rollout = %d.id, error = %e, "rollout step failed to commit");
+                tracing::warn!(rollout_id = %d.id, error = %e, "rollout step failed to commit");
             }
         }
     }
@@ -72,7 +61,7 @@ enum Next {
     Wait,
 }
 
-fn next(d: &Deployment, p: DeployProgress, now: u64) -> Next {
+fn next(d: &Rollout, p: RolloutProgress, now: u64) -> Next {
     let step = d.current_step as usize;
     let elapsed_ms = now.saturating_sub(d.step_started_ms);
     let overdue = d.progress_deadline_seconds > 0
@@ -123,48 +112,20 @@ fn next(d: &Deployment, p: DeployProgress, now: u64) -> Next {
 
 async fn advance(
     registry: &Registry,
-    d: &Deployment,
-    p: DeployProgress,
+    d: &Rollout,
+    p: RolloutProgress,
 ) -> Result<(), crate::error::ControlPlaneError> {
-    let total = d.steps.len();
+    let id = d.id.as_str();
     match next(d, p, now_ms()) {
         Next::Scale(percent) => {
             let cutoff = registry.canary_cutoff(d, percent);
             registry
-                .update_deployment(ENGINE, &d.id, "rollout.step", |d, seq| {
-                    d.scale.push(ScaleChange {
-                        percent,
-                        seq,
-                        cutoff,
-                    });
-                    d.message = if (d.current_step as usize) < d.steps.len() {
-                        format!(
-                            "step {} of {total}: canary scale {percent}%",
-                            d.current_step + 1
-                        )
-                    } else {
-                        "all steps done: every selected node".into()
-                    };
-                    Ok(true)
-                })
+                .update_rollout(ENGINE, id, |d, seq| Ok(d.scale(percent, cutoff, seq)))
                 .await?;
-            metrics::counter!("aviary_rollout_transitions_total", "to" => "step").increment(1);
         }
         Next::Weight(weight) => {
             registry
-                .update_deployment(ENGINE, &d.id, "rollout.step", |d, seq| {
-                    d.weight.push(WeightChange {
-                        weight: Some(weight),
-                        seq,
-                    });
-                    d.current_step += 1;
-                    d.step_started_ms = now_ms();
-                    d.message = format!(
-                        "step {} of {total} done: canary weight {weight}",
-                        d.current_step
-                    );
-                    Ok(true)
-                })
+                .update_rollout(ENGINE, id, |d, seq| Ok(d.set_weight(weight, seq, now_ms())))
                 .await?;
         }
         Next::Judge(spec) => {
@@ -173,44 +134,21 @@ async fn advance(
             match judge(&spec, &figures) {
                 Judgement::Successful => {
                     registry
-                        .update_deployment(ENGINE, &d.id, "rollout.analysis", |d, _| {
-                            d.current_step += 1;
-                            d.step_started_ms = now_ms();
-                            d.analysis_failures = 0;
-                            d.message = format!("analysis passed: {numbers}");
-                            Ok(false)
-                        })
+                        .update_rollout(
+                            ENGINE,
+                            id,
+                            |d, _| Ok(d.analysis_passed(&numbers, now_ms())),
+                        )
                         .await?;
-                    metrics::counter!("aviary_rollout_transitions_total", "to" => "analysis_passed")
-                        .increment(1);
                 }
                 Judgement::Failed(reasons) => {
                     let reasons = reasons.join("; ");
                     let limit = spec.failure_limit.max(1);
                     registry
-                        .update_deployment(ENGINE, &d.id, "rollout.analysis", |d, seq| {
-                            d.analysis_failures += 1;
-                            if d.analysis_failures >= limit {
-                                // Canaries back to the previous slot, weights to stable.
-                                d.state = DeployState::Aborted;
-                                d.abort_seq = seq;
-                                d.message = format!(
-                                    "aborted: analysis failed {} time(s): {reasons}; figures {numbers}",
-                                    d.analysis_failures
-                                );
-                                Ok(true)
-                            } else {
-                                d.step_started_ms = now_ms();
-                                d.message = format!(
-                                    "analysis failed ({} of {limit}): {reasons}; figures {numbers}",
-                                    d.analysis_failures
-                                );
-                                Ok(false)
-                            }
+                        .update_rollout(ENGINE, id, |d, seq| {
+                            Ok(d.analysis_failed(&reasons, &numbers, limit, seq, now_ms()))
                         })
                         .await?;
-                    metrics::counter!("aviary_rollout_transitions_total", "to" => "analysis_failed")
-                        .increment(1);
                 }
                 Judgement::Inconclusive(why) => {
                     // Not enough data: keep measuring until the deadline (or three
@@ -223,12 +161,7 @@ async fn advance(
                     };
                     if waited >= limit_ms {
                         registry
-                            .update_deployment(ENGINE, &d.id, "rollout.paused", |d, _| {
-                                d.state = DeployState::Paused;
-                                d.message =
-                                    format!("analysis inconclusive: {why}; figures {numbers}");
-                                Ok(false)
-                            })
+                            .update_rollout(ENGINE, id, |d, _| Ok(d.inconclusive(&why, &numbers)))
                             .await?;
                     }
                 }
@@ -236,50 +169,103 @@ async fn advance(
         }
         Next::Advance(done) => {
             registry
-                .update_deployment(ENGINE, &d.id, "rollout.step", |d, _| {
-                    d.current_step += 1;
-                    d.step_started_ms = now_ms();
-                    d.message = format!("step {} of {total} done ({done})", d.current_step);
-                    Ok(false)
-                })
+                .update_rollout(ENGINE, id, |d, _| Ok(d.advance(&done, now_ms())))
                 .await?;
         }
         Next::Hold => {
             registry
-                .update_deployment(ENGINE, &d.id, "rollout.paused", |d, _| {
-                    d.state = DeployState::Paused;
-                    d.message = format!(
-                        "paused at step {} of {total} until promoted",
-                        d.current_step + 1
-                    );
-                    Ok(false)
-                })
+                .update_rollout(ENGINE, id, |d, _| Ok(d.hold()))
                 .await?;
-            metrics::counter!("aviary_rollout_transitions_total", "to" => "paused").increment(1);
         }
         Next::Fail(why) => {
             registry
-                .update_deployment(ENGINE, &d.id, "rollout.failed", |d, _| {
-                    d.state = DeployState::Failed;
-                    d.message = why.clone();
-                    Ok(false)
-                })
+                .update_rollout(ENGINE, id, |d, _| Ok(d.fail(why)))
                 .await?;
-            metrics::counter!("aviary_rollout_transitions_total", "to" => "failed").increment(1);
         }
         Next::Abort(why) => {
+            // Canaries back to the previous slot, weights to stable.
             registry
-                .update_deployment(ENGINE, &d.id, "rollout.aborted", |d, seq| {
-                    // Canaries back to the previous slot, weights to stable.
-                    d.state = DeployState::Aborted;
-                    d.abort_seq = seq;
-                    d.message = why.clone();
-                    Ok(true)
-                })
+                .update_rollout(ENGINE, id, |d, seq| Ok(d.abort(why, seq)?))
                 .await?;
-            metrics::counter!("aviary_rollout_transitions_total", "to" => "aborted").increment(1);
         }
         Next::Wait => registry.check_complete(&d.module).await,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::selector::Selector;
+
+    fn rollout(steps: Vec<Step>) -> Rollout {
+        Rollout::new(
+            7,
+            "gateway".into(),
+            "1.1.0".into(),
+            Selector::default(),
+            steps,
+            60,
+            1_000,
+        )
+    }
+
+    fn counts(installed: u32, failed: u32, connected: u32) -> RolloutProgress {
+        RolloutProgress {
+            selected: 10,
+            canaries: connected,
+            connected_canaries: connected,
+            installed,
+            failed,
+            skipped: 0,
+        }
+    }
+
+    #[test]
+    fn a_scale_step_scales_then_waits_for_connected_canaries_and_judges_their_answers() {
+        let mut r = rollout(vec![Step::CanaryScale(20), Step::Pause(30)]);
+        assert!(matches!(next(&r, counts(0, 0, 0), 1_000), Next::Scale(20)));
+        r.scale(20, 2_000, 8);
+        assert!(matches!(next(&r, counts(0, 0, 2), 1_000), Next::Wait));
+        assert!(matches!(next(&r, counts(2, 0, 2), 1_000), Next::Advance(_)));
+        assert!(matches!(next(&r, counts(1, 1, 2), 1_000), Next::Abort(_)));
+        // Past the 60 s deadline with a canary still silent.
+        assert!(matches!(next(&r, counts(1, 0, 2), 62_000), Next::Fail(_)));
+    }
+
+    #[test]
+    fn pauses_weights_and_analysis_wait_for_their_time_and_the_end_scales_to_everyone() {
+        let mut r = rollout(vec![
+            Step::Pause(30),
+            Step::Pause(0),
+            Step::Weight(10),
+            Step::Analysis(AnalysisSpec {
+                window_seconds: 10,
+                ..Default::default()
+            }),
+        ]);
+        assert!(matches!(next(&r, counts(0, 0, 0), 20_000), Next::Wait));
+        assert!(matches!(
+            next(&r, counts(0, 0, 0), 31_000),
+            Next::Advance(_)
+        ));
+        r.advance("paused 30s", 31_000);
+        assert!(matches!(next(&r, counts(0, 0, 0), 31_000), Next::Hold));
+        r.current_step = 2;
+        assert!(matches!(
+            next(&r, counts(0, 0, 0), 31_000),
+            Next::Weight(10)
+        ));
+        r.set_weight(10, 9, 40_000);
+        assert!(matches!(next(&r, counts(0, 0, 0), 45_000), Next::Wait));
+        assert!(matches!(next(&r, counts(0, 0, 0), 50_000), Next::Judge(_)));
+        r.analysis_passed("{}", 50_000);
+        assert!(matches!(
+            next(&r, counts(0, 0, 0), 50_000),
+            Next::Scale(100)
+        ));
+        r.scale(100, 10_000, 10);
+        assert!(matches!(next(&r, counts(5, 0, 10), 50_000), Next::Wait));
+        assert!(matches!(next(&r, counts(5, 0, 10), 200_000), Next::Fail(_)));
+    }
 }
