@@ -59,7 +59,7 @@ pub fn edge_message(data: &[u8]) {
     };
     match msg.kind {
         Some(pb::edge_message::Kind::Hello(hello)) => {
-            let _ = crate::fleet::check_hello(hello);
+            let _ = crate::registry::HelloInfo::try_from(hello);
         }
         Some(pb::edge_message::Kind::Health(report)) => {
             if let Ok(records) = crate::fleet::check_health(report) {

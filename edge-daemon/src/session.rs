@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aviary_proto::resource::Resource;
 use aviary_proto::v1 as pb;
 use pb::control_message::Kind;
 use tokio::sync::mpsc;
@@ -112,7 +113,7 @@ async fn stream_once(
             .unwrap_or_default()
     };
     applied.push(pb::AppliedRevision {
-        resource: "weights".into(),
+        resource: Resource::Weights.to_string(),
         revision: weights.applied_revision(),
     });
     let hello = pb::Hello {
@@ -556,7 +557,7 @@ fn module_report(
                 }
                 if state.revision > 0 {
                     applied.push(pb::AppliedRevision {
-                        resource: format!("module/{name}"),
+                        resource: Resource::Module(name.clone()).to_string(),
                         revision: state.revision,
                     });
                 }
@@ -570,7 +571,7 @@ fn module_report(
                 configs
                     .into_iter()
                     .map(|(name, revision)| pb::AppliedRevision {
-                        resource: format!("config/{name}"),
+                        resource: Resource::Config(name).to_string(),
                         revision,
                     }),
             )

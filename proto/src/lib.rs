@@ -16,6 +16,7 @@ pub mod digest;
 pub mod finite;
 pub mod manifest;
 pub mod overlay;
+pub mod resource;
 pub mod sandbox;
 
 /// `aviary.v1`: fleet stream, nodes, audit, releases, rollouts.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use aviary_certs::Link;
+use aviary_proto::resource::Resource;
 use aviary_proto::v1 as pb;
 use pb::control_message::Kind;
 use tokio::sync::mpsc;
@@ -30,7 +31,7 @@ pub fn hello(node_id: &str, labels: &[(&str, &str)], applied: u64) -> pb::Hello 
         arch: "x86_64".into(),
         daemon_version: "raw-test".into(),
         applied: vec![pb::AppliedRevision {
-            resource: "weights".into(),
+            resource: Resource::Weights.to_string(),
             revision: applied,
         }],
         ..Default::default()

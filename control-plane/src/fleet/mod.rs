@@ -1,11 +1,13 @@
 //! `aviary.v1.Fleet`: the edge daemons' bidirectional stream (xDS-style ACK/NACK).
 
 mod codec;
+mod hello;
 mod service;
 mod session;
+mod tracker;
 mod transfer;
 
-pub(crate) use session::{health_records as check_health, hello_info as check_hello};
+pub(crate) use hello::health_records as check_health;
 
 use std::sync::Arc;
 use std::time::Duration;

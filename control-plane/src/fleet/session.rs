@@ -9,7 +9,7 @@
 //!   later stream until the desired state of that resource moves to another revision.
 //! * Module updates go one at a time, their payload paced by the edge (`transfer.rs`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,29 +21,21 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::codec::ControlFrame;
+use super::hello::health_records;
+use super::tracker::Tracker;
 use super::transfer::{plan, Plan, Transfer};
 use super::Fleet;
 use crate::audit::NewEvent;
 use crate::layers::DesiredConfigs;
 use crate::limits::oversized;
 use crate::listener::PeerInfo;
-use crate::node::{HealthRecord, ModuleRecord, TransferProgress};
-use crate::registry::{Attachment, Desired, HelloInfo, SKIPPED};
+use crate::node::TransferProgress;
+use crate::registry::{Answer, Attachment, Desired, HelloInfo, SKIPPED};
 use crate::rollout::DesiredModules;
-use crate::selector::validate_label;
 use aviary_proto::digest::Sha256;
-
-/// Resource name of the weights in `Hello.applied`.
-const WEIGHTS: &str = "weights";
-/// Prefix of module resources in `Hello.applied` (`module/NAME`).
-const MODULE: &str = "module/";
-/// Prefix of runtime config resources in `Hello.applied` (`config/NAME`).
-const CONFIG: &str = "config/";
+use aviary_proto::resource::Resource;
 
 type Outbound = mpsc::Sender<Result<ControlFrame, Status>>;
-
-/// Most modules one node may name, in a Hello or a health report.
-const MAX_MODULES: usize = 256;
 
 /// Admits a new stream, reads its Hello, and starts its session task.
 pub(super) async fn open(
@@ -95,25 +87,7 @@ pub(super) async fn open(
         }
         return Err(Status::permission_denied(reason));
     }
-    let applied = hello
-        .applied
-        .iter()
-        .find(|a| a.resource == WEIGHTS)
-        .map_or(0, |a| a.revision);
-    let applied_modules: BTreeMap<String, u64> = hello
-        .applied
-        .iter()
-        .filter_map(|a| Some((a.resource.strip_prefix(MODULE)?.to_owned(), a.revision)))
-        .collect();
-    let applied_configs: BTreeMap<String, u64> = hello
-        .applied
-        .iter()
-        .filter_map(|a| Some((a.resource.strip_prefix(CONFIG)?.to_owned(), a.revision)))
-        .collect();
-    let mut info = hello_info(hello)?;
-    info.applied_weights = applied;
-    info.applied_modules = applied_modules.clone();
-    info.applied_configs = applied_configs.clone();
+    let info = HelloInfo::try_from(hello)?;
     let node = NodeView {
         arch: info.arch.clone(),
         installed: info
@@ -122,9 +96,8 @@ pub(super) async fn open(
             .filter(|m| m.slot.is_empty() || m.slot == "current")
             .filter_map(|m| Some((m.name.clone(), Sha256::parse_hex(&m.sha256)?)))
             .collect(),
-        applied_modules,
-        applied_configs,
     };
+    let applied = info.applied.clone();
     let attachment = fleet.registry.attach(&node_id, info).await?;
 
     let (tx, rx) = mpsc::channel(4);
@@ -136,123 +109,11 @@ pub(super) async fn open(
     Ok(Response::new(ReceiverStream::new(rx)))
 }
 
-/// Validates a Hello into what the registry stores (proto types stop here).
-pub(crate) fn hello_info(hello: pb::Hello) -> Result<HelloInfo, Status> {
-    if hello.labels.len() > 64 {
-        return Err(Status::invalid_argument("at most 64 labels per node"));
-    }
-    for (k, v) in &hello.labels {
-        validate_label(k, v)?;
-    }
-    if hello.modules.len() > MAX_MODULES {
-        return Err(Status::invalid_argument(format!(
-            "at most {MAX_MODULES} modules per node"
-        )));
-    }
-    let short = |what: &str, s: &str| {
-        if s.len() > 128 {
-            Err(Status::invalid_argument(format!(
-                "{what} longer than 128 bytes"
-            )))
-        } else {
-            Ok(())
-        }
-    };
-    short("arch", &hello.arch)?;
-    short("daemon_version", &hello.daemon_version)?;
-    let mut modules = Vec::with_capacity(hello.modules.len());
-    for m in hello.modules {
-        for (what, s) in [
-            ("module name", &m.name),
-            ("version", &m.version),
-            ("sha256", &m.sha256),
-            ("slot", &m.slot),
-        ] {
-            short(what, s)?;
-        }
-        modules.push(ModuleRecord {
-            name: m.name,
-            version: m.version,
-            sha256: m.sha256,
-            state: m.state,
-            slot: m.slot,
-        });
-    }
-    Ok(HelloInfo {
-        labels: hello.labels.into_iter().collect(),
-        arch: hello.arch,
-        daemon_version: hello.daemon_version,
-        modules,
-        applied_weights: 0,
-        applied_modules: BTreeMap::new(),
-        applied_configs: BTreeMap::new(),
-    })
-}
-
-/// Validates a health report into per-module records (proto types stop here). A number
-/// that is not finite, a bad module name or more modules than a Hello may carry ends the
-/// stream with the reason: a daemon of ours never sends them.
-pub(crate) fn health_records(
-    report: pb::HealthReport,
-) -> Result<Vec<(String, HealthRecord)>, Status> {
-    if report.modules.len() > MAX_MODULES {
-        return Err(Status::invalid_argument(format!(
-            "a health report names at most {MAX_MODULES} modules"
-        )));
-    }
-    let at_ms = crate::audit::now_ms();
-    let cut = |s: String| -> String { s.chars().take(256).collect() };
-    let mut out = Vec::with_capacity(report.modules.len());
-    for m in report.modules {
-        aviary_certs::validate_name("module", &m.module)
-            .map_err(|e| Status::invalid_argument(format!("health report: {e}")))?;
-        let latency = |what: &str, v: f64| {
-            aviary_proto::finite::check(what, v, 0.0..=f64::MAX).map_err(|e| {
-                Status::invalid_argument(format!("health report for {}: {e}", m.module))
-            })
-        };
-        let record = HealthRecord {
-            at_ms,
-            probe_successes: m.probe_successes,
-            probe_failures: m.probe_failures,
-            latency_p50_ms: latency("latency_p50_ms", m.latency_p50_ms)?,
-            latency_p99_ms: latency("latency_p99_ms", m.latency_p99_ms)?,
-            process_state: cut(m.process_state),
-            restarts: m.restarts,
-            log_matches: m.log_matches,
-            slot: cut(m.slot),
-            version: cut(m.version),
-            detail: cut(m.detail),
-        };
-        out.push((m.module, record));
-    }
-    Ok(out)
-}
-
 /// What the Hello said about the node's modules.
 struct NodeView {
     arch: String,
     /// module -> sha256 of the artifact in its current slot.
     installed: BTreeMap<String, Sha256>,
-    /// module -> revision the node says it applied.
-    applied_modules: BTreeMap<String, u64>,
-    /// module -> config revision the node says it applied.
-    applied_configs: BTreeMap<String, u64>,
-}
-
-/// Which resource a desired-state message is about.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum Resource {
-    Weights,
-    Module(String),
-    Config(String),
-}
-
-/// A desired-state message sent and not yet answered.
-struct Outstanding {
-    resource: Resource,
-    revision: u64,
-    committed_at: Instant,
 }
 
 /// A planned module update coming back from its planning task.
@@ -267,21 +128,11 @@ struct Session {
     fleet: Arc<Fleet>,
     node_id: String,
     tx: Outbound,
-    next_nonce: u64,
-    /// Latest nonce per resource, and what it carried.
-    outstanding: HashMap<String, Outstanding>,
-    parked: Option<u64>,
-    last_sent: Option<u64>,
+    /// What each resource was offered, answered and refused on this stream.
+    tracker: Tracker,
     node: NodeView,
-    modules_parked: BTreeMap<String, u64>,
-    /// Module revisions offered on this stream (sent, being planned, or skipped).
-    modules_offered: BTreeMap<String, u64>,
     /// The artifact each sent module update leads to (the next delta's base once ACKed).
     sent_to: BTreeMap<String, Sha256>,
-    /// Per module, the config revision parked after a NACK.
-    configs_parked: BTreeMap<String, u64>,
-    /// Per module, the config revision sent last on this stream.
-    configs_sent: BTreeMap<String, u64>,
     /// At most one module update at a time: being planned, or transferring.
     busy: Option<String>,
     transfer: Option<Transfer>,
@@ -309,31 +160,13 @@ impl Session {
         committed_at: Instant,
         body: bytes::Bytes,
     ) -> Result<(), ()> {
-        self.next_nonce += 1;
-        let nonce = self.next_nonce.to_string();
-        self.send(ControlFrame {
-            nonce: nonce.clone(),
-            body,
-        })
-        .await?;
-        self.outstanding.retain(|_, o| o.resource != resource);
-        self.outstanding.insert(
-            nonce,
-            Outstanding {
-                resource,
-                revision,
-                committed_at,
-            },
-        );
-        Ok(())
+        let nonce = self.tracker.sent(resource, revision, committed_at);
+        self.send(ControlFrame { nonce, body }).await
     }
 
-    /// Sends `desired` weights unless the node has them or refused them.
-    async fn offer(&mut self, desired: &Desired, applied: Option<u64>) -> Result<(), ()> {
-        if Some(desired.revision) == self.parked
-            || Some(desired.revision) == self.last_sent
-            || Some(desired.revision) == applied
-        {
+    /// Sends `desired` weights unless the node has them, refused them or was sent them.
+    async fn offer(&mut self, desired: &Desired) -> Result<(), ()> {
+        if !self.tracker.wants(&Resource::Weights, desired.revision) {
             return Ok(());
         }
         self.send_desired(
@@ -344,29 +177,19 @@ impl Session {
         )
         .await?;
         metrics::counter!("aviary_weight_assignments_sent_total").increment(1);
-        self.last_sent = Some(desired.revision);
         Ok(())
     }
 
     /// Sends each module config the node has neither applied, refused nor been sent.
     async fn offer_configs(&mut self, desired: &DesiredConfigs) -> Result<(), ()> {
         for (module, c) in desired {
-            let r = Some(c.revision);
-            if r == self.configs_parked.get(module).copied()
-                || r == self.configs_sent.get(module).copied()
-                || r == self.node.applied_configs.get(module).copied()
-            {
+            let resource = Resource::Config(module.clone());
+            if !self.tracker.wants(&resource, c.revision) {
                 continue;
             }
-            self.send_desired(
-                Resource::Config(module.clone()),
-                c.revision,
-                Instant::now(),
-                c.message.clone(),
-            )
-            .await?;
+            self.send_desired(resource, c.revision, Instant::now(), c.message.clone())
+                .await?;
             metrics::counter!("aviary_config_updates_sent_total").increment(1);
-            self.configs_sent.insert(module.clone(), c.revision);
         }
         Ok(())
     }
@@ -388,7 +211,7 @@ impl Session {
                 let module = t.module.clone();
                 self.transfer = None;
                 self.busy = None;
-                self.modules_offered.remove(&module);
+                self.tracker.withdraw(&Resource::Module(module.clone()));
                 self.fleet
                     .registry
                     .record_transfer(&self.node_id, &module, None);
@@ -403,15 +226,15 @@ impl Session {
             return Ok(());
         }
         let next = desired.iter().find(|(m, d)| {
-            Some(d.revision) != self.modules_parked.get(*m).copied()
-                && Some(d.revision) != self.modules_offered.get(*m).copied()
-                && Some(d.revision) != self.node.applied_modules.get(*m).copied()
+            self.tracker
+                .wants(&Resource::Module((*m).clone()), d.revision)
         });
         let Some((module, d)) = next else {
             return Ok(());
         };
         self.busy = Some(module.clone());
-        self.modules_offered.insert(module.clone(), d.revision);
+        self.tracker
+            .offer(&Resource::Module(module.clone()), d.revision);
         let (fleet, module, d) = (self.fleet.clone(), module.clone(), d.clone());
         let (arch, installed) = (
             self.node.arch.clone(),
@@ -440,7 +263,8 @@ impl Session {
         if current != Some(planned.revision) {
             // Superseded while planning; plan the new one.
             self.busy = None;
-            self.modules_offered.remove(&planned.module);
+            self.tracker
+                .withdraw(&Resource::Module(planned.module.clone()));
             return Ok(());
         }
         match planned.result {
@@ -467,11 +291,11 @@ impl Session {
             }
             Ok(Plan::Skip(reason)) => {
                 tracing::info!(module = %planned.module, %reason, "module skipped");
-                self.fleet.registry.record_module_nack(
+                self.fleet.registry.record_answer(
                     &self.node_id,
-                    &planned.module,
+                    &Resource::Module(planned.module.clone()),
                     planned.revision,
-                    &format!("{SKIPPED}{reason}"),
+                    &Answer::Nack(format!("{SKIPPED}{reason}")),
                 );
                 self.busy = None;
             }
@@ -517,92 +341,10 @@ impl Session {
     /// Handles one message from the edge; `Err` ends the stream with that status.
     async fn on_message(&mut self, msg: pb::EdgeMessage) -> Result<(), Status> {
         match msg.kind {
-            Some(Kind::Ack(ack)) => {
-                let Some(out) = self.take_outstanding(&ack.nonce) else {
-                    return Ok(());
-                };
-                metrics::counter!("aviary_acks_total").increment(1);
-                metrics::histogram!("aviary_propagation_seconds")
-                    .record(out.committed_at.elapsed().as_secs_f64());
-                tracing::debug!(revision = out.revision, resource = ?out.resource, "ack");
-                match out.resource {
-                    Resource::Weights => {
-                        self.fleet.registry.record_ack(&self.node_id, out.revision)
-                    }
-                    Resource::Module(module) => {
-                        tracing::info!(%module, revision = out.revision, "module update acknowledged");
-                        self.fleet
-                            .registry
-                            .record_module_ack(&self.node_id, &module, out.revision);
-                        self.node
-                            .applied_modules
-                            .insert(module.clone(), out.revision);
-                        if let Some(to) = self.sent_to.remove(&module) {
-                            self.node.installed.insert(module.clone(), to);
-                        }
-                        self.end_module(&module);
-                    }
-                    Resource::Config(module) => {
-                        tracing::info!(%module, revision = out.revision, "config acknowledged");
-                        self.fleet
-                            .registry
-                            .record_config_ack(&self.node_id, &module, out.revision);
-                        self.node.applied_configs.insert(module, out.revision);
-                    }
-                }
-            }
+            Some(Kind::Ack(ack)) => self.on_answer(&ack.nonce, Answer::Ack).await,
             Some(Kind::Nack(nack)) => {
-                let Some(out) = self.take_outstanding(&nack.nonce) else {
-                    return Ok(());
-                };
                 let error: String = nack.error.chars().take(1024).collect();
-                metrics::counter!("aviary_nacks_total").increment(1);
-                tracing::info!(revision = out.revision, resource = ?out.resource, %error, "nack: revision parked");
-                let target = match &out.resource {
-                    Resource::Weights => {
-                        self.parked = Some(out.revision);
-                        self.fleet
-                            .registry
-                            .record_nack(&self.node_id, out.revision, &error);
-                        format!("node/{}", self.node_id)
-                    }
-                    Resource::Module(module) => {
-                        self.modules_parked.insert(module.clone(), out.revision);
-                        self.fleet.registry.record_module_nack(
-                            &self.node_id,
-                            module,
-                            out.revision,
-                            &error,
-                        );
-                        let module = module.clone();
-                        self.end_module(&module);
-                        format!("node/{}", self.node_id)
-                    }
-                    Resource::Config(module) => {
-                        self.configs_parked.insert(module.clone(), out.revision);
-                        self.fleet.registry.record_config_nack(
-                            &self.node_id,
-                            module,
-                            out.revision,
-                            &error,
-                        );
-                        format!("node/{}", self.node_id)
-                    }
-                };
-                let what = match &out.resource {
-                    Resource::Weights => "weights".to_owned(),
-                    Resource::Module(m) => format!("module {m}"),
-                    Resource::Config(m) => format!("config of {m}"),
-                };
-                let event = NewEvent::new(
-                    format!("edge/{}", self.node_id),
-                    "fleet.nack",
-                    target,
-                    format!("{what} revision {} refused: {error}", out.revision),
-                );
-                if let Err(e) = self.fleet.journal.audit(event, false).await {
-                    tracing::warn!(error = %e, "could not audit nack");
-                }
+                self.on_answer(&nack.nonce, Answer::Nack(error)).await;
             }
             Some(Kind::Progress(p)) => self.on_progress(p).await?,
             Some(Kind::Hello(_)) => {
@@ -623,6 +365,62 @@ impl Session {
         Ok(())
     }
 
+    /// An ACK or NACK: counted if it answers the latest send of its resource, recorded in
+    /// the registry, and (a NACK) audited.
+    async fn on_answer(&mut self, nonce: &str, answer: Answer) {
+        let Some(out) = self.tracker.answer(nonce, &answer) else {
+            metrics::counter!("aviary_stale_answers_total").increment(1);
+            tracing::debug!(nonce, "answer with a stale nonce ignored");
+            return;
+        };
+        let (resource, revision) = (&out.resource, out.revision);
+        self.fleet
+            .registry
+            .record_answer(&self.node_id, resource, revision, &answer);
+        let error = match &answer {
+            Answer::Ack => {
+                metrics::counter!("aviary_acks_total").increment(1);
+                metrics::histogram!("aviary_propagation_seconds")
+                    .record(out.committed_at.elapsed().as_secs_f64());
+                tracing::debug!(revision, %resource, "ack");
+                None
+            }
+            Answer::Nack(error) => {
+                metrics::counter!("aviary_nacks_total").increment(1);
+                tracing::info!(revision, %resource, %error, "nack: revision parked");
+                Some(error)
+            }
+        };
+        if let Resource::Module(module) = resource {
+            if error.is_none() {
+                tracing::info!(module, revision, "module update acknowledged");
+                if let Some(to) = self.sent_to.remove(module) {
+                    self.node.installed.insert(module.clone(), to);
+                }
+            }
+            let module = module.clone();
+            self.end_module(&module);
+        } else if let (Resource::Config(module), None) = (resource, error) {
+            tracing::info!(module, revision, "config acknowledged");
+        }
+        if let Some(error) = error {
+            let what = match resource {
+                Resource::Weights => "weights".to_owned(),
+                Resource::Module(m) => format!("module {m}"),
+                Resource::Config(m) => format!("config of {m}"),
+            };
+            let event = NewEvent::new(
+                format!("edge/{}", self.node_id),
+                "fleet.nack",
+                format!("node/{}", self.node_id),
+                format!("{what} revision {revision} refused: {error}"),
+            );
+            if let Err(e) = self.fleet.journal.audit(event, false).await {
+                tracing::warn!(error = %e, "could not audit nack");
+            }
+        }
+    }
+
     /// The module's update is answered: free the slot for the next one.
     fn end_module(&mut self, module: &str) {
         if self.transfer.as_ref().is_some_and(|t| t.module == module) {
@@ -632,17 +430,6 @@ impl Session {
         }
         if self.busy.as_deref() == Some(module) {
             self.busy = None;
-        }
-    }
-
-    fn take_outstanding(&mut self, nonce: &str) -> Option<Outstanding> {
-        match self.outstanding.remove(nonce) {
-            Some(o) => Some(o),
-            None => {
-                metrics::counter!("aviary_stale_answers_total").increment(1);
-                tracing::debug!(nonce, "answer with a stale nonce ignored");
-                None
-            }
         }
     }
 }
@@ -659,7 +446,7 @@ async fn run(
     node: NodeView,
     mut inbound: Streaming<pb::EdgeMessage>,
     tx: Outbound,
-    applied: u64,
+    applied: BTreeMap<Resource, u64>,
 ) {
     let Attachment {
         session_id,
@@ -667,9 +454,7 @@ async fn run(
         mut cut,
         parked,
         mut modules,
-        modules_parked,
         mut configs,
-        configs_parked,
     } = attachment;
     let shutdown = fleet.shutdown.clone();
     let max_age = tokio::time::sleep(jittered(fleet.settings.max_stream_age));
@@ -679,15 +464,8 @@ async fn run(
         fleet: fleet.clone(),
         node_id: node_id.clone(),
         tx: tx.clone(),
-        next_nonce: 0,
-        outstanding: HashMap::new(),
-        parked,
-        last_sent: None,
+        tracker: Tracker::new(&applied, &parked),
         node,
-        modules_parked,
-        configs_parked,
-        configs_sent: BTreeMap::new(),
-        modules_offered: BTreeMap::new(),
         sent_to: BTreeMap::new(),
         busy: None,
         transfer: None,
@@ -695,7 +473,7 @@ async fn run(
     };
     tracing::info!("stream open");
     let first = desired.borrow_and_update().clone();
-    let mut ended = session.offer(&first, Some(applied)).await.is_err();
+    let mut ended = session.offer(&first).await.is_err();
     if !ended {
         let first = modules.borrow_and_update().clone();
         ended = session.offer_modules(&first).await.is_err();
@@ -726,7 +504,7 @@ async fn run(
                     ended = true;
                 } else {
                     let current = desired.borrow_and_update().clone();
-                    ended = session.offer(&current, None).await.is_err();
+                    ended = session.offer(&current).await.is_err();
                 }
             }
             changed = modules.changed() => {

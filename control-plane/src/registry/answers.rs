@@ -1,31 +1,67 @@
 //! What nodes tell the control plane back: ACKs, NACKs, transfer progress and health,
 //! kept in memory and written in batches (`flush_statuses`).
 
+use aviary_proto::resource::Resource;
+
 use super::Registry;
 use crate::error::ControlPlaneError;
 use crate::journal::blocking;
 use crate::node::{HealthRecord, NackRecord, NodeStatus, TransferProgress};
 
-impl Registry {
-    /// Records that `node_id` applied `revision`.
-    pub(crate) fn record_ack(&self, node_id: &str, revision: u64) {
-        let mut st = self.state();
-        if let Some(entry) = st.nodes.get_mut(node_id) {
-            entry.status.acked_revision = entry.status.acked_revision.max(revision);
-            st.dirty.insert(node_id.to_owned());
-        }
-    }
+/// What a node said about a revision it was sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// Applied.
+    Ack,
+    /// Refused, with the node's reason.
+    Nack(String),
+}
 
-    /// Records that `node_id` refused `revision`; it stays parked until the state moves on.
-    pub(crate) fn record_nack(&self, node_id: &str, revision: u64, error: &str) {
+impl Registry {
+    /// Records a node's answer to `revision` of `resource`. A NACK is kept, and parked
+    /// by every later stream, until the desired state of the resource moves on; any
+    /// answer about a module ends its transfer. (A rollout's completion is the engine's
+    /// tick: counting the fleet on every ACK would make a fleet-wide rollout quadratic.)
+    pub(crate) fn record_answer(
+        &self,
+        node_id: &str,
+        resource: &Resource,
+        revision: u64,
+        answer: &Answer,
+    ) {
         let mut st = self.state();
-        if let Some(entry) = st.nodes.get_mut(node_id) {
-            entry.status.nacked = Some(NackRecord {
+        let Some(entry) = st.nodes.get_mut(node_id) else {
+            return;
+        };
+        let nack = |error: &str| {
+            Some(NackRecord {
                 revision,
                 error: error.to_owned(),
-            });
-            st.dirty.insert(node_id.to_owned());
+            })
+        };
+        let status = &mut entry.status;
+        match (resource, answer) {
+            (Resource::Weights, Answer::Ack) => {
+                status.acked_revision = status.acked_revision.max(revision);
+            }
+            (Resource::Weights, Answer::Nack(error)) => status.nacked = nack(error),
+            (Resource::Module(m), answer) => {
+                let p = status.modules.entry(m.clone()).or_default();
+                match answer {
+                    Answer::Ack => p.acked_revision = p.acked_revision.max(revision),
+                    Answer::Nack(error) => p.nacked = nack(error),
+                }
+                p.transfer = None;
+            }
+            (Resource::Config(m), answer) => {
+                let p = status.configs.entry(m.clone()).or_default();
+                match answer {
+                    Answer::Ack => p.acked_revision = p.acked_revision.max(revision),
+                    Answer::Nack(error) => p.nacked = nack(error),
+                }
+            }
         }
+        st.dirty.insert(node_id.to_owned());
     }
 
     /// Writes statuses changed since the last call (ACKs, NACKs, last seen) in one batch;
@@ -107,39 +143,5 @@ impl Registry {
         }
         st.health_dirty.insert(node_id.to_owned());
         ignored
-    }
-
-    /// Records a module ACK. (Completion is the rollout engine's tick: counting the fleet
-    /// on every ACK would make a fleet-wide rollout quadratic.)
-    pub(crate) fn record_module_ack(&self, node_id: &str, module: &str, revision: u64) {
-        let mut st = self.state();
-        let Some(entry) = st.nodes.get_mut(node_id) else {
-            return;
-        };
-        let p = entry.status.modules.entry(module.to_owned()).or_default();
-        p.acked_revision = p.acked_revision.max(revision);
-        p.transfer = None;
-        st.dirty.insert(node_id.to_owned());
-    }
-
-    /// Records a module NACK (or a skip), parked until the desired module state changes.
-    pub(crate) fn record_module_nack(
-        &self,
-        node_id: &str,
-        module: &str,
-        revision: u64,
-        error: &str,
-    ) {
-        let mut st = self.state();
-        let Some(entry) = st.nodes.get_mut(node_id) else {
-            return;
-        };
-        let p = entry.status.modules.entry(module.to_owned()).or_default();
-        p.nacked = Some(NackRecord {
-            revision,
-            error: error.to_owned(),
-        });
-        p.transfer = None;
-        st.dirty.insert(node_id.to_owned());
     }
 }

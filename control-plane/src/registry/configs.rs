@@ -11,7 +11,6 @@ use super::Registry;
 use crate::audit::NewEvent;
 use crate::error::ControlPlaneError;
 use crate::layers::{desired_configs, layer_key, sort, ConfigLayer, Encoded, Scope};
-use crate::node::NackRecord;
 use crate::store::Change;
 
 /// What a set or delete did.
@@ -124,38 +123,5 @@ impl Registry {
             version,
             event_seq: stored.first().map_or(0, |e| e.seq),
         })
-    }
-
-    /// Records a config ACK.
-    pub(crate) fn record_config_ack(&self, node_id: &str, module: &str, revision: u64) {
-        let mut st = self.state();
-        if let Some(entry) = st.nodes.get_mut(node_id) {
-            let p = entry.status.configs.entry(module.to_owned()).or_default();
-            p.acked_revision = p.acked_revision.max(revision);
-            st.dirty.insert(node_id.to_owned());
-        }
-    }
-
-    /// Records a config NACK; the revision stays parked until the config changes.
-    pub(crate) fn record_config_nack(
-        &self,
-        node_id: &str,
-        module: &str,
-        revision: u64,
-        error: &str,
-    ) {
-        let mut st = self.state();
-        if let Some(entry) = st.nodes.get_mut(node_id) {
-            entry
-                .status
-                .configs
-                .entry(module.to_owned())
-                .or_default()
-                .nacked = Some(NackRecord {
-                revision,
-                error: error.to_owned(),
-            });
-            st.dirty.insert(node_id.to_owned());
-        }
     }
 }

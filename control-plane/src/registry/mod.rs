@@ -38,6 +38,7 @@ mod sessions;
 mod views;
 mod weights;
 
+pub(crate) use answers::Answer;
 pub(crate) use rollouts::NewRollout;
 pub(crate) use sessions::{Attachment, HelloInfo};
 pub(crate) use views::{NodeConfigView, NodeView, NodeWeights};

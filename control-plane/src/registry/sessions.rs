@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use aviary_certs::Identity;
+use aviary_proto::resource::Resource;
 use tokio::sync::{oneshot, watch};
 
 use super::views::weights_of;
@@ -30,13 +31,9 @@ pub(crate) struct HelloInfo {
     pub daemon_version: String,
     /// Installed modules.
     pub modules: Vec<ModuleRecord>,
-    /// The weights revision the node says it has applied.
-    pub applied_weights: u64,
-    /// Module revisions the node says it has applied (its state dir is the truth: an ACK
-    /// whose status flush a crash lost is recovered from here).
-    pub applied_modules: BTreeMap<String, u64>,
-    /// Config revisions the node says it has applied, per module.
-    pub applied_configs: BTreeMap<String, u64>,
+    /// The revision of each resource the node says it has applied (its state dir is the
+    /// truth: an ACK whose status flush a crash lost is recovered from here).
+    pub applied: BTreeMap<Resource, u64>,
 }
 
 /// A session's link to the registry, returned by `attach`.
@@ -48,16 +45,13 @@ pub(crate) struct Attachment {
     pub desired: watch::Receiver<Arc<Desired>>,
     /// Fires (or is dropped) when the session must end: revoked or superseded.
     pub cut: oneshot::Receiver<tonic::Status>,
-    /// The revision the node NACKed last, parked until the desired state moves on.
-    pub parked: Option<u64>,
+    /// Per resource, the revision the node NACKed last: parked until the desired state
+    /// of the resource moves on.
+    pub parked: BTreeMap<Resource, u64>,
     /// The node's desired modules; changes with rollouts and aborts.
     pub modules: watch::Receiver<Arc<DesiredModules>>,
-    /// Per module, the revision the node NACKed last (parked likewise).
-    pub modules_parked: BTreeMap<String, u64>,
     /// The node's merged runtime configs; change with the config layers.
     pub configs: watch::Receiver<Arc<DesiredConfigs>>,
-    /// Per module, the config revision the node NACKed last (parked likewise).
-    pub configs_parked: BTreeMap<String, u64>,
 }
 
 impl Registry {
@@ -68,9 +62,8 @@ impl Registry {
         hello: HelloInfo,
     ) -> Result<Attachment, ControlPlaneError> {
         let _writer = self.writer.lock().await;
-        let applied_modules = hello.applied_modules.clone();
-        let applied_weights = hello.applied_weights;
-        let applied_configs = hello.applied_configs.clone();
+        let applied = hello.applied.clone();
+        let applied_weights = applied.get(&Resource::Weights).copied().unwrap_or(0);
         let (record, is_new, new_revision) = {
             let st = self.state();
             let existing = st.nodes.get(node_id);
@@ -98,15 +91,15 @@ impl Registry {
             // has seen rather than reuse a number for another map, or send one it refuses
             // as older.
             let would_send = desired(&st.rules, &st.rollouts, &record).revision;
-            let unknown_history = hello.applied_weights > 0
+            let unknown_history = applied_weights > 0
                 && if existing.is_none() {
-                    hello.applied_weights >= would_send
+                    applied_weights >= would_send
                 } else {
-                    hello.applied_weights > would_send
+                    applied_weights > would_send
                 };
             let mut new_revision = None;
             if labels_changed || unknown_history {
-                let revision = st.revision.max(hello.applied_weights) + 1;
+                let revision = st.revision.max(applied_weights) + 1;
                 record.label_revision = revision;
                 new_revision = Some(revision);
             }
@@ -188,13 +181,28 @@ impl Registry {
             ));
         }
         entry.status.last_seen_ms = now_ms();
-        for (module, revision) in &applied_modules {
-            let p = entry.status.modules.entry(module.clone()).or_default();
-            p.acked_revision = p.acked_revision.max(*revision);
-        }
-        for (module, revision) in &applied_configs {
-            let p = entry.status.configs.entry(module.clone()).or_default();
-            p.acked_revision = p.acked_revision.max(*revision);
+        for (resource, revision) in &applied {
+            let acked = match resource {
+                Resource::Module(m) => {
+                    &mut entry
+                        .status
+                        .modules
+                        .entry(m.clone())
+                        .or_default()
+                        .acked_revision
+                }
+                Resource::Config(m) => {
+                    &mut entry
+                        .status
+                        .configs
+                        .entry(m.clone())
+                        .or_default()
+                        .acked_revision
+                }
+                // Only a revision this node was ever meant to have (see above).
+                Resource::Weights => continue,
+            };
+            *acked = (*acked).max(*revision);
         }
         if applied_weights <= entry.current.revision {
             entry.status.acked_revision = entry.status.acked_revision.max(applied_weights);
@@ -203,21 +211,9 @@ impl Registry {
             session_id,
             desired: entry.desired.subscribe(),
             cut: cut_rx,
-            parked: entry.status.nacked.as_ref().map(|n| n.revision),
+            parked: parked(&entry.status),
             modules: entry.modules.subscribe(),
-            modules_parked: entry
-                .status
-                .modules
-                .iter()
-                .filter_map(|(m, p)| Some((m.clone(), p.nacked.as_ref()?.revision)))
-                .collect(),
             configs: entry.configs.subscribe(),
-            configs_parked: entry
-                .status
-                .configs
-                .iter()
-                .filter_map(|(m, p)| Some((m.clone(), p.nacked.as_ref()?.revision)))
-                .collect(),
         };
         let update = weights_of(entry);
         st.rules = rules;
@@ -311,4 +307,21 @@ impl Revocations for Registry {
             .get(node_id)
             .is_some_and(|e| e.record.revoked)
     }
+}
+
+/// Per resource, the revision `status` says the node refused last.
+fn parked(status: &NodeStatus) -> BTreeMap<Resource, u64> {
+    let weights = status
+        .nacked
+        .as_ref()
+        .map(|n| (Resource::Weights, n.revision));
+    let modules = status
+        .modules
+        .iter()
+        .filter_map(|(m, p)| Some((Resource::Module(m.clone()), p.nacked.as_ref()?.revision)));
+    let configs = status
+        .configs
+        .iter()
+        .filter_map(|(m, p)| Some((Resource::Config(m.clone()), p.nacked.as_ref()?.revision)));
+    weights.into_iter().chain(modules).chain(configs).collect()
 }

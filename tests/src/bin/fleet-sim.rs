@@ -22,6 +22,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use aviary_certs::Link;
 use aviary_edge::backoff::Backoff;
+use aviary_proto::resource::Resource;
 use aviary_proto::v1 as pb;
 use aviary_tests::raw::{hello, RawStream};
 use clap::Parser;
@@ -194,7 +195,7 @@ async fn node(
                 });
             }
             hello.applied.push(pb::AppliedRevision {
-                resource: format!("module/{name}"),
+                resource: Resource::Module(name.clone()).to_string(),
                 revision: *revision,
             });
         }
