@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use aviary_proto::digest::hash_reader;
 
-use super::sled_store::{Trees, TREES};
+use super::trees::{Trees, TREES};
 use super::watermark::{self, Watermark};
 use super::{decode, StoreError};
 use crate::release::ReleaseRecord;

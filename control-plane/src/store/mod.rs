@@ -13,6 +13,7 @@
 pub(crate) mod error;
 pub mod maintenance;
 mod sled_store;
+mod trees;
 mod watermark;
 
 pub(crate) use error::StoreError;
