@@ -7,18 +7,10 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::fleet::FleetSettings;
+use aviary_startup::{read_config, required};
+pub use aviary_startup::{ConfigError, LogFormat};
 
-/// Log output format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Human,
-    /// One JSON object per line.
-    Json,
-}
+use crate::fleet::FleetSettings;
 
 /// Offline maintenance of a data dir (the control plane must be stopped: sled allows one
 /// process at a time).
@@ -85,7 +77,7 @@ pub struct Args {
     pub log_format: Option<LogFormat>,
     /// How long edges keep weights without a control plane before dropping them to 0.
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "duration::option")]
+    #[serde(default, deserialize_with = "aviary_startup::duration::option")]
     pub weight_ttl: Option<Duration>,
     /// New fleet streams admitted per second.
     #[arg(long)]
@@ -95,11 +87,11 @@ pub struct Args {
     pub admission_burst: Option<f64>,
     /// Maximum fleet stream age (±10% jitter).
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "duration::option")]
+    #[serde(default, deserialize_with = "aviary_startup::duration::option")]
     pub max_stream_age: Option<Duration>,
     /// HTTP/2 keepalive interval; a silent peer is dropped within 3 intervals.
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "duration::option")]
+    #[serde(default, deserialize_with = "aviary_startup::duration::option")]
     pub keepalive: Option<Duration>,
     /// Largest message accepted from a client, in bytes.
     #[arg(long)]
@@ -113,7 +105,7 @@ pub struct Args {
     pub delta_memory_budget: Option<u64>,
     /// A delta not built within this is replaced by the full payload (default 2m).
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "duration::option")]
+    #[serde(default, deserialize_with = "aviary_startup::duration::option")]
     pub delta_timeout: Option<Duration>,
     /// Open connections one edge certificate may hold at once (default 8).
     #[arg(long)]
@@ -123,7 +115,7 @@ pub struct Args {
     pub audit_retention_events: Option<u64>,
     /// Audit events older than this are deleted (default 90d).
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "duration::option")]
+    #[serde(default, deserialize_with = "aviary_startup::duration::option")]
     pub audit_retention_age: Option<Duration>,
 }
 
@@ -165,23 +157,10 @@ pub struct Config {
     pub audit_retention: AuditRetention,
 }
 
-/// A configuration problem, naming the flag or key (exit status 64).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-
 impl Args {
     /// Reads `--config` (if any) under the flags.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?;
-                toml::from_str::<Args>(&text)
-                    .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?
-            }
-            None => Args::default(),
-        };
+        let file: Args = read_config(self.config.as_deref())?;
         let weight_ttl = self
             .weight_ttl
             .or(file.weight_ttl)
@@ -285,26 +264,6 @@ impl Args {
                 send_timeout: Duration::from_secs(30),
             },
         })
-    }
-}
-
-fn required<T>(value: Option<T>, flag: &str) -> Result<T, ConfigError> {
-    value.ok_or_else(|| ConfigError(format!("--{flag} (or `{flag}` in --config) is required")))
-}
-
-/// Durations in TOML as humantime strings (`"30s"`, `"5m"`).
-mod duration {
-    use std::time::Duration;
-
-    use serde::Deserialize;
-
-    pub(super) fn option<'de, D: serde::Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Duration>, D::Error> {
-        let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map(Some)
-            .map_err(serde::de::Error::custom)
     }
 }
 

@@ -1,28 +1,12 @@
-//! Logging and Prometheus metrics set-up for the control-plane binaries.
+//! Prometheus metrics of the control plane: histogram buckets and every help text.
 
 use std::net::SocketAddr;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 
-use crate::config::LogFormat;
-
-/// Installs the tracing subscriber (`RUST_LOG` filters, default `info`).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// Serves Prometheus metrics on `addr` (must be called inside the runtime).
 pub fn init_metrics(addr: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full("aviary_propagation_seconds".into()),
             &[
@@ -34,9 +18,8 @@ pub fn init_metrics(addr: SocketAddr) -> Result<(), String> {
             Matcher::Full("aviary_delta_build_seconds".into()),
             &[0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0],
         )
-        .map_err(|e| e.to_string())?
-        .install()
-        .map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
+        .map_err(|e| e.to_string())?;
+    aviary_startup::serve_metrics(addr, builder)?;
     describe();
     Ok(())
 }

@@ -6,18 +6,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use aviary_startup::{read_config, required};
+pub use aviary_startup::{ConfigError, LogFormat};
 use clap::{Parser, Subcommand};
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Human,
-    /// One JSON object per line.
-    Json,
-}
 
 /// Command line of `aviary-edge`.
 #[derive(Parser, Debug)]
@@ -89,7 +80,7 @@ pub struct Args {
     pub log_format: Option<LogFormat>,
     /// HTTP/2 keepalive interval to the control plane.
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "duration_option")]
+    #[serde(default, deserialize_with = "aviary_startup::duration::option")]
     pub keepalive: Option<Duration>,
     /// CPU architecture reported in the Hello (default: this build's).
     #[arg(long)]
@@ -101,14 +92,6 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("label {text:?} is not key=value"))
-}
-
-fn duration_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    use serde::Deserialize;
-    let text = String::deserialize(d)?;
-    humantime::parse_duration(&text)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
 }
 
 /// Validated daemon configuration.
@@ -136,27 +119,10 @@ pub struct Config {
     pub arch: String,
 }
 
-/// A configuration problem naming the flag or key (exit status 64).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-
-fn required<T>(value: Option<T>, flag: &str) -> Result<T, ConfigError> {
-    value.ok_or_else(|| ConfigError(format!("--{flag} (or `{flag}` in --config) is required")))
-}
-
 impl Args {
     /// Reads `--config` (if any) under the flags and validates the result.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?;
-                toml::from_str::<Args>(&text)
-                    .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?
-            }
-            None => Args::default(),
-        };
+        let file: Args = read_config(self.config.as_deref())?;
         let node_id = required(self.node_id.or(file.node_id), "node-id")?;
         aviary_certs::validate_name("node id", &node_id)
             .map_err(|e| ConfigError(format!("--node-id: {e}")))?;

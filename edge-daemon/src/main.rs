@@ -3,8 +3,9 @@
 
 use std::process::ExitCode;
 
-use aviary_edge::config::{Cli, Command, LogFormat};
+use aviary_edge::config::{Cli, Command, Config};
 use clap::Parser;
+use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
@@ -18,77 +19,31 @@ fn main() -> ExitCode {
     {
         return apply(&state_dir, &certs, &bundle, arch);
     }
-    let config = match cli.args.resolve() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("aviary-edge: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    init_logging(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("aviary-edge: tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        if let Some(addr) = config.metrics_listen {
-            let installed = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .with_http_listener(addr)
-                .install();
-            if let Err(e) = installed {
-                eprintln!("aviary-edge: --metrics-listen {addr}: {e}");
-                return ExitCode::FAILURE;
-            }
-            describe_metrics();
-        }
-        let shutdown = CancellationToken::new();
-        let signals = shutdown.clone();
-        tokio::spawn(async move {
-            let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            signals.cancel();
-        });
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<aviary_edge::Ready>();
-        tokio::spawn(async move {
-            if let Ok(ready) = ready_rx.await {
-                if let Some(addr) = ready.local_addr {
-                    println!("local http on {addr}");
-                }
-            }
-        });
-        match aviary_edge::run(config, shutdown, Some(ready_tx)).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("aviary-edge: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    aviary_startup::run(
+        "aviary-edge",
+        cli.args.resolve(),
+        |c| c.log_format,
+        tokio::runtime::Builder::new_current_thread(),
+        serve,
+    )
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
+async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), String> {
+    if let Some(addr) = config.metrics_listen {
+        aviary_startup::serve_metrics(addr, PrometheusBuilder::new())?;
+        describe_metrics();
     }
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<aviary_edge::Ready>();
+    tokio::spawn(async move {
+        if let Ok(ready) = ready_rx.await {
+            if let Some(addr) = ready.local_addr {
+                println!("local http on {addr}");
+            }
+        }
+    });
+    aviary_edge::run(config, shutdown, Some(ready_tx))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Help text for every metric the daemon exports (`promtool check metrics` wants it).

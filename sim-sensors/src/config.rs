@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aviary_startup::{read_config, required};
+pub use aviary_startup::{ConfigError, LogFormat};
 use clap::Parser;
 
 use crate::faults::Faults;
@@ -38,17 +40,6 @@ impl Mode {
             Mode::Bridge => "bridge",
         }
     }
-}
-
-/// Log output format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// Human-readable lines.
-    #[default]
-    Human,
-    /// One JSON object per line.
-    Json,
 }
 
 /// Command line of `aviary-sensors` (every flag is also a key of the `--config` file).
@@ -100,7 +91,7 @@ pub struct Args {
     pub queue_depth: Option<usize>,
     /// A subscriber whose queue stays full this long is disconnected (default 10s).
     #[arg(long, value_parser = humantime::parse_duration)]
-    #[serde(default, deserialize_with = "duration_option")]
+    #[serde(default, deserialize_with = "aviary_startup::duration::option")]
     pub subscriber_timeout: Option<Duration>,
     /// Open StreamImu calls allowed at once (default 1024).
     #[arg(long)]
@@ -114,12 +105,6 @@ pub struct Args {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
-}
-
-fn duration_option<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-    let text: Option<String> = serde::Deserialize::deserialize(d)?;
-    text.map(|t| humantime::parse_duration(&t).map_err(serde::de::Error::custom))
-        .transpose()
 }
 
 /// The sensors a stub serves.
@@ -196,11 +181,6 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
-/// A configuration problem, naming the flag or key (exit status 64).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(pub String);
-
 fn pick<T>(flags: Vec<T>, file: Vec<T>) -> Vec<T> {
     if flags.is_empty() {
         file
@@ -212,19 +192,8 @@ fn pick<T>(flags: Vec<T>, file: Vec<T>) -> Vec<T> {
 impl Args {
     /// Reads `--config` (if any) under the flags, loads recordings, parses specs.
     pub fn resolve(self) -> Result<Config, ConfigError> {
-        let file = match &self.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?;
-                toml::from_str::<Args>(&text)
-                    .map_err(|e| ConfigError(format!("--config {}: {e}", path.display())))?
-            }
-            None => Args::default(),
-        };
-        let listen = self
-            .listen
-            .or(file.listen)
-            .ok_or_else(|| ConfigError("--listen (or `listen` in --config) is required".into()))?;
+        let file: Args = read_config(self.config.as_deref())?;
+        let listen = required(self.listen.or(file.listen), "listen")?;
         let mode = self.mode.or(file.mode).ok_or_else(|| {
             ConfigError("--mode synthetic|replay|bridge (or `mode` in --config) is required".into())
         })?;

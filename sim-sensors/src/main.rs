@@ -3,61 +3,32 @@
 
 use std::process::ExitCode;
 
-use aviary_sensors::{telemetry, Args};
+use aviary_sensors::{telemetry, Args, Config};
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let config = match Args::parse().resolve() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("aviary-sensors: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    telemetry::init_logging(config.log_format);
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("aviary-sensors: tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        if let Some(addr) = config.metrics_listen {
-            if let Err(e) = telemetry::init_metrics(addr) {
-                eprintln!("aviary-sensors: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-        let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            if let Ok(addr) = ready_rx.await {
-                // One machine-readable line for scripts and tests that pass port 0.
-                println!("listening on {addr}");
-            }
-        });
-        match aviary_sensors::run(config, shutdown, Some(ready_tx)).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("aviary-sensors: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    aviary_startup::run(
+        "aviary-sensors",
+        Args::parse().resolve(),
+        |c| c.log_format,
+        tokio::runtime::Builder::new_multi_thread(),
+        serve,
+    )
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), String> {
+    if let Some(addr) = config.metrics_listen {
+        telemetry::init_metrics(addr)?;
     }
-    tracing::info!("shutting down");
-    shutdown.cancel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Ok(addr) = ready_rx.await {
+            // One machine-readable line for scripts and tests that pass port 0.
+            println!("listening on {addr}");
+        }
+    });
+    aviary_sensors::run(config, shutdown, Some(ready_tx))
+        .await
+        .map_err(|e| e.to_string())
 }

@@ -1,4 +1,4 @@
-//! Logging and Prometheus metrics set-up for `aviary-sensors`.
+//! Prometheus metrics of `aviary-sensors`: every help text.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -6,30 +6,13 @@ use std::time::Duration;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use metrics_util::MetricKindMask;
 
-use crate::config::LogFormat;
-
-/// Installs the tracing subscriber (`RUST_LOG` filters, default `info`).
-pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// Serves Prometheus metrics on `addr` (must be called inside the runtime).
 pub fn init_metrics(addr: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let builder = PrometheusBuilder::new()
         // Per-stream lag gauges of closed streams disappear instead of piling up; live
         // ones are set on every sample, and the subscriber gauge is refreshed each second.
-        .idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(30)))
-        .install()
-        .map_err(|e| format!("--metrics-listen {addr}: {e}"))?;
+        .idle_timeout(MetricKindMask::GAUGE, Some(Duration::from_secs(30)));
+    aviary_startup::serve_metrics(addr, builder)?;
     describe();
     Ok(())
 }

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use aviary_control_plane::config::{Args, Maintenance};
+use aviary_control_plane::config::{Args, Config, Maintenance};
 use aviary_control_plane::maintenance;
 use aviary_control_plane::telemetry;
 use clap::Parser;
@@ -13,74 +13,44 @@ fn main() -> ExitCode {
     if let Some(command) = &args.command {
         return maintain(command);
     }
-    let config = match args.resolve() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("aviary-control-plane: {e}");
-            return ExitCode::from(64);
-        }
-    };
-    telemetry::init_logging(config.log_format);
+    // Before the runtime starts any thread.
     limit_malloc_arenas();
-    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
-        tracing::warn!(error = %e, "could not raise the open-files limit");
-    }
     // Blocking work (store commits, payload chunk reads, delta builds) queues for a
     // bounded pool: tokio's default of 512 threads grew to 120+ during a fleet-wide
     // rollout, each thread with its own stack and a share of malloc's arenas.
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(64)
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("aviary-control-plane: tokio runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    runtime.block_on(async {
-        if let Some(addr) = config.metrics_listen {
-            if let Err(e) = telemetry::init_metrics(addr) {
-                eprintln!("aviary-control-plane: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-        let shutdown = CancellationToken::new();
-        tokio::spawn(stop_on_signal(shutdown.clone()));
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        tokio::spawn(tracing::Instrument::instrument(
-            trim_malloc(shutdown.clone()),
-            tracing::info_span!("malloc_trim"),
-        ));
-        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-        tokio::spawn(async move {
-            if let Ok(addr) = ready_rx.await {
-                // One machine-readable line for scripts and tests that pass port 0.
-                println!("listening on {addr}");
-            }
-        });
-        match aviary_control_plane::run(config, shutdown, Some(ready_tx)).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("aviary-control-plane: {e}");
-                ExitCode::FAILURE
-            }
-        }
-    })
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.max_blocking_threads(64);
+    aviary_startup::run(
+        "aviary-control-plane",
+        args.resolve(),
+        |c| c.log_format,
+        runtime,
+        serve,
+    )
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+async fn serve(config: Config, shutdown: CancellationToken) -> Result<(), String> {
+    if let Err(e) = rlimit::increase_nofile_limit(u64::MAX) {
+        tracing::warn!(error = %e, "could not raise the open-files limit");
     }
-    tracing::info!("shutting down");
-    shutdown.cancel();
+    if let Some(addr) = config.metrics_listen {
+        telemetry::init_metrics(addr)?;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::spawn(tracing::Instrument::instrument(
+        trim_malloc(shutdown.clone()),
+        tracing::info_span!("malloc_trim"),
+    ));
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        if let Ok(addr) = ready_rx.await {
+            // One machine-readable line for scripts and tests that pass port 0.
+            println!("listening on {addr}");
+        }
+    });
+    aviary_control_plane::run(config, shutdown, Some(ready_tx))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// `check`, `backup` and `restore`: one line per finding, exit 1 when anything is wrong.
