@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod fake_cp;
+mod fleet;
 pub mod foreign;
 pub mod fuzz_targets;
 pub mod proxy;
@@ -23,6 +24,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 pub use aviary_cli::Admin;
+pub use fleet::{active, wait_versions, Fleet};
 
 /// Directory of the built binaries (`target/debug` next to the running test binary), or
 /// `AVIARY_BIN_DIR`.
@@ -277,23 +279,86 @@ async fn spawn_and_read(
     Ok((child, rest))
 }
 
-/// Sends SIGTERM and waits for the exit status.
-async fn terminate(child: &mut Child) -> anyhow::Result<ExitStatus> {
-    let pid = child.id().context("already exited")?;
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()?;
-    if !status.success() {
-        bail!("kill -TERM {pid} failed");
+/// A process the harness started (killed when dropped: `kill_on_drop`).
+pub struct Process(pub(crate) Option<Child>);
+
+/// What the harness can do to any process it started.
+#[allow(async_fn_in_trait)]
+pub trait Daemon {
+    /// Its process.
+    fn process(&mut self) -> &mut Process;
+
+    /// SIGKILL, no goodbye.
+    async fn kill9(&mut self) -> anyhow::Result<()> {
+        self.process().kill9().await
     }
-    Ok(tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .context("did not exit within 20s of SIGTERM")??)
+
+    /// SIGTERM; returns the exit status.
+    async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        self.process().terminate().await
+    }
+}
+
+impl Process {
+    /// Kills it (if running) and starts `program args` in its place, stderr to `log`,
+    /// waiting for a stdout line starting with `prefix`.
+    pub(crate) async fn respawn(
+        &mut self,
+        program: &[String],
+        args: &[String],
+        log: &Path,
+        prefix: &str,
+    ) -> anyhow::Result<()> {
+        self.kill9().await?;
+        let (exe, leading) = program.split_first().context("no program")?;
+        let all: Vec<String> = leading.iter().chain(args).cloned().collect();
+        let (child, _) = spawn_and_read(Path::new(exe), &all, log, prefix).await?;
+        self.0 = Some(child);
+        Ok(())
+    }
+
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.0.as_ref().and_then(Child::id)
+    }
+
+    pub(crate) async fn kill9(&mut self) -> anyhow::Result<()> {
+        if let Some(mut child) = self.0.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then up to 20 s for it to exit.
+    pub(crate) async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut child = self.0.take().context("not running")?;
+        let pid = child.id().context("already exited")?;
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM {pid} failed");
+        }
+        Ok(tokio::time::timeout(Duration::from_secs(20), child.wait())
+            .await
+            .context("did not exit within 20s of SIGTERM")??)
+    }
+}
+
+impl Daemon for ControlPlane {
+    fn process(&mut self) -> &mut Process {
+        &mut self.child
+    }
+}
+
+impl Daemon for Edge {
+    fn process(&mut self) -> &mut Process {
+        &mut self.child
+    }
 }
 
 /// A running `aviary-control-plane`.
 pub struct ControlPlane {
-    child: Option<Child>,
+    child: Process,
     /// The gRPC address.
     pub addr: SocketAddr,
     /// Its data dir.
@@ -324,7 +389,7 @@ impl ControlPlane {
         let (child, addr) =
             spawn_and_read(&bin("aviary-control-plane")?, &first, &log, "listening on ").await?;
         Ok(ControlPlane {
-            child: Some(child),
+            child: Process(Some(child)),
             addr: addr.parse()?,
             data_dir,
             metrics,
@@ -335,7 +400,7 @@ impl ControlPlane {
 
     /// The process id, while running.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
+        self.child.pid()
     }
 
     /// `https://ADDR`.
@@ -343,34 +408,15 @@ impl ControlPlane {
         format!("https://{}", self.addr)
     }
 
-    /// SIGKILL, no goodbye.
-    pub async fn kill9(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
-        Ok(())
-    }
-
-    /// SIGTERM; returns the exit status.
-    pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
-        let mut child = self.child.take().context("not running")?;
-        terminate(&mut child).await
-    }
-
     /// Starts again on the same address and data dir.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.kill9().await?;
         let mut args = self.args.clone();
         args.extend(["--listen".into(), self.addr.to_string()]);
-        let (child, _) = spawn_and_read(
-            &bin("aviary-control-plane")?,
-            &args,
-            &self.log,
-            "listening on ",
-        )
-        .await?;
-        self.child = Some(child);
-        Ok(())
+        let program = [bin("aviary-control-plane")?.display().to_string()];
+        let log = self.log.clone();
+        self.child
+            .respawn(&program, &args, &log, "listening on ")
+            .await
     }
 
     /// `aviary --control-plane URL --certs PKI ARGS...`: its stdout, or its stderr as the
@@ -553,7 +599,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
 
 /// A running `aviary-edge`.
 pub struct Edge {
-    child: Option<Child>,
+    child: Process,
     /// The program and its leading arguments (the daemon, or qemu and the daemon).
     program: Vec<String>,
     /// Its node id.
@@ -647,7 +693,7 @@ impl Edge {
         first.extend(["--local-listen".into(), "127.0.0.1:0".into()]);
         let (child, local) = spawn_edge(&program, &first, &log).await?;
         Ok(Edge {
-            child: Some(child),
+            child: Process(Some(child)),
             program,
             node_id: node_id.into(),
             state_dir,
@@ -659,7 +705,7 @@ impl Edge {
 
     /// The process id, while running.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
+        self.child.pid()
     }
 
     /// The weights as `GET /v1/weights` serves them.
@@ -702,28 +748,25 @@ impl Edge {
         .await
     }
 
-    /// SIGKILL.
-    pub async fn kill9(&mut self) -> anyhow::Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
-        Ok(())
-    }
-
-    /// SIGTERM; returns the exit status.
-    pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
-        let mut child = self.child.take().context("not running")?;
-        terminate(&mut child).await
-    }
-
     /// Starts again with the same state dir and local port.
     pub async fn restart(&mut self) -> anyhow::Result<()> {
-        self.kill9().await?;
         let mut args = self.args.clone();
         args.extend(["--local-listen".into(), self.local.to_string()]);
-        let (child, _) = spawn_edge(&self.program, &args, &self.log).await?;
-        self.child = Some(child);
-        Ok(())
+        let (program, log) = (self.program.clone(), self.log.clone());
+        self.child
+            .respawn(&program, &args, &log, "local http on ")
+            .await
+    }
+
+    /// The version in the current slot of `module`, as its state.json says.
+    pub fn module_version(&self, module: &str) -> Option<String> {
+        let path = self
+            .state_dir
+            .join("modules")
+            .join(module)
+            .join("state.json");
+        let st: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        st["current"]["version"].as_str().map(str::to_owned)
     }
 
     /// The daemon's log so far.

@@ -2,16 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::time::Duration;
 
 use anyhow::Context;
 use aviary_proto::sensors::v1 as pb;
 use pb::sensor_stub_client::SensorStubClient;
-use tokio::process::Child;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::{bin, free_port, spawn_and_read, terminate, Workspace};
+use crate::{bin, free_port, spawn_and_read, Process, Workspace};
 
 /// One of the repo's real IMU recordings (`sim-sensors/data/imu/`).
 pub fn imu_data(file: &str) -> PathBuf {
@@ -20,7 +18,7 @@ pub fn imu_data(file: &str) -> PathBuf {
 
 /// A running sensor stub.
 pub struct SensorStub {
-    child: Option<Child>,
+    child: Process,
     /// The gRPC address.
     pub addr: SocketAddr,
     /// Its Prometheus address.
@@ -44,7 +42,7 @@ impl SensorStub {
         let (child, addr) =
             spawn_and_read(&bin("aviary-sensors")?, &all, &log, "listening on ").await?;
         Ok(SensorStub {
-            child: Some(child),
+            child: Process(Some(child)),
             addr: addr.parse()?,
             metrics,
             log,
@@ -88,13 +86,13 @@ impl SensorStub {
 
     /// The process id, while running.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().and_then(Child::id)
+        self.child.pid()
     }
+}
 
-    /// SIGTERM; returns the exit status.
-    pub async fn terminate(&mut self) -> anyhow::Result<ExitStatus> {
-        let mut child = self.child.take().context("not running")?;
-        terminate(&mut child).await
+impl crate::Daemon for SensorStub {
+    fn process(&mut self) -> &mut Process {
+        &mut self.child
     }
 }
 

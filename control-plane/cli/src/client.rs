@@ -47,4 +47,27 @@ impl Admin {
             configs: pb::configs_client::ConfigsClient::new(channel),
         })
     }
+
+    /// `Nodes/SetWeight`: `module` gets `weight` on the nodes `selector` matches.
+    pub async fn set_weight(
+        &mut self,
+        module: &str,
+        weight: u32,
+        selector: &str,
+    ) -> Result<pb::SetWeightResponse, tonic::Status> {
+        let request = pb::SetWeightRequest {
+            module: module.to_owned(),
+            weight,
+            selector: selector.to_owned(),
+        };
+        Ok(self.nodes.set_weight(request).await?.into_inner())
+    }
+
+    /// `Nodes/GetNode`.
+    pub async fn node(&mut self, node_id: &str) -> Result<pb::Node, tonic::Status> {
+        let request = pb::GetNodeRequest {
+            node_id: node_id.to_owned(),
+        };
+        Ok(self.nodes.get_node(request).await?.into_inner())
+    }
 }

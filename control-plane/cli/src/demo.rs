@@ -252,15 +252,7 @@ async fn admin_nodes(url: &str, pki: &Path) -> anyhow::Result<Vec<pb::Node>> {
 }
 
 async fn set_weight(admin: &mut Admin, weight: u32, selector: &str) -> anyhow::Result<()> {
-    let reply = admin
-        .nodes
-        .set_weight(pb::SetWeightRequest {
-            module: MODULE.into(),
-            weight,
-            selector: selector.into(),
-        })
-        .await?
-        .into_inner();
+    let reply = admin.set_weight(MODULE, weight, selector).await?;
     let scope = if selector.is_empty() {
         "all nodes"
     } else {

@@ -443,26 +443,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     output::nodes(format, &nodes.into_inner().nodes);
                 }
                 NodesCommand::Get { id } => {
-                    let node = admin
-                        .nodes
-                        .get_node(pb::GetNodeRequest { node_id: id })
-                        .await?;
-                    output::node(format, &node.into_inner());
+                    output::node(format, &admin.node(&id).await?);
                 }
                 NodesCommand::SetWeight {
                     module,
                     weight,
                     selector,
                 } => {
-                    let reply = admin
-                        .nodes
-                        .set_weight(pb::SetWeightRequest {
-                            module: module.clone(),
-                            weight,
-                            selector,
-                        })
-                        .await?
-                        .into_inner();
+                    let reply = admin.set_weight(&module, weight, &selector).await?;
                     output::set_weight(format, &module, weight, &reply);
                 }
                 NodesCommand::Revoke { id, reason } => {

@@ -13,9 +13,8 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use aviary_proto::v1 as pb;
 use aviary_tests::sims::{now_ns, percentile, Event, Sims};
-use aviary_tests::{bin, cpu_time, rss_kib, ControlPlane, Edge, Workspace};
+use aviary_tests::{bin, cpu_time, rss_kib, ControlPlane, Daemon, Edge, Workspace};
 use clap::Parser;
 
 /// Fleet benchmarks (see the module docs).
@@ -93,14 +92,7 @@ async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
     let cp_cpu0 = cpu_time(pid)?;
     let sims_cpu0 = sims.cpu_time();
     let t0 = now_ns();
-    admin
-        .nodes
-        .set_weight(pb::SetWeightRequest {
-            module: "gateway".into(),
-            weight: 50,
-            selector: "bench=yes".into(),
-        })
-        .await?;
+    admin.set_weight("gateway", 50, "bench=yes").await?;
     let rpc_ms = now_ns().saturating_sub(t0) as f64 / 1e6;
     let mut latencies = Vec::with_capacity(nodes);
     sims.until(
@@ -182,14 +174,7 @@ async fn edge_footprint(secs: u64) -> anyhow::Result<EdgeFigures> {
     // Weights streaming: a new assignment every second.
     while start.elapsed() < Duration::from_secs(secs) {
         assignments += 1;
-        admin
-            .nodes
-            .set_weight(pb::SetWeightRequest {
-                module: "gateway".into(),
-                weight: assignments % 101,
-                selector: String::new(),
-            })
-            .await?;
+        admin.set_weight("gateway", assignments % 101, "").await?;
         tokio::time::sleep(Duration::from_secs(1)).await;
         peak = peak.max(rss_kib(pid)?);
     }

@@ -134,11 +134,7 @@ async fn main() -> anyhow::Result<()> {
                 None => bail!("the simulators exited"),
             },
             _ = weight_tick.tick() => {
-                let r = admin.nodes.set_weight(pb::SetWeightRequest {
-                    module: MODULE.into(),
-                    weight: fastrand::u32(0..=100),
-                    selector: String::new(),
-                }).await?.into_inner();
+                let r = admin.set_weight(MODULE, fastrand::u32(0..=100), "").await?;
                 audit_seq = audit_seq.max(r.event_seq);
                 weights += 1;
             }

@@ -187,13 +187,7 @@ async fn a_revoked_node_is_cut_off_and_refused_from_then_on() -> anyhow::Result<
         .err()
         .map(|s| s.code());
     assert_eq!(err, Some(Code::PermissionDenied));
-    let node = admin
-        .nodes
-        .get_node(pb::GetNodeRequest {
-            node_id: "gw-1".into(),
-        })
-        .await?
-        .into_inner();
+    let node = admin.node("gw-1").await?;
     assert!(node.revoked && !node.connected);
     audited(&ws, &cp, "nodes.revoke", "stolen gateway").await?;
     audited(&ws, &cp, "auth.denied", "node gw-1 is revoked").await?;

@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use aviary_proto::digest::Sha256;
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, ControlPlane, Edge, ProbeTarget, Workspace};
+use aviary_tests::{
+    bin, eventually, wait_versions, ControlPlane, Daemon, Edge, Fleet, ProbeTarget, Workspace,
+};
 
 fn upload(ws: &Workspace, cp: &ControlPlane, version: &str) -> anyhow::Result<Vec<u8>> {
     let bytes = format!("model weights {version}").into_bytes();
@@ -37,13 +39,14 @@ fn upload(ws: &Workspace, cp: &ControlPlane, version: &str) -> anyhow::Result<Ve
     Ok(bytes)
 }
 
-/// The version in a node's current slot of `model`.
-fn version_on(edge: &Edge) -> Option<String> {
-    let st: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(edge.state_dir.join("modules/model/state.json")).ok()?,
-    )
-    .ok()?;
-    st["current"]["version"].as_str().map(str::to_owned)
+/// 2.0.0 on the `canaries`, 1.0.0 elsewhere.
+fn new_on(canaries: &[String], node: &str) -> String {
+    if canaries.iter().any(|c| c == node) {
+        "2.0.0"
+    } else {
+        "1.0.0"
+    }
+    .into()
 }
 
 /// Nodes a rollout's canary scale covers, computed as the control plane does: each node
@@ -69,50 +72,12 @@ fn canaries(rollout: &str, nodes: &[String], percent: u32) -> Vec<String> {
         .collect()
 }
 
-async fn rollout(ws: &Workspace, cp: &ControlPlane, id: &str) -> anyhow::Result<pb::Rollout> {
-    let mut admin = ws.admin(cp).await?;
-    Ok(admin
-        .rollouts
-        .get_rollout(pb::GetRolloutRequest { id: id.into() })
-        .await?
-        .into_inner())
-}
-
-async fn wait_versions(
-    edges: &[Edge],
-    expect: impl Fn(&str) -> &'static str,
-) -> anyhow::Result<()> {
-    for e in edges {
-        let want = expect(&e.node_id);
-        eventually(
-            Duration::from_secs(30),
-            &format!("{} to run {want}", e.node_id),
-            || async { Ok((version_on(e).as_deref() == Some(want)).then_some(())) },
-        )
-        .await?;
-    }
-    Ok(())
-}
-
 #[tokio::test]
 async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_promoted(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let mut cp = ControlPlane::start(&ws, &[]).await?;
-    let mut edges = Vec::new();
-    for i in 0..10 {
-        edges.push(
-            Edge::start(
-                &ws,
-                &cp,
-                &format!("gw-{i:02}"),
-                &[("tier", "edge")],
-                &["--arch", "x86_64"],
-            )
-            .await?,
-        );
-    }
-    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect();
+    let Fleet { ws, mut cp, edges } =
+        Fleet::start_with(10, |_| vec![("tier", "edge")], &["--arch", "x86_64"]).await?;
+    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect::<Vec<_>>();
     upload(&ws, &cp, "1.0.0")?;
     upload(&ws, &cp, "2.0.0")?;
     cp.cli(
@@ -126,7 +91,7 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
             "1.0.0",
         ],
     )?;
-    wait_versions(&edges, |_| "1.0.0").await?;
+    wait_versions(&edges, "model", |_| "1.0.0".into()).await?;
     eventually(Duration::from_secs(20), "rollout 1 to finish", || async {
         let list = cp.cli(&ws, &["-o", "json", "rollout", "list"])?;
         Ok(list.contains("ROLLOUT_STATE_SUCCEEDED").then_some(()))
@@ -179,7 +144,7 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
         Duration::from_secs(30),
         "the rollout to pause at step 2",
         || async {
-            let r = rollout(&ws, &cp, &id).await?;
+            let r = cp.rollout(&ws, &id).await?;
             Ok((r.state == pb::RolloutState::Paused as i32).then_some(r))
         },
     )
@@ -187,14 +152,7 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     assert_eq!(paused.current_step, 2, "{paused:?}");
     let at20 = canaries(&id, &nodes, 20);
     assert_eq!(paused.progress.map(|p| p.canaries), Some(at20.len() as u32));
-    wait_versions(&edges, |n| {
-        if at20.iter().any(|c| c == n) {
-            "2.0.0"
-        } else {
-            "1.0.0"
-        }
-    })
-    .await?;
+    wait_versions(&edges, "model", |n| new_on(&at20, n)).await?;
 
     // The canaries carry the step's weight, the others the operator's; the rollout owns
     // the module's weights until it ends.
@@ -217,26 +175,19 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     cp.kill9().await?;
     cp.restart().await?;
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let r = rollout(&ws, &cp, &id).await?;
+    let r = cp.rollout(&ws, &id).await?;
     assert_eq!(
         (r.state, r.current_step),
         (pb::RolloutState::Paused as i32, 2),
         "{r:?}"
     );
-    wait_versions(&edges, |n| {
-        if at20.iter().any(|c| c == n) {
-            "2.0.0"
-        } else {
-            "1.0.0"
-        }
-    })
-    .await?;
+    wait_versions(&edges, "model", |n| new_on(&at20, n)).await?;
 
     // Promote: 50 %, a timed pause, then everyone.
     cp.cli(&ws, &["rollout", "promote", &id])?;
     // And a crash in the middle of the 50 % scale step: it resumes and finishes.
     eventually(Duration::from_secs(20), "the 50 % step", || async {
-        let r = rollout(&ws, &cp, &id).await?;
+        let r = cp.rollout(&ws, &id).await?;
         Ok((r.current_step >= 3).then_some(()))
     })
     .await?;
@@ -246,15 +197,15 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
         Duration::from_secs(30),
         "the rollout to succeed",
         || async {
-            let r = rollout(&ws, &cp, &id).await?;
+            let r = cp.rollout(&ws, &id).await?;
             Ok((r.state == pb::RolloutState::Succeeded as i32).then_some(()))
         },
     )
     .await;
     if let Err(e) = done {
-        bail!("{e}: {:?}\n{}", rollout(&ws, &cp, &id).await?, cp.log());
+        bail!("{e}: {:?}\n{}", cp.rollout(&ws, &id).await?, cp.log());
     }
-    wait_versions(&edges, |_| "2.0.0").await?;
+    wait_versions(&edges, "model", |_| "2.0.0".into()).await?;
     for e in &edges {
         e.wait_weight("model", 100).await?;
     }
@@ -347,14 +298,6 @@ fn upload_worker_with(
     Ok(())
 }
 
-fn worker_version(edge: &Edge) -> Option<String> {
-    let st: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(edge.state_dir.join("modules/worker/state.json")).ok()?,
-    )
-    .ok()?;
-    st["current"]["version"].as_str().map(str::to_owned)
-}
-
 /// `aviary rollout create --module worker --version V STEPS...`; returns the rollout id.
 fn create_worker_rollout(
     ws: &Workspace,
@@ -377,33 +320,11 @@ fn create_worker_rollout(
     Ok(v["rollouts"][0]["id"].as_str().context("id")?.to_owned())
 }
 
-async fn settle(ws: &Workspace, cp: &ControlPlane, id: &str) -> anyhow::Result<pb::Rollout> {
-    eventually(
-        Duration::from_secs(60),
-        &format!("rollout {id} to end"),
-        || async {
-            let r = rollout(ws, cp, id).await?;
-            let ended = ![
-                pb::RolloutState::Progressing as i32,
-                pb::RolloutState::Paused as i32,
-            ]
-            .contains(&r.state);
-            Ok(ended.then_some(r))
-        },
-    )
-    .await
-}
-
 #[tokio::test]
 async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() -> anyhow::Result<()>
 {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
-    let mut edges = Vec::new();
-    for i in 0..10 {
-        edges.push(Edge::start(&ws, &cp, &format!("gw-{i:02}"), &[], &["--arch", "x86_64"]).await?);
-    }
-    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect();
+    let Fleet { ws, cp, edges } = Fleet::start(10).await?;
+    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect::<Vec<_>>();
     upload_worker(&ws, &cp, "1.0.0", "\"--idle\"")?;
     upload_worker(&ws, &cp, "2.0.0", "\"--idle\", \"--log-errors\"")?;
     upload_worker(&ws, &cp, "3.0.0", "\"--idle\"")?;
@@ -431,7 +352,8 @@ async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() 
             "1.0.0",
         ],
     )?)?;
-    settle(&ws, &cp, first["rollouts"][0]["id"].as_str().context("id")?).await?;
+    cp.wait_rollout_end(&ws, first["rollouts"][0]["id"].as_str().context("id")?)
+        .await?;
 
     let canary_steps = [
         "--step",
@@ -449,18 +371,13 @@ async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() 
 
     // The bad one logs errors: its analysis fails and it is aborted automatically.
     let bad = create("2.0.0")?;
-    let r = settle(&ws, &cp, &bad).await?;
+    let r = cp.wait_rollout_end(&ws, &bad).await?;
     assert_eq!(r.state, pb::RolloutState::Aborted as i32, "{r:?}");
     assert!(r.message.contains("log-pattern match"), "{}", r.message);
     let canaries = canaries(&bad, &nodes, 30);
     assert!(!canaries.is_empty());
+    wait_versions(&edges, "worker", |_| "1.0.0".into()).await?;
     for e in &edges {
-        eventually(
-            Duration::from_secs(20),
-            &format!("{} back on 1.0.0", e.node_id),
-            || async { Ok((worker_version(e).as_deref() == Some("1.0.0")).then_some(())) },
-        )
-        .await?;
         e.wait_weight("worker", 100).await?;
     }
     let events = cp.events(&ws, "rollout.analysis").await?;
@@ -476,28 +393,20 @@ async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() 
 
     // The good one passes and completes.
     let good = create("3.0.0")?;
-    let r = settle(&ws, &cp, &good).await?;
+    let r = cp.wait_rollout_end(&ws, &good).await?;
     assert_eq!(r.state, pb::RolloutState::Succeeded as i32, "{r:?}");
-    for e in &edges {
-        eventually(
-            Duration::from_secs(20),
-            &format!("{} on 3.0.0", e.node_id),
-            || async { Ok((worker_version(e).as_deref() == Some("3.0.0")).then_some(())) },
-        )
-        .await?;
-    }
+    wait_versions(&edges, "worker", |_| "3.0.0".into()).await?;
     Ok(())
 }
 
 #[tokio::test]
 async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_it(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let mut cp = ControlPlane::start(&ws, &[]).await?;
-    let mut edges = Vec::new();
-    for i in 0..8 {
-        edges.push(Edge::start(&ws, &cp, &format!("gw-{i:02}"), &[], &["--arch", "x86_64"]).await?);
-    }
+    let Fleet {
+        ws,
+        mut cp,
+        mut edges,
+    } = Fleet::start(8).await?;
     upload_worker(&ws, &cp, "1.0.0", "\"--idle\"")?;
     upload_worker(&ws, &cp, "2.0.0", "\"--idle\"")?;
     let first: serde_json::Value = serde_json::from_str(&cp.cli(
@@ -513,7 +422,8 @@ async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_
             "1.0.0",
         ],
     )?)?;
-    settle(&ws, &cp, first["rollouts"][0]["id"].as_str().context("id")?).await?;
+    cp.wait_rollout_end(&ws, first["rollouts"][0]["id"].as_str().context("id")?)
+        .await?;
 
     // Two nodes go offline before the rollout.
     edges[6].kill9().await?;
@@ -547,7 +457,7 @@ async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_
         .to_owned();
     // Kill the control plane in the middle of the analysis window.
     eventually(Duration::from_secs(30), "the analysis step", || async {
-        let r = rollout(&ws, &cp, &id).await?;
+        let r = cp.rollout(&ws, &id).await?;
         Ok((r.current_step == 1).then_some(()))
     })
     .await?;
@@ -559,16 +469,9 @@ async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_
     edges[6].restart().await?;
     edges[7].restart().await?;
 
-    let r = settle(&ws, &cp, &id).await?;
+    let r = cp.wait_rollout_end(&ws, &id).await?;
     assert_eq!(r.state, pb::RolloutState::Succeeded as i32, "{r:?}");
-    for e in &edges {
-        eventually(
-            Duration::from_secs(30),
-            &format!("{} on 2.0.0", e.node_id),
-            || async { Ok((worker_version(e).as_deref() == Some("2.0.0")).then_some(())) },
-        )
-        .await?;
-    }
+    wait_versions(&edges, "worker", |_| "2.0.0".into()).await?;
     // One judgement of the analysis step, and it passed: no step repeated or skipped.
     let events = cp.events(&ws, "rollout.analysis").await?;
     let judged: Vec<_> = events
@@ -583,12 +486,7 @@ async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_
 #[tokio::test]
 async fn failing_probes_and_a_crash_loop_each_abort_the_canary_automatically() -> anyhow::Result<()>
 {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
-    let mut edges = Vec::new();
-    for i in 0..5 {
-        edges.push(Edge::start(&ws, &cp, &format!("gw-{i:02}"), &[], &["--arch", "x86_64"]).await?);
-    }
+    let Fleet { ws, cp, edges } = Fleet::start(5).await?;
     upload_worker(&ws, &cp, "1.0.0", "\"--idle\"")?;
     // Ready by READY=1, but its TCP probe points at a closed port: every report fails.
     upload_worker_with(
@@ -603,7 +501,7 @@ async fn failing_probes_and_a_crash_loop_each_abort_the_canary_automatically() -
     upload_worker_with(&ws, &cp, "3.0.0", "\"--crash-at-start\"", FAILS_FAST, "")?;
     let create = |version: &str, steps: &[&str]| create_worker_rollout(&ws, &cp, version, steps);
     let first = create("1.0.0", &[])?;
-    settle(&ws, &cp, &first).await?;
+    cp.wait_rollout_end(&ws, &first).await?;
     let steps = [
         "--step",
         "canary=40",
@@ -624,9 +522,9 @@ async fn failing_probes_and_a_crash_loop_each_abort_the_canary_automatically() -
     .enumerate()
     {
         let id = create(version, &steps)?;
-        let r = match settle(&ws, &cp, &id).await {
+        let r = match cp.wait_rollout_end(&ws, &id).await {
             Ok(r) => r,
-            Err(e) => bail!("{version}: {e}; {:?}", rollout(&ws, &cp, &id).await?),
+            Err(e) => bail!("{version}: {e}; {:?}", cp.rollout(&ws, &id).await?),
         };
         assert_eq!(
             r.state,
@@ -634,14 +532,7 @@ async fn failing_probes_and_a_crash_loop_each_abort_the_canary_automatically() -
             "{version}: {r:?}"
         );
         assert!(r.message.contains(reason), "{version}: {}", r.message);
-        for e in &edges {
-            eventually(
-                Duration::from_secs(20),
-                &format!("{} back on 1.0.0 after {version}", e.node_id),
-                || async { Ok((worker_version(e).as_deref() == Some("1.0.0")).then_some(())) },
-            )
-            .await?;
-        }
+        wait_versions(&edges, "worker", |_| "1.0.0".into()).await?;
         let events = cp.events(&ws, "rollout.aborted").await?;
         let judged = events
             .iter()
@@ -669,13 +560,8 @@ async fn failing_probes_and_a_crash_loop_each_abort_the_canary_automatically() -
 #[tokio::test]
 async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_baseline_check(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
-    let mut edges = Vec::new();
-    for i in 0..4 {
-        edges.push(Edge::start(&ws, &cp, &format!("gw-{i:02}"), &[], &["--arch", "x86_64"]).await?);
-    }
-    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect();
+    let Fleet { ws, cp, edges } = Fleet::start(4).await?;
+    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect::<Vec<_>>();
     // Each version's TCP probe has a target of its own; closing the canary's later makes
     // the canaries fail while the stable nodes stay healthy.
     let stable_target = ProbeTarget::start()?;
@@ -694,7 +580,7 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
         )?;
     }
     let first = create_worker_rollout(&ws, &cp, "1.0.0", &[])?;
-    settle(&ws, &cp, &first).await?;
+    cp.wait_rollout_end(&ws, &first).await?;
     let id = create_worker_rollout(
         &ws,
         &cp,
@@ -722,13 +608,18 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
         Duration::from_secs(30),
         "the canaries to install 2.0.0",
         || async {
-            let r = rollout(&ws, &cp, &id).await?;
+            let r = cp.rollout(&ws, &id).await?;
             Ok((r.current_step >= 1).then_some(()))
         },
     )
     .await?;
     for e in edges.iter().filter(|e| canaries.contains(&e.node_id)) {
-        assert_eq!(worker_version(e).as_deref(), Some("2.0.0"), "{}", e.node_id);
+        assert_eq!(
+            e.module_version("worker").as_deref(),
+            Some("2.0.0"),
+            "{}",
+            e.node_id
+        );
     }
     // An ACK means installed; ready comes after (slowly on a busy machine). Only a canary
     // that passed its probes as 2.0.0 may have its probe target closed: before that, it
@@ -751,7 +642,7 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
     }
     drop(canary_target);
     cp.cli(&ws, &["rollout", "promote", &id])?;
-    let r = settle(&ws, &cp, &id).await?;
+    let r = cp.wait_rollout_end(&ws, &id).await?;
     if r.state != pb::RolloutState::Aborted as i32 {
         let mut why = Vec::new();
         for n in &nodes {
@@ -768,7 +659,7 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
         eventually(
             Duration::from_secs(20),
             &format!("{} back on 1.0.0", e.node_id),
-            || async { Ok((worker_version(e).as_deref() == Some("1.0.0")).then_some(())) },
+            || async { Ok((e.module_version("worker").as_deref() == Some("1.0.0")).then_some(())) },
         )
         .await?;
     }
@@ -826,7 +717,7 @@ async fn a_canary_rollout_over_a_slow_a_cut_and_a_blackholed_link_ends_right_eve
             "1.0.0",
         ],
     )?;
-    wait_versions(&edges, |_| "1.0.0").await?;
+    wait_versions(&edges, "model", |_| "1.0.0".into()).await?;
     eventually(Duration::from_secs(20), "rollout 1 to finish", || async {
         let list = cp.cli(&ws, &["-o", "json", "rollout", "list"])?;
         Ok(list.contains("ROLLOUT_STATE_SUCCEEDED").then_some(()))
@@ -857,30 +748,23 @@ async fn a_canary_rollout_over_a_slow_a_cut_and_a_blackholed_link_ends_right_eve
         .to_owned();
     proxies[1].cut();
     eventually(Duration::from_secs(30), "the pause step", || async {
-        let r = rollout(&ws, &cp, &id).await?;
+        let r = cp.rollout(&ws, &id).await?;
         Ok((r.state == pb::RolloutState::Paused as i32).then_some(()))
     })
     .await?;
-    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect();
+    let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect::<Vec<_>>();
     let half = canaries(&id, &nodes, 50);
     // The blackholed node is back before the check; the others never left.
     proxies[2].set(Mode::Pass);
     proxies[2].cut();
-    wait_versions(&edges, |n| {
-        if half.iter().any(|c| c == n) {
-            "2.0.0"
-        } else {
-            "1.0.0"
-        }
-    })
-    .await?;
+    wait_versions(&edges, "model", |n| new_on(&half, n)).await?;
     cp.cli(&ws, &["rollout", "promote", &id, "--full"])?;
-    wait_versions(&edges, |_| "2.0.0").await?;
+    wait_versions(&edges, "model", |_| "2.0.0".into()).await?;
     eventually(
         Duration::from_secs(30),
         "the rollout to succeed",
         || async {
-            let r = rollout(&ws, &cp, &id).await?;
+            let r = cp.rollout(&ws, &id).await?;
             Ok((r.state == pb::RolloutState::Succeeded as i32).then_some(()))
         },
     )

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use aviary_proto::digest::Sha256;
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, tools_dir, Admin, ControlPlane, Edge, Workspace};
+use aviary_tests::{bin, eventually, tools_dir, Admin, ControlPlane, Daemon, Edge, Workspace};
 
 fn pair() -> anyhow::Result<(PathBuf, PathBuf)> {
     let dir = tools_dir().join("delta-pairs");
@@ -268,14 +268,7 @@ async fn a_weight_overtakes_a_transfer_and_a_cut_transfer_resumes_where_it_stopp
         Ok(transfer_in_flight(&ws, &cp).await?.filter(|(o, _)| *o > 0))
     })
     .await?;
-    admin
-        .nodes
-        .set_weight(pb::SetWeightRequest {
-            module: "gateway".into(),
-            weight: 42,
-            selector: String::new(),
-        })
-        .await?;
+    admin.set_weight("gateway", 42, "").await?;
     edge.wait_weight("gateway", 42).await?;
     let (offset, size) = transfer_in_flight(&ws, &cp)
         .await?

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use aviary_proto::v1 as pb;
-use aviary_tests::{eventually, ControlPlane, Edge, Workspace};
+use aviary_tests::{eventually, ControlPlane, Daemon, Edge, Workspace};
 
 #[tokio::test]
 async fn kill9_of_the_control_plane_keeps_nodes_weights_and_audit_and_daemons_reconnect(
@@ -21,14 +21,7 @@ async fn kill9_of_the_control_plane_keeps_nodes_weights_and_audit_and_daemons_re
     })
     .await?;
     for (weight, selector) in [(100, ""), (0, "region=eu")] {
-        admin
-            .nodes
-            .set_weight(pb::SetWeightRequest {
-                module: "gateway".into(),
-                weight,
-                selector: selector.into(),
-            })
-            .await?;
+        admin.set_weight("gateway", weight, selector).await?;
     }
     edges[0].wait_weight("gateway", 0).await?;
     let before_nodes = admin
@@ -78,14 +71,7 @@ async fn kill9_of_the_control_plane_keeps_nodes_weights_and_audit_and_daemons_re
         .map(|n| n.desired_revision)
         .max()
         .unwrap_or(0);
-    admin
-        .nodes
-        .set_weight(pb::SetWeightRequest {
-            module: "gateway".into(),
-            weight: 7,
-            selector: "region=us".into(),
-        })
-        .await?;
+    admin.set_weight("gateway", 7, "region=us").await?;
     for edge in &edges[1..] {
         let view = edge.wait_weight("gateway", 7).await?;
         assert!(
@@ -122,16 +108,7 @@ fn cp_tool(args: &[&str]) -> anyhow::Result<std::process::Output> {
 }
 
 async fn set_weight(admin: &mut aviary_cli::Admin, weight: u32) -> Result<u64, tonic::Status> {
-    Ok(admin
-        .nodes
-        .set_weight(pb::SetWeightRequest {
-            module: "gateway".into(),
-            weight,
-            selector: String::new(),
-        })
-        .await?
-        .into_inner()
-        .event_seq)
+    Ok(admin.set_weight("gateway", weight, "").await?.event_seq)
 }
 
 /// Issue 11, item 5: a store that lost acknowledged data (a damaged file, or an older copy

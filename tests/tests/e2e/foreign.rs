@@ -179,14 +179,7 @@ async fn armv7_and_riscv64_daemons_under_qemu_connect_and_serve_their_weights() 
     }
     let mut admin = ws.admin(&cp).await?;
     for (selector, weight) in [("cpu=armv7", 30), ("cpu=riscv64", 70)] {
-        admin
-            .nodes
-            .set_weight(pb::SetWeightRequest {
-                module: "gateway".into(),
-                weight,
-                selector: selector.into(),
-            })
-            .await?;
+        admin.set_weight("gateway", weight, selector).await?;
     }
     // GET /v1/weights from the emulated daemons, and their weights.json.
     edges[0].wait_weight("gateway", 30).await?;

@@ -7,7 +7,7 @@ use aviary_certs::TlsFiles;
 use aviary_proto::v1 as pb;
 use aviary_tests::proxy::{Mode, Proxy};
 use aviary_tests::raw::{hello, RawStream};
-use aviary_tests::{bin, eventually, ControlPlane, Edge, Workspace};
+use aviary_tests::{bin, eventually, ControlPlane, Daemon, Edge, Workspace};
 
 async fn connected(ws: &Workspace, cp: &ControlPlane, id: &str) -> anyhow::Result<bool> {
     let node = ws

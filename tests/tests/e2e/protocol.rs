@@ -7,7 +7,7 @@ use aviary_certs::Link;
 use aviary_certs::TlsFiles;
 use aviary_proto::v1 as pb;
 use aviary_tests::raw::{hello, RawStream};
-use aviary_tests::{eventually, ControlPlane, Workspace};
+use aviary_tests::{eventually, ControlPlane, Daemon, Workspace};
 use bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
@@ -63,15 +63,7 @@ async fn a_nacked_assignment_is_not_resent_until_the_desired_state_changes() -> 
         stream.next(QUIET).await?.is_none(),
         "the NACKed revision was resent after a reconnect"
     );
-    let node = ws
-        .admin(&cp)
-        .await?
-        .nodes
-        .get_node(pb::GetNodeRequest {
-            node_id: "gw-1".into(),
-        })
-        .await?
-        .into_inner();
+    let node = cp.node(&ws, "gw-1").await?;
     assert_eq!(node.nacked_revision, first.revision);
     assert!(node.nack_error.contains("cannot take weight 10"));
 
@@ -106,25 +98,11 @@ async fn answers_with_a_stale_nonce_are_ignored() -> anyhow::Result<()> {
     )
     .await?;
     let mut admin = ws.admin(&cp).await?;
-    let node = admin
-        .nodes
-        .get_node(pb::GetNodeRequest {
-            node_id: "gw-1".into(),
-        })
-        .await?
-        .into_inner();
+    let node = admin.node("gw-1").await?;
     assert_eq!((node.acked_revision, node.nacked_revision), (0, 0));
     stream.ack(&nonce, w.revision).await?;
     eventually(Duration::from_secs(5), "the real ACK recorded", || async {
-        let node = ws
-            .admin(&cp)
-            .await?
-            .nodes
-            .get_node(pb::GetNodeRequest {
-                node_id: "gw-1".into(),
-            })
-            .await?
-            .into_inner();
+        let node = cp.node(&ws, "gw-1").await?;
         Ok((node.acked_revision == w.revision).then_some(()))
     })
     .await?;
@@ -336,14 +314,7 @@ async fn a_node_whose_labels_change_gets_a_new_revision_with_the_weights_of_its_
     let link = edge_link(&ws, &cp, "gw-1")?;
     let mut admin = ws.admin(&cp).await?;
     for (weight, selector) in [(10, "region=eu"), (20, "region=us")] {
-        admin
-            .nodes
-            .set_weight(pb::SetWeightRequest {
-                module: "gateway".into(),
-                weight,
-                selector: selector.into(),
-            })
-            .await?;
+        admin.set_weight("gateway", weight, selector).await?;
     }
     let mut stream = RawStream::open(&link, hello("gw-1", &[("region", "eu")], 0)).await?;
     let (nonce, eu) = stream.next_weights(Duration::from_secs(5)).await?;

@@ -9,7 +9,7 @@ use aviary_certs::ReleaseSigner;
 use aviary_proto::digest::Sha256;
 use aviary_proto::manifest::Manifest;
 use aviary_proto::v1 as pb;
-use aviary_tests::{eventually, Admin, ControlPlane, Workspace};
+use aviary_tests::{eventually, Admin, ControlPlane, Daemon, Workspace};
 use pb::upload_release_request::Kind;
 
 fn signing_key(ws: &Workspace) -> PathBuf {

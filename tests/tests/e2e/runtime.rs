@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, free_port, Admin, ControlPlane, Edge, Workspace};
+use aviary_tests::{bin, eventually, free_port, Admin, ControlPlane, Daemon, Edge, Workspace};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Starts a rollout of `module` `version` to every node; its id.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use aviary_proto::sensors::v1 as pb;
 use aviary_tests::sensors::{imu_data, read_samples, SensorStub};
-use aviary_tests::{eventually, Workspace};
+use aviary_tests::{eventually, Daemon, Workspace};
 
 const DEG: f64 = std::f64::consts::PI / 180.0;
 const G: f64 = 9.806_65;

@@ -475,14 +475,7 @@ async fn metrics_of_control_plane_and_daemon_pass_promtool() -> anyhow::Result<(
         Ok((cp.metric("aviary_connected_nodes").await? == 1.0).then_some(()))
     })
     .await?;
-    admin
-        .nodes
-        .set_weight(pb::SetWeightRequest {
-            module: "gateway".into(),
-            weight: 40,
-            selector: "region=eu".into(),
-        })
-        .await?;
+    admin.set_weight("gateway", 40, "region=eu").await?;
     edge.wait_weight("gateway", 40).await?;
     eventually(Duration::from_secs(10), "the ACK to be counted", || async {
         Ok((cp.metric("aviary_acks_total").await? >= 1.0).then_some(()))

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, Admin, ControlPlane, Edge, Workspace};
+use aviary_tests::{bin, eventually, Admin, ControlPlane, Daemon, Edge, Workspace};
 
 /// Waits for `edge`'s gateway weight to fall to 0, then samples it for `hold` (several
 /// TTLs): it must stay 0, disconnected, with the same expiry, however often the daemon
@@ -120,13 +120,7 @@ async fn set_weight_reaches_every_daemon_and_the_audit_log_names_who() -> anyhow
     edges[1].wait_weight("gateway", 0).await?;
     let us = edges[2].wait_weight("gateway", 30).await?;
 
-    let node = admin
-        .nodes
-        .get_node(pb::GetNodeRequest {
-            node_id: "gw-3".into(),
-        })
-        .await?
-        .into_inner();
+    let node = admin.node("gw-3").await?;
     assert_eq!(node.weights.get("gateway"), Some(&30));
     assert_eq!(node.desired_revision, us.revision);
     eventually(Duration::from_secs(5), "gw-3's ACK", || async {
@@ -189,14 +183,7 @@ async fn daemon_restart_keeps_its_weights_even_without_a_control_plane() -> anyh
             .filter(|n| n.get_ref().connected))
     })
     .await?;
-    admin
-        .nodes
-        .set_weight(pb::SetWeightRequest {
-            module: "gateway".into(),
-            weight: 55,
-            selector: String::new(),
-        })
-        .await?;
+    admin.set_weight("gateway", 55, "").await?;
     let before = edge.wait_weight("gateway", 55).await?;
 
     cp.kill9().await?;
@@ -232,14 +219,7 @@ async fn weights_fall_to_zero_after_their_ttl_and_return_with_the_control_plane(
             .filter(|n| n.get_ref().connected))
     })
     .await?;
-    admin
-        .nodes
-        .set_weight(pb::SetWeightRequest {
-            module: "gateway".into(),
-            weight: 40,
-            selector: String::new(),
-        })
-        .await?;
+    admin.set_weight("gateway", 40, "").await?;
     edge.wait_weight("gateway", 40).await?;
 
     cp.kill9().await?;
@@ -285,14 +265,7 @@ async fn watch_weights_streams_the_matching_nodes_as_their_weights_change() -> a
         .await?
         .into_inner();
     for (weight, selector) in [(40, ""), (5, "region=eu"), (70, "region=us")] {
-        admin
-            .nodes
-            .set_weight(pb::SetWeightRequest {
-                module: "gateway".into(),
-                weight,
-                selector: selector.into(),
-            })
-            .await?;
+        admin.set_weight("gateway", weight, selector).await?;
     }
     // Snapshot first, then every change; only eu nodes, and they end on 5.
     let mut last = std::collections::BTreeMap::new();
@@ -327,14 +300,7 @@ async fn weights_fail_safe_behind_a_blackholed_network_and_return_through_a_slow
     let edge = Edge::start_via(&ws, &url, "gw-1", &[], &["--keepalive", "500ms"]).await?;
     let mut admin = ws.admin(&cp).await?;
     until_connected(&admin, 1).await?;
-    admin
-        .nodes
-        .set_weight(pb::SetWeightRequest {
-            module: "gateway".into(),
-            weight: 40,
-            selector: String::new(),
-        })
-        .await?;
+    admin.set_weight("gateway", 40, "").await?;
     let before = edge.wait_weight("gateway", 40).await?;
 
     proxy.set(Mode::Freeze);
