@@ -81,6 +81,9 @@ fn notify_socket() -> std::io::Result<(String, tokio::net::UnixDatagram)> {
     ))
 }
 
+/// Spawns retried when the artifact is busy being written by a forked process (ETXTBSY).
+const TEXT_BUSY_RETRIES: u64 = 5;
+
 /// Starts `artifact` (of `module`, in slot directory `slot`) as `spec` says, in `slot`
 /// unless the spec names a working dir, confined as [`super::sandbox`] says.
 pub(super) fn start(
@@ -135,7 +138,24 @@ pub(super) fn start(
         }
         _ => None,
     };
-    let child = cmd.spawn().map_err(exec_error)?;
+    // ETXTBSY: a process forked elsewhere in the daemon (another module's start) still
+    // holds the write descriptor an install had open on this artifact when it forked,
+    // until that child execs. It clears within moments; give it a few.
+    let mut attempt = 0;
+    let child = loop {
+        match cmd.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && attempt < TEXT_BUSY_RETRIES => {
+                attempt += 1;
+                tracing::debug!(
+                    module,
+                    attempt,
+                    "artifact busy (ETXTBSY); starting it again"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+            }
+            other => break other.map_err(exec_error)?,
+        }
+    };
     Ok(Started {
         child,
         notify,
@@ -210,5 +230,30 @@ mod tests {
             lookup_user("no-such-user-aviary"),
             Err(SpawnError::NoSuchUser(_))
         ));
+    }
+
+    /// An install's write descriptor still open on the artifact (here: ours, closed a
+    /// moment later) makes exec fail with ETXTBSY; the start waits it out.
+    #[tokio::test]
+    async fn an_artifact_still_open_for_writing_starts_once_it_is_closed() -> anyhow::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let artifact = dir.path().join("artifact");
+        let mut file = std::fs::File::create(&artifact)?;
+        file.write_all(b"#!/bin/sh\nexit 0\n")?;
+        std::fs::set_permissions(&artifact, std::fs::Permissions::from_mode(0o755))?;
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            drop(file);
+        });
+        let host = Host::detect(&[]);
+        let started = start(&host, "m", &artifact, &RunSpec::default(), dir.path(), None);
+        closer
+            .join()
+            .map_err(|_| anyhow::anyhow!("closer panicked"))?;
+        let mut started = started?;
+        assert!(started.child.wait().await?.success());
+        Ok(())
     }
 }
