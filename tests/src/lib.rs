@@ -205,6 +205,61 @@ impl Workspace {
         self.dir.path().join(name)
     }
 
+    /// `release ACTION --module M --version V --target T --file F --sign-key KEY`: how every
+    /// signed upload or bundle of the tests starts.
+    pub fn release_args(
+        &self,
+        action: &str,
+        module: &str,
+        version: &str,
+        target: &str,
+        file: &Path,
+    ) -> Vec<String> {
+        let key = self.pki.dir.join("release-signing.key");
+        [
+            "release",
+            action,
+            "--module",
+            module,
+            "--version",
+            version,
+            "--target",
+            target,
+        ]
+        .into_iter()
+        .map(str::to_owned)
+        .chain([
+            "--file".into(),
+            file.display().to_string(),
+            "--sign-key".into(),
+            key.display().to_string(),
+        ])
+        .collect()
+    }
+
+    /// The certificate files of edge `node_id`.
+    pub fn edge_files(&self, node_id: &str) -> aviary_certs::TlsFiles {
+        let paths = self.pki.edge(node_id);
+        aviary_certs::TlsFiles {
+            ca: self.pki.ca_cert(),
+            cert: paths.cert,
+            key: paths.key,
+        }
+    }
+
+    /// An mTLS link to `cp` as edge `node_id` (its certificate issued if need be).
+    pub fn edge_link(
+        &self,
+        cp: &ControlPlane,
+        node_id: &str,
+    ) -> anyhow::Result<aviary_certs::Link> {
+        self.edge_cert(node_id)?;
+        Ok(aviary_certs::Link::new(
+            &cp.url(),
+            &self.edge_files(node_id),
+        )?)
+    }
+
     /// Issues an edge certificate for `node_id`.
     pub fn edge_cert(&self, node_id: &str) -> anyhow::Result<()> {
         aviary_certs::issue_edge(&self.pki.dir, node_id)?;
@@ -459,24 +514,9 @@ impl ControlPlane {
     ) -> anyhow::Result<()> {
         let spec = ws.path(&format!("{module}-{version}-{target}.toml"));
         std::fs::write(&spec, run_spec)?;
-        let (file, spec) = (file.to_string_lossy(), spec.to_string_lossy());
-        let key = ws.pki.dir.join("release-signing.key");
-        let args = [
-            "release",
-            "upload",
-            "--module",
-            module,
-            "--version",
-            version,
-            "--target",
-            target,
-            "--file",
-            &file,
-            "--run-spec",
-            &spec,
-            "--sign-key",
-            &key.to_string_lossy(),
-        ];
+        let mut args = ws.release_args("upload", module, version, target, file);
+        args.extend(["--run-spec".into(), spec.display().to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.cli(ws, &args)
             .with_context(|| format!("upload {module} {version} for {target}"))?;
         Ok(())

@@ -196,19 +196,8 @@ async fn advance(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::selector::Selector;
 
-    fn rollout(steps: Vec<Step>) -> Rollout {
-        Rollout::new(
-            7,
-            "gateway".into(),
-            "1.1.0".into(),
-            Selector::default(),
-            steps,
-            60,
-            1_000,
-        )
-    }
+    use crate::rollout::model::sample as rollout;
 
     fn counts(installed: u32, failed: u32, connected: u32) -> RolloutProgress {
         RolloutProgress {

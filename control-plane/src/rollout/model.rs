@@ -249,6 +249,21 @@ impl Rollout {
     }
 }
 
+/// Rollout `r-7` of gateway 1.1.0 to every node with `steps`, created at 1 s, with a 60 s
+/// progress deadline (the transition and engine tests' subject).
+#[cfg(test)]
+pub(crate) fn sample(steps: Vec<Step>) -> Rollout {
+    Rollout::new(
+        7,
+        "gateway".into(),
+        "1.1.0".into(),
+        Selector::default(),
+        steps,
+        60,
+        1_000,
+    )
+}
+
 /// A node's stable place in 0..10000 for rollout `id`.
 pub(crate) fn canary_bucket(rollout_id: &str, node_id: &str) -> u32 {
     let d = aviary_proto::digest::Sha256::of(format!("{rollout_id}\0{node_id}").as_bytes());

@@ -268,19 +268,8 @@ impl Rollout {
 mod tests {
     use super::*;
     use crate::analysis::AnalysisSpec;
-    use crate::selector::Selector;
 
-    fn rollout(steps: Vec<Step>) -> Rollout {
-        Rollout::new(
-            7,
-            "gateway".into(),
-            "1.1.0".into(),
-            Selector::default(),
-            steps,
-            60,
-            1_000,
-        )
-    }
+    use crate::rollout::model::sample as rollout;
 
     fn steps() -> Vec<Step> {
         vec![

@@ -8,16 +8,8 @@ use aviary_certs::Link;
 use aviary_certs::TlsFiles;
 use aviary_proto::v1 as pb;
 use aviary_tests::raw::{hello, RawStream};
-use aviary_tests::{eventually, ControlPlane, Workspace};
+use aviary_tests::{eventually, ControlPlane, Fleet, Workspace};
 use tonic::Code;
-
-fn edge_files(ws: &Workspace, id: &str) -> TlsFiles {
-    TlsFiles {
-        ca: ws.pki.ca_cert(),
-        cert: ws.pki.edge(id).cert,
-        key: ws.pki.edge(id).key,
-    }
-}
 
 async fn audited(
     ws: &Workspace,
@@ -54,8 +46,7 @@ async fn audited(
 
 #[tokio::test]
 async fn a_client_without_a_certificate_fails_the_handshake_and_is_audited() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let mut roots = rustls::RootCertStore::empty();
     use rustls::pki_types::pem::PemObject;
     for cert in rustls::pki_types::CertificateDer::pem_file_iter(ws.pki.ca_cert())? {
@@ -87,13 +78,12 @@ async fn a_client_without_a_certificate_fails_the_handshake_and_is_audited() -> 
 
 #[tokio::test]
 async fn a_certificate_from_another_ca_is_refused_and_audited() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let other = Workspace::new()?;
     other.edge_cert("gw-1")?;
     let files = TlsFiles {
         ca: ws.pki.ca_cert(),
-        ..edge_files(&other, "gw-1")
+        ..other.edge_files("gw-1")
     };
     let result = RawStream::open(&Link::new(&cp.url(), &files)?, hello("gw-1", &[], 0)).await;
     assert!(
@@ -106,10 +96,8 @@ async fn a_certificate_from_another_ca_is_refused_and_audited() -> anyhow::Resul
 
 #[tokio::test]
 async fn a_hello_naming_another_node_is_denied_and_audited() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
-    ws.edge_cert("gw-1")?;
-    let link = Link::new(&cp.url(), &edge_files(&ws, "gw-1"))?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
+    let link = ws.edge_link(&cp, "gw-1")?;
     let err = RawStream::open(&link, hello("gw-2", &[], 0))
         .await
         .err()
@@ -121,10 +109,9 @@ async fn a_hello_naming_another_node_is_denied_and_audited() -> anyhow::Result<(
 
 #[tokio::test]
 async fn an_edge_certificate_cannot_call_admin_services() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     ws.edge_cert("gw-1")?;
-    let channel = Link::new(&cp.url(), &edge_files(&ws, "gw-1"))?
+    let channel = Link::new(&cp.url(), &ws.edge_files("gw-1"))?
         .connect()
         .await?;
     let err = pb::nodes_client::NodesClient::new(channel)
@@ -139,8 +126,7 @@ async fn an_edge_certificate_cannot_call_admin_services() -> anyhow::Result<()> 
 
 #[tokio::test]
 async fn an_admin_certificate_cannot_open_a_fleet_stream() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let admin = ws.pki.admin();
     let files = TlsFiles {
         ca: ws.pki.ca_cert(),
@@ -164,10 +150,8 @@ async fn an_admin_certificate_cannot_open_a_fleet_stream() -> anyhow::Result<()>
 
 #[tokio::test]
 async fn a_revoked_node_is_cut_off_and_refused_from_then_on() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
-    ws.edge_cert("gw-1")?;
-    let link = Link::new(&cp.url(), &edge_files(&ws, "gw-1"))?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
+    let link = ws.edge_link(&cp, "gw-1")?;
     let mut stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
     let mut admin = ws.admin(&cp).await?;
     let reply = admin
@@ -204,7 +188,7 @@ async fn raw_tls(
 ) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
     use tokio::io::AsyncWriteExt;
     ws.edge_cert(id)?;
-    let config = aviary_certs::client_config(&edge_files(ws, id))?;
+    let config = aviary_certs::client_config(&ws.edge_files(id))?;
     let tcp = tokio::net::TcpStream::connect(cp.addr).await?;
     let server = rustls::pki_types::ServerName::try_from("localhost")?;
     let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
@@ -243,8 +227,7 @@ async fn idle_connections_are_bounded_closed_without_a_session_and_closed_on_rev
     let ws = Workspace::new()?;
     let cp = ControlPlane::start(&ws, &["--max-connections-per-node", "3"]).await?;
     // gw-1 registers with a fleet stream (one connection), then opens idle ones.
-    ws.edge_cert("gw-1")?;
-    let link = Link::new(&cp.url(), &edge_files(&ws, "gw-1"))?;
+    let link = ws.edge_link(&cp, "gw-1")?;
     let mut stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
     let mut silent = raw_tls(&ws, &cp, "gw-1", false).await?;
     let mut held = vec![raw_tls(&ws, &cp, "gw-1", true).await?];
@@ -291,10 +274,9 @@ async fn idle_connections_are_bounded_closed_without_a_session_and_closed_on_rev
 /// Issue 11, item 6: one edge certificate wrote 45,950 refusal events in 20 s.
 #[tokio::test]
 async fn refused_calls_are_audited_within_a_budget_and_counted() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     ws.edge_cert("gw-1")?;
-    let channel = Link::new(&cp.url(), &edge_files(&ws, "gw-1"))?
+    let channel = Link::new(&cp.url(), &ws.edge_files("gw-1"))?
         .connect()
         .await?;
     let mut nodes = pb::nodes_client::NodesClient::new(channel);

@@ -29,22 +29,9 @@ fn bundle(
 ) -> anyhow::Result<PathBuf> {
     let out = ws.path(&format!("esbuild-{version}.bundle"));
     let mut cmd = Command::new(bin("aviary")?);
-    cmd.args([
-        "release",
-        "bundle",
-        "--module",
-        "esbuild",
-        "--version",
-        version,
-        "--target",
-        "x86_64",
-        "--file",
-    ])
-    .arg(file)
-    .arg("--sign-key")
-    .arg(ws.pki.dir.join("release-signing.key"))
-    .arg("--out")
-    .arg(&out);
+    cmd.args(ws.release_args("bundle", "esbuild", version, "x86_64", file))
+        .arg("--out")
+        .arg(&out);
     if let Some(base) = base {
         cmd.arg("--base").arg(base);
     }

@@ -15,28 +15,25 @@ fn upload(ws: &Workspace, cp: &ControlPlane, version: &str) -> anyhow::Result<Ve
     let bytes = format!("model weights {version}").into_bytes();
     let file = ws.path(&format!("model-{version}"));
     std::fs::write(&file, &bytes)?;
-    cp.cli(
-        ws,
-        &[
-            "release",
-            "upload",
-            "--module",
-            "model",
-            "--version",
-            version,
-            "--target",
-            "x86_64",
-            "--file",
-            file.to_str().unwrap_or_default(),
-            "--sign-key",
-            ws.pki
-                .dir
-                .join("release-signing.key")
-                .to_str()
-                .unwrap_or_default(),
-        ],
-    )?;
+    let args = ws.release_args("upload", "model", version, "x86_64", &file);
+    cp.cli(ws, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
     Ok(bytes)
+}
+
+/// Uploads `model` 1.0.0 and 2.0.0, and rolls 1.0.0 out everywhere (the stable version
+/// the canary scenarios start from).
+async fn model_1_everywhere(
+    ws: &Workspace,
+    cp: &ControlPlane,
+    edges: &[Edge],
+) -> anyhow::Result<()> {
+    upload(ws, cp, "1.0.0")?;
+    upload(ws, cp, "2.0.0")?;
+    let id = cp.create_rollout(ws, &["--module", "model", "--version", "1.0.0"])?;
+    wait_versions(edges, "model", |_| "1.0.0".into()).await?;
+    let r = cp.wait_rollout_end(ws, &id).await?;
+    anyhow::ensure!(r.state == pb::RolloutState::Succeeded as i32, "{r:?}");
+    Ok(())
 }
 
 /// 2.0.0 on the `canaries`, 1.0.0 elsewhere.
@@ -78,25 +75,7 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
     let Fleet { ws, mut cp, edges } =
         Fleet::start_with(10, |_| vec![("tier", "edge")], &["--arch", "x86_64"]).await?;
     let nodes: Vec<String> = edges.iter().map(|e| e.node_id.clone()).collect::<Vec<_>>();
-    upload(&ws, &cp, "1.0.0")?;
-    upload(&ws, &cp, "2.0.0")?;
-    cp.cli(
-        &ws,
-        &[
-            "rollout",
-            "create",
-            "--module",
-            "model",
-            "--version",
-            "1.0.0",
-        ],
-    )?;
-    wait_versions(&edges, "model", |_| "1.0.0".into()).await?;
-    eventually(Duration::from_secs(20), "rollout 1 to finish", || async {
-        let list = cp.cli(&ws, &["-o", "json", "rollout", "list"])?;
-        Ok(list.contains("ROLLOUT_STATE_SUCCEEDED").then_some(()))
-    })
-    .await?;
+    model_1_everywhere(&ws, &cp, &edges).await?;
 
     cp.cli(
         &ws,
@@ -109,13 +88,9 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
             "100",
         ],
     )?;
-    let created: serde_json::Value = serde_json::from_str(&cp.cli(
+    let id = cp.create_rollout(
         &ws,
         &[
-            "-o",
-            "json",
-            "rollout",
-            "create",
             "--module",
             "model",
             "--version",
@@ -133,11 +108,7 @@ async fn a_canary_rollout_goes_step_by_step_survives_a_crash_and_completes_when_
             "--step",
             "pause=1s",
         ],
-    )?)?;
-    let id = created["rollouts"][0]["id"]
-        .as_str()
-        .context("rollout id")?
-        .to_owned();
+    )?;
 
     // Step 1 scales to 20 %, step 2 holds until promoted.
     let paused = eventually(
@@ -272,29 +243,9 @@ fn upload_worker_with(
         &spec,
         format!("args = [{args}]\nlog_patterns = [\"ERROR\"]\nready_timeout = \"{ready_timeout}\"\n{extra}"),
     )?;
-    cp.cli(
-        ws,
-        &[
-            "release",
-            "upload",
-            "--module",
-            "worker",
-            "--version",
-            version,
-            "--target",
-            "x86_64",
-            "--file",
-            file.to_str().unwrap_or_default(),
-            "--run-spec",
-            spec.to_str().unwrap_or_default(),
-            "--sign-key",
-            ws.pki
-                .dir
-                .join("release-signing.key")
-                .to_str()
-                .unwrap_or_default(),
-        ],
-    )?;
+    let mut args = ws.release_args("upload", "worker", version, "x86_64", &file);
+    args.extend(["--run-spec".into(), spec.display().to_string()]);
+    cp.cli(ws, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
     Ok(())
 }
 
@@ -339,21 +290,8 @@ async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() 
             "100",
         ],
     )?;
-    let first: serde_json::Value = serde_json::from_str(&cp.cli(
-        &ws,
-        &[
-            "-o",
-            "json",
-            "rollout",
-            "create",
-            "--module",
-            "worker",
-            "--version",
-            "1.0.0",
-        ],
-    )?)?;
-    cp.wait_rollout_end(&ws, first["rollouts"][0]["id"].as_str().context("id")?)
-        .await?;
+    let first = cp.create_rollout(&ws, &["--module", "worker", "--version", "1.0.0"])?;
+    cp.wait_rollout_end(&ws, &first).await?;
 
     let canary_steps = [
         "--step",
@@ -409,32 +347,15 @@ async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_
     } = Fleet::start(8).await?;
     upload_worker(&ws, &cp, "1.0.0", "\"--idle\"")?;
     upload_worker(&ws, &cp, "2.0.0", "\"--idle\"")?;
-    let first: serde_json::Value = serde_json::from_str(&cp.cli(
-        &ws,
-        &[
-            "-o",
-            "json",
-            "rollout",
-            "create",
-            "--module",
-            "worker",
-            "--version",
-            "1.0.0",
-        ],
-    )?)?;
-    cp.wait_rollout_end(&ws, first["rollouts"][0]["id"].as_str().context("id")?)
-        .await?;
+    let first = cp.create_rollout(&ws, &["--module", "worker", "--version", "1.0.0"])?;
+    cp.wait_rollout_end(&ws, &first).await?;
 
     // Two nodes go offline before the rollout.
     edges[6].kill9().await?;
     edges[7].kill9().await?;
-    let created: serde_json::Value = serde_json::from_str(&cp.cli(
+    let id = cp.create_rollout(
         &ws,
         &[
-            "-o",
-            "json",
-            "rollout",
-            "create",
             "--module",
             "worker",
             "--version",
@@ -450,11 +371,7 @@ async fn offline_and_joining_nodes_catch_up_and_a_crash_during_analysis_resumes_
             "--step",
             "canary=100",
         ],
-    )?)?;
-    let id = created["rollouts"][0]["id"]
-        .as_str()
-        .context("id")?
-        .to_owned();
+    )?;
     // Kill the control plane in the middle of the analysis window.
     eventually(Duration::from_secs(30), "the analysis step", || async {
         let r = cp.rollout(&ws, &id).await?;
@@ -704,34 +621,12 @@ async fn a_canary_rollout_over_a_slow_a_cut_and_a_blackholed_link_ends_right_eve
         proxies.push(proxy);
     }
     proxies[0].set(Mode::Latency(Duration::from_millis(200)));
-    upload(&ws, &cp, "1.0.0")?;
-    upload(&ws, &cp, "2.0.0")?;
-    cp.cli(
-        &ws,
-        &[
-            "rollout",
-            "create",
-            "--module",
-            "model",
-            "--version",
-            "1.0.0",
-        ],
-    )?;
-    wait_versions(&edges, "model", |_| "1.0.0".into()).await?;
-    eventually(Duration::from_secs(20), "rollout 1 to finish", || async {
-        let list = cp.cli(&ws, &["-o", "json", "rollout", "list"])?;
-        Ok(list.contains("ROLLOUT_STATE_SUCCEEDED").then_some(()))
-    })
-    .await?;
+    model_1_everywhere(&ws, &cp, &edges).await?;
 
     proxies[2].set(Mode::Freeze);
-    let created: serde_json::Value = serde_json::from_str(&cp.cli(
+    let id = cp.create_rollout(
         &ws,
         &[
-            "-o",
-            "json",
-            "rollout",
-            "create",
             "--module",
             "model",
             "--version",
@@ -741,11 +636,7 @@ async fn a_canary_rollout_over_a_slow_a_cut_and_a_blackholed_link_ends_right_eve
             "--step",
             "pause",
         ],
-    )?)?;
-    let id = created["rollouts"][0]["id"]
-        .as_str()
-        .context("rollout id")?
-        .to_owned();
+    )?;
     proxies[1].cut();
     eventually(Duration::from_secs(30), "the pause step", || async {
         let r = cp.rollout(&ws, &id).await?;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aviary_proto::v1 as pb;
-use aviary_tests::{eventually, free_port, http_get, ControlPlane, Edge, Workspace};
+use aviary_tests::{eventually, free_port, http_get, ControlPlane, Edge, Fleet, Workspace};
 
 /// The module's `GET /greeting` on `addr` (its `SAMPLE_GREETING`), if it answers.
 async fn greeting(addr: SocketAddr) -> Option<String> {
@@ -52,8 +52,7 @@ fn own_port(port: u16, extra_args: &str) -> String {
 #[tokio::test]
 async fn an_overlay_reaches_exactly_its_selector_and_a_refused_config_leaves_the_old_one_running(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let nodes = [("gw-1", "eu"), ("gw-2", "eu"), ("gw-3", "us")];
     let mut edges = Vec::new();
     let mut ports = Vec::new();

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use aviary_proto::digest::Sha256;
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, tools_dir, Admin, ControlPlane, Daemon, Edge, Workspace};
+use aviary_tests::{
+    bin, eventually, tools_dir, Admin, ControlPlane, Daemon, Edge, Fleet, Workspace,
+};
 
 fn pair() -> anyhow::Result<(PathBuf, PathBuf)> {
     let dir = tools_dir().join("delta-pairs");
@@ -27,20 +29,7 @@ fn upload(ws: &Workspace, cp: &ControlPlane, version: &str, file: &Path) -> anyh
     let o = Command::new(bin("aviary")?)
         .args(["--control-plane", &cp.url(), "--certs"])
         .arg(&ws.pki.dir)
-        .args([
-            "release",
-            "upload",
-            "--module",
-            "esbuild",
-            "--version",
-            version,
-            "--target",
-            "x86_64",
-            "--file",
-        ])
-        .arg(file)
-        .arg("--sign-key")
-        .arg(ws.pki.dir.join("release-signing.key"))
+        .args(ws.release_args("upload", "esbuild", version, "x86_64", file))
         .output()?;
     if !o.status.success() {
         bail!("upload {version}: {}", String::from_utf8_lossy(&o.stderr));
@@ -120,8 +109,7 @@ async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_
 ) -> anyhow::Result<()> {
     let (v1, v2) = pair()?;
     let (v1_bytes, v2_bytes) = (std::fs::read(&v1)?, std::fs::read(&v2)?);
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let mut edges = Vec::new();
     for i in 1..=3 {
         edges.push(
@@ -245,8 +233,7 @@ async fn a_weight_overtakes_a_transfer_and_a_cut_transfer_resumes_where_it_stopp
     use aviary_tests::proxy::{Mode, Proxy};
     let (v1, _) = pair()?;
     let v1_bytes = std::fs::read(&v1)?;
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let proxy = Proxy::start(cp.addr).await?;
     // A slow uplink (512 KiB/s: the 4 MB payload takes ~8 s), so the cut lands mid-transfer.
     proxy.set(Mode::Throttle(512 << 10));
@@ -339,8 +326,7 @@ async fn an_edge_refuses_a_release_its_own_keys_did_not_sign_and_it_is_not_resen
 ) -> anyhow::Result<()> {
     // The control plane trusts the deployment's release key; gw-2 trusts only another one,
     // as if the control plane had been compromised into serving someone else's code.
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     ws.edge_cert("gw-2")?;
     let own = ws.path("gw-2-certs");
     std::fs::create_dir_all(&own)?;
@@ -368,20 +354,7 @@ async fn an_edge_refuses_a_release_its_own_keys_did_not_sign_and_it_is_not_resen
     let o = Command::new(bin("aviary")?)
         .args(["--control-plane", &cp.url(), "--certs"])
         .arg(&ws.pki.dir)
-        .args([
-            "release",
-            "upload",
-            "--module",
-            "esbuild",
-            "--version",
-            "1.0.0",
-            "--target",
-            "x86_64",
-            "--file",
-        ])
-        .arg(&artifact)
-        .arg("--sign-key")
-        .arg(ws.pki.dir.join("release-signing.key"))
+        .args(ws.release_args("upload", "esbuild", "1.0.0", "x86_64", &artifact))
         .output()?;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let mut admin = ws.admin(&cp).await?;
@@ -450,8 +423,7 @@ async fn an_edge_refuses_a_release_its_own_keys_did_not_sign_and_it_is_not_resen
 #[tokio::test]
 async fn a_node_whose_arch_has_no_artifact_is_skipped_never_sent_a_foreign_binary(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let x86 = Edge::start(&ws, &cp, "gw-x86", &[], &["--arch", "x86_64"]).await?;
     let arm = Edge::start(&ws, &cp, "gw-arm", &[], &["--arch", "aarch64"]).await?;
     let artifact = ws.path("tool");

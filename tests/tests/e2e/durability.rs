@@ -3,13 +3,12 @@
 use std::time::Duration;
 
 use aviary_proto::v1 as pb;
-use aviary_tests::{eventually, ControlPlane, Daemon, Edge, Workspace};
+use aviary_tests::{eventually, ControlPlane, Daemon, Edge, Fleet, Workspace};
 
 #[tokio::test]
 async fn kill9_of_the_control_plane_keeps_nodes_weights_and_audit_and_daemons_reconnect(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let mut cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, mut cp, .. } = Fleet::start(0).await?;
     let edges = [
         Edge::start(&ws, &cp, "gw-1", &[("region", "eu")], &[]).await?,
         Edge::start(&ws, &cp, "gw-2", &[("region", "us")], &[]).await?,
@@ -117,8 +116,7 @@ async fn set_weight(admin: &mut aviary_cli::Admin, weight: u32) -> Result<u64, t
 #[tokio::test]
 async fn a_store_that_went_back_refuses_to_start_and_a_restored_backup_serves_the_fleet(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let mut cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, mut cp, .. } = Fleet::start(0).await?;
     let edge = Edge::start(&ws, &cp, "gw-1", &[], &[]).await?;
     let mut admin = ws.admin(&cp).await?;
     set_weight(&mut admin, 10).await?;

@@ -11,7 +11,7 @@ use anyhow::Context;
 use aviary_proto::digest::Sha256;
 use aviary_proto::v1 as pb;
 use aviary_tests::foreign::{elf_machine, Foreign};
-use aviary_tests::{eventually, free_port, ControlPlane, Edge, Workspace};
+use aviary_tests::{eventually, free_port, ControlPlane, Edge, Fleet, Workspace};
 
 use crate::runtime::{deploy, get, refusal, settled, spec, Hammer};
 
@@ -63,8 +63,7 @@ async fn arch_of(ws: &Workspace, cp: &ControlPlane, node: &str) -> anyhow::Resul
 async fn an_aarch64_daemon_under_qemu_gets_its_own_artifact_a_delta_a_clean_swap_and_rolls_back(
 ) -> anyhow::Result<()> {
     let cpu = Foreign::AARCH64;
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     // No --arch: the daemon names itself from the target it was built for.
     let edge = Edge::start_foreign(&ws, &cp, "gw-arm64", &[], &[], cpu).await?;
     assert_eq!(arch_of(&ws, &cp, "gw-arm64").await?, "aarch64");
@@ -168,8 +167,7 @@ async fn an_aarch64_daemon_under_qemu_gets_its_own_artifact_a_delta_a_clean_swap
 #[tokio::test]
 async fn armv7_and_riscv64_daemons_under_qemu_connect_and_serve_their_weights() -> anyhow::Result<()>
 {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let mut edges = Vec::new();
     for cpu in [Foreign::ARMV7, Foreign::RISCV64] {
         let node = format!("gw-{}", cpu.arch);

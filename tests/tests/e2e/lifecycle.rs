@@ -2,12 +2,10 @@
 
 use std::time::{Duration, Instant};
 
-use aviary_certs::Link;
-use aviary_certs::TlsFiles;
 use aviary_proto::v1 as pb;
 use aviary_tests::proxy::{Mode, Proxy};
 use aviary_tests::raw::{hello, RawStream};
-use aviary_tests::{bin, eventually, ControlPlane, Daemon, Edge, Workspace};
+use aviary_tests::{bin, eventually, ControlPlane, Daemon, Edge, Fleet, Workspace};
 
 async fn connected(ws: &Workspace, cp: &ControlPlane, id: &str) -> anyhow::Result<bool> {
     let node = ws
@@ -70,18 +68,8 @@ async fn a_silent_peer_is_dropped_within_three_keepalive_intervals_on_both_sides
 
 #[tokio::test]
 async fn sigterm_drains_the_control_plane_and_stops_the_daemon_cleanly() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let mut cp = ControlPlane::start(&ws, &[]).await?;
-    ws.edge_cert("gw-raw")?;
-    let paths = ws.pki.edge("gw-raw");
-    let link = Link::new(
-        &cp.url(),
-        &TlsFiles {
-            ca: ws.pki.ca_cert(),
-            cert: paths.cert,
-            key: paths.key,
-        },
-    )?;
+    let Fleet { ws, mut cp, .. } = Fleet::start(0).await?;
+    let link = ws.edge_link(&cp, "gw-raw")?;
     let mut stream = RawStream::open(&link, hello("gw-raw", &[], 0)).await?;
     let mut edge = Edge::start(&ws, &cp, "gw-1", &[], &[]).await?;
     eventually(Duration::from_secs(10), "gw-1 connected", || async {
@@ -113,16 +101,7 @@ async fn streams_are_recycled_at_their_maximum_age_and_the_edge_comes_straight_b
 ) -> anyhow::Result<()> {
     let ws = Workspace::new()?;
     let cp = ControlPlane::start(&ws, &["--max-stream-age", "1s"]).await?;
-    ws.edge_cert("gw-raw")?;
-    let paths = ws.pki.edge("gw-raw");
-    let link = Link::new(
-        &cp.url(),
-        &TlsFiles {
-            ca: ws.pki.ca_cert(),
-            cert: paths.cert,
-            key: paths.key,
-        },
-    )?;
+    let link = ws.edge_link(&cp, "gw-raw")?;
     let mut stream = RawStream::open(&link, hello("gw-raw", &[], 0)).await?;
     let opened = Instant::now();
     let end = stream.end(Duration::from_secs(5)).await?;
@@ -146,8 +125,7 @@ async fn streams_are_recycled_at_their_maximum_age_and_the_edge_comes_straight_b
 
 #[tokio::test]
 async fn the_daemon_tells_systemd_it_is_ready_and_feeds_the_watchdog() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     ws.edge_cert("gw-1")?;
     let socket_path = ws.path("notify.sock");
     let socket = tokio::net::UnixDatagram::bind(&socket_path)?;

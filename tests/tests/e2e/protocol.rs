@@ -7,25 +7,12 @@ use aviary_certs::Link;
 use aviary_certs::TlsFiles;
 use aviary_proto::v1 as pb;
 use aviary_tests::raw::{hello, RawStream};
-use aviary_tests::{eventually, ControlPlane, Daemon, Workspace};
+use aviary_tests::{eventually, ControlPlane, Daemon, Fleet, Workspace};
 use bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
 
 const QUIET: Duration = Duration::from_millis(800);
-
-fn edge_link(ws: &Workspace, cp: &ControlPlane, id: &str) -> anyhow::Result<Link> {
-    ws.edge_cert(id)?;
-    let paths = ws.pki.edge(id);
-    Ok(Link::new(
-        &cp.url(),
-        &TlsFiles {
-            ca: ws.pki.ca_cert(),
-            cert: paths.cert,
-            key: paths.key,
-        },
-    )?)
-}
 
 async fn set_weight(ws: &Workspace, cp: &ControlPlane, weight: u32) -> anyhow::Result<()> {
     ws.admin(cp)
@@ -42,9 +29,8 @@ async fn set_weight(ws: &Workspace, cp: &ControlPlane, weight: u32) -> anyhow::R
 
 #[tokio::test]
 async fn a_nacked_assignment_is_not_resent_until_the_desired_state_changes() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
-    let link = edge_link(&ws, &cp, "gw-1")?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
+    let link = ws.edge_link(&cp, "gw-1")?;
     let mut stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
     set_weight(&ws, &cp, 10).await?;
     let (nonce, first) = stream.next_weights(Duration::from_secs(5)).await?;
@@ -83,9 +69,8 @@ async fn a_nacked_assignment_is_not_resent_until_the_desired_state_changes() -> 
 
 #[tokio::test]
 async fn answers_with_a_stale_nonce_are_ignored() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
-    let link = edge_link(&ws, &cp, "gw-1")?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
+    let link = ws.edge_link(&cp, "gw-1")?;
     let mut stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
     set_weight(&ws, &cp, 10).await?;
     let (nonce, w) = stream.next_weights(Duration::from_secs(5)).await?;
@@ -188,7 +173,7 @@ async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_servi
 ) -> anyhow::Result<()> {
     let ws = Workspace::new()?;
     let cp = ControlPlane::start(&ws, &["--max-message-bytes", "4096"]).await?;
-    let link = edge_link(&ws, &cp, "gw-1")?;
+    let link = ws.edge_link(&cp, "gw-1")?;
     let garbage = vec![0xff, 0xff, 0xff, 0xff, 0x0f];
 
     // Fleet: bytes that are not an EdgeMessage, a first message that is not a Hello, a
@@ -286,7 +271,7 @@ async fn admission_control_sheds_excess_streams_with_unavailable() -> anyhow::Re
         ControlPlane::start(&ws, &["--admission-rate", "0.5", "--admission-burst", "2"]).await?;
     let mut links = Vec::new();
     for i in 0..6 {
-        links.push((format!("gw-{i}"), edge_link(&ws, &cp, &format!("gw-{i}"))?));
+        links.push((format!("gw-{i}"), ws.edge_link(&cp, &format!("gw-{i}"))?));
     }
     let attempts = links
         .iter()
@@ -309,9 +294,8 @@ async fn admission_control_sheds_excess_streams_with_unavailable() -> anyhow::Re
 #[tokio::test]
 async fn a_node_whose_labels_change_gets_a_new_revision_with_the_weights_of_its_new_labels(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
-    let link = edge_link(&ws, &cp, "gw-1")?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
+    let link = ws.edge_link(&cp, "gw-1")?;
     let mut admin = ws.admin(&cp).await?;
     for (weight, selector) in [(10, "region=eu"), (20, "region=us")] {
         admin.set_weight("gateway", weight, selector).await?;
@@ -358,9 +342,8 @@ fn health(module: &str, p99: f64) -> pb::edge_message::Kind {
 #[tokio::test]
 async fn non_finite_numbers_are_refused_where_they_enter_and_the_control_plane_restarts(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let mut cp = ControlPlane::start(&ws, &[]).await?;
-    let link = edge_link(&ws, &cp, "gw-1")?;
+    let Fleet { ws, mut cp, .. } = Fleet::start(0).await?;
+    let link = ws.edge_link(&cp, "gw-1")?;
     let mut running = hello("gw-1", &[], 0);
     running.modules = vec![pb::ModuleStatus {
         name: "gateway".into(),
@@ -460,9 +443,8 @@ async fn non_finite_numbers_are_refused_where_they_enter_and_the_control_plane_r
 /// run used to be kept (and persisted) without bound, until `GetNode` passed 4 MiB.
 #[tokio::test]
 async fn health_for_modules_a_node_does_not_run_is_dropped() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
-    let link = edge_link(&ws, &cp, "gw-1")?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
+    let link = ws.edge_link(&cp, "gw-1")?;
     let stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
     for round in 0..20 {
         let modules = (0..256)

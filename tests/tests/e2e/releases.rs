@@ -9,7 +9,7 @@ use aviary_certs::ReleaseSigner;
 use aviary_proto::digest::Sha256;
 use aviary_proto::manifest::Manifest;
 use aviary_proto::v1 as pb;
-use aviary_tests::{eventually, Admin, ControlPlane, Daemon, Workspace};
+use aviary_tests::{eventually, Admin, ControlPlane, Daemon, Fleet, Workspace};
 use pb::upload_release_request::Kind;
 
 fn signing_key(ws: &Workspace) -> PathBuf {
@@ -75,8 +75,7 @@ fn write(path: &Path, data: &[u8]) -> anyhow::Result<PathBuf> {
 
 #[tokio::test]
 async fn a_signed_upload_with_its_sbom_is_stored_listed_and_survives_kill9() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let mut cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, mut cp, .. } = Fleet::start(0).await?;
     let artifact: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
     let file = write(&ws.path("sample-1.0.0"), &artifact)?;
     let sbom = write(
@@ -336,8 +335,7 @@ async fn bad_uploads_are_refused_with_a_clear_status_and_leave_nothing_behind() 
 #[tokio::test]
 async fn a_client_that_vanishes_mid_upload_leaves_nothing_and_can_start_over() -> anyhow::Result<()>
 {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let signer = ReleaseSigner::load(&signing_key(&ws))?;
     let data: Vec<u8> = (0..2_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let manifest = manifest_for(&data, "2.0.0").to_json();
@@ -426,8 +424,7 @@ async fn upload_with(
 #[tokio::test]
 async fn attachments_are_stored_with_their_artifact_only_and_never_replaced() -> anyhow::Result<()>
 {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let mut admin = ws.admin(&cp).await?;
     let signer = ReleaseSigner::load(&signing_key(&ws))?;
     let sbom = br#"{"spdxVersion":"SPDX-2.3","name":"sample"}"#;

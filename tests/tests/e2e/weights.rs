@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use aviary_proto::v1 as pb;
-use aviary_tests::{bin, eventually, Admin, ControlPlane, Daemon, Edge, Workspace};
+use aviary_tests::{bin, eventually, ControlPlane, Daemon, Edge, Fleet, Workspace};
 
 /// Waits for `edge`'s gateway weight to fall to 0, then samples it for `hold` (several
 /// TTLs): it must stay 0, disconnected, with the same expiry, however often the daemon
@@ -37,23 +37,18 @@ async fn back_on(edge: &Edge, weight: u32) -> anyhow::Result<aviary_edge::weight
     .await
 }
 
-/// Waits until `n` nodes have a live fleet stream.
-async fn until_connected(admin: &Admin, n: usize) -> anyhow::Result<()> {
-    eventually(
-        Duration::from_secs(15),
-        &format!("{n} connected nodes"),
-        || async {
-            let nodes = admin
-                .nodes
-                .clone()
-                .list_nodes(pb::ListNodesRequest::default())
-                .await?
-                .into_inner()
-                .nodes;
-            Ok((nodes.iter().filter(|n| n.connected).count() == n).then_some(()))
-        },
-    )
-    .await
+/// gw-1 and gw-2 in region eu, gw-3 in us, all three connected.
+async fn two_regions(ws: &Workspace, cp: &ControlPlane) -> anyhow::Result<[Edge; 3]> {
+    let edges = [
+        Edge::start(ws, cp, "gw-1", &[("region", "eu")], &[]).await?,
+        Edge::start(ws, cp, "gw-2", &[("region", "eu")], &[]).await?,
+        Edge::start(ws, cp, "gw-3", &[("region", "us")], &[]).await?,
+    ];
+    for e in &edges {
+        cp.wait_node(ws, &e.node_id, "connected", |n| n.connected)
+            .await?;
+    }
+    Ok(edges)
 }
 
 #[tokio::test]
@@ -61,13 +56,8 @@ async fn set_weight_reaches_every_daemon_and_the_audit_log_names_who() -> anyhow
     let ws = Workspace::new()?;
     aviary_certs::issue_admin(&ws.pki.dir, "alice")?;
     let cp = ControlPlane::start(&ws, &[]).await?;
-    let edges = [
-        Edge::start(&ws, &cp, "gw-1", &[("region", "eu")], &[]).await?,
-        Edge::start(&ws, &cp, "gw-2", &[("region", "eu")], &[]).await?,
-        Edge::start(&ws, &cp, "gw-3", &[("region", "us")], &[]).await?,
-    ];
+    let edges = two_regions(&ws, &cp).await?;
     let mut admin = ws.admin(&cp).await?;
-    until_connected(&admin, 3).await?;
 
     // Through the real CLI binary, as operator alice.
     let cli = |args: &[&str]| {
@@ -167,22 +157,11 @@ async fn set_weight_reaches_every_daemon_and_the_audit_log_names_who() -> anyhow
 
 #[tokio::test]
 async fn daemon_restart_keeps_its_weights_even_without_a_control_plane() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let mut cp = ControlPlane::start(&ws, &[]).await?;
+    let Fleet { ws, mut cp, .. } = Fleet::start(0).await?;
     let mut edge = Edge::start(&ws, &cp, "gw-1", &[], &[]).await?;
     let mut admin = ws.admin(&cp).await?;
-    eventually(Duration::from_secs(10), "gw-1 to register", || async {
-        Ok(admin
-            .nodes
-            .clone()
-            .get_node(pb::GetNodeRequest {
-                node_id: "gw-1".into(),
-            })
-            .await
-            .ok()
-            .filter(|n| n.get_ref().connected))
-    })
-    .await?;
+    cp.wait_node(&ws, "gw-1", "connected", |n| n.connected)
+        .await?;
     admin.set_weight("gateway", 55, "").await?;
     let before = edge.wait_weight("gateway", 55).await?;
 
@@ -207,18 +186,8 @@ async fn weights_fall_to_zero_after_their_ttl_and_return_with_the_control_plane(
     let mut cp = ControlPlane::start(&ws, &["--weight-ttl", "2s", "--keepalive", "500ms"]).await?;
     let edge = Edge::start(&ws, &cp, "gw-1", &[], &["--keepalive", "500ms"]).await?;
     let mut admin = ws.admin(&cp).await?;
-    eventually(Duration::from_secs(10), "gw-1 to register", || async {
-        Ok(admin
-            .nodes
-            .clone()
-            .get_node(pb::GetNodeRequest {
-                node_id: "gw-1".into(),
-            })
-            .await
-            .ok()
-            .filter(|n| n.get_ref().connected))
-    })
-    .await?;
+    cp.wait_node(&ws, "gw-1", "connected", |n| n.connected)
+        .await?;
     admin.set_weight("gateway", 40, "").await?;
     edge.wait_weight("gateway", 40).await?;
 
@@ -247,15 +216,9 @@ async fn weights_fall_to_zero_after_their_ttl_and_return_with_the_control_plane(
 
 #[tokio::test]
 async fn watch_weights_streams_the_matching_nodes_as_their_weights_change() -> anyhow::Result<()> {
-    let ws = Workspace::new()?;
-    let cp = ControlPlane::start(&ws, &[]).await?;
-    let _edges = [
-        Edge::start(&ws, &cp, "gw-1", &[("region", "eu")], &[]).await?,
-        Edge::start(&ws, &cp, "gw-2", &[("region", "eu")], &[]).await?,
-        Edge::start(&ws, &cp, "gw-3", &[("region", "us")], &[]).await?,
-    ];
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
+    let _edges = two_regions(&ws, &cp).await?;
     let mut admin = ws.admin(&cp).await?;
-    until_connected(&admin, 3).await?;
     // An upstream load balancer for region eu watches its nodes.
     let mut watch = admin
         .nodes
@@ -299,7 +262,8 @@ async fn weights_fail_safe_behind_a_blackholed_network_and_return_through_a_slow
     let url = format!("https://localhost:{}", proxy.addr.port());
     let edge = Edge::start_via(&ws, &url, "gw-1", &[], &["--keepalive", "500ms"]).await?;
     let mut admin = ws.admin(&cp).await?;
-    until_connected(&admin, 1).await?;
+    cp.wait_node(&ws, "gw-1", "connected", |n| n.connected)
+        .await?;
     admin.set_weight("gateway", 40, "").await?;
     let before = edge.wait_weight("gateway", 40).await?;
 
