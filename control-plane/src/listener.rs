@@ -175,21 +175,7 @@ pub(crate) async fn accept_loop(
     let trust_domain: Arc<str> = trust_domain.into();
     // At most 5 refused handshakes a second reach the audit log; all are counted.
     let audit_budget = Arc::new(TokenBucket::new(5.0, 20.0));
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let (tcp, addr) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                // EMFILE and friends: back off a little instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
+    while let Some((tcp, addr)) = aviary_startup::accept(&listener, &shutdown).await {
         let acceptor = acceptor.clone();
         let out = out.clone();
         let trust_domain = trust_domain.clone();

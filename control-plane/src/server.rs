@@ -119,17 +119,8 @@ pub async fn run(
         watch_store(store.clone(), health.clone(), shutdown.clone()),
         tracing::info_span!("store_watch"),
     ));
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(aviary_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| ControlPlaneError::Unavailable(format!("reflection: {e}")))?;
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| ControlPlaneError::Unavailable(format!("reflection: {e}")))?;
+    let (reflection_v1alpha, reflection_v1) =
+        aviary_startup::reflection().map_err(ControlPlaneError::Unavailable)?;
 
     let deltas = Arc::new(Deltas::open(
         catalog.blobs().clone(),

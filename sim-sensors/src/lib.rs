@@ -83,17 +83,8 @@ pub async fn run(
             .set_service_status(name, tonic_health::ServingStatus::Serving)
             .await;
     }
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(aviary_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .map_err(|e| SensorError::Reflection(e.to_string()))?;
-    let reflection_v1 = reflection()
-        .build_v1()
-        .map_err(|e| SensorError::Reflection(e.to_string()))?;
+    let (reflection_v1alpha, reflection_v1) =
+        aviary_startup::reflection().map_err(SensorError::Reflection)?;
 
     let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
     let accept = tokio::spawn(transport::accept_loop(

@@ -5,7 +5,6 @@
 //! the same CA (any Aviary identity), like every other Aviary port.
 
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -111,21 +110,8 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
 ) {
     let acceptor = tls.map(TlsAcceptor::from);
-    loop {
-        let (tcp, peer): (TcpStream, SocketAddr) = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    // EMFILE and friends: back off a little instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        // Samples are small and latency matters more than packet count.
-        let _ = tcp.set_nodelay(true);
+    // Samples are small and latency matters more than packet count: Nagle is off.
+    while let Some((tcp, peer)) = aviary_startup::accept(&listener, &shutdown).await {
         let Some(acceptor) = acceptor.clone() else {
             if out.send(Ok(Conn::Plain(tcp))).await.is_err() {
                 return;

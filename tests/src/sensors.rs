@@ -49,6 +49,26 @@ impl SensorStub {
         })
     }
 
+    /// A stub replaying the repo's recordings `files` (names under `sim-sensors/data/imu`)
+    /// at `speed` (0: as fast as read), with `extra` flags.
+    pub async fn replay(
+        ws: &Workspace,
+        files: &[&str],
+        speed: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<SensorStub> {
+        let paths: Vec<String> = files
+            .iter()
+            .map(|f| imu_data(f).display().to_string())
+            .collect();
+        let mut args = vec!["--mode", "replay", "--speed", speed];
+        for p in &paths {
+            args.extend(["--file", p.as_str()]);
+        }
+        args.extend(extra);
+        SensorStub::start(ws, &args).await
+    }
+
     /// A new plaintext connection (each has its own HTTP/2 flow-control window).
     pub async fn client(&self) -> anyhow::Result<SensorStubClient<Channel>> {
         let channel = Endpoint::from_shared(format!("http://{}", self.addr))?

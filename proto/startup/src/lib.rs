@@ -84,6 +84,57 @@ pub fn serve_metrics(addr: SocketAddr, builder: PrometheusBuilder) -> Result<(),
         .map_err(|e| format!("--metrics-listen {addr}: {e}"))
 }
 
+/// The gRPC reflection services (v1alpha for grpcurl 1.8, and v1) over the Aviary
+/// contract and gRPC health, as every Aviary server offers them.
+pub fn reflection() -> Result<
+    (
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+    ),
+    String,
+> {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(aviary_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let v1alpha = builder()
+        .build_v1alpha()
+        .map_err(|e| format!("reflection: {e}"))?;
+    let v1 = builder()
+        .build_v1()
+        .map_err(|e| format!("reflection: {e}"))?;
+    Ok((v1alpha, v1))
+}
+
+/// The next TCP connection on `listener` (Nagle off), or `None` once `shutdown` is
+/// cancelled. A failing accept (EMFILE and friends) backs off instead of spinning.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    shutdown: &CancellationToken,
+) -> Option<(tokio::net::TcpStream, SocketAddr)> {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, addr)) => {
+                let _ = tcp.set_nodelay(true);
+                return Some((tcp, addr));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Cancels `shutdown` on SIGTERM or SIGINT.
 pub async fn stop_on_signal(shutdown: CancellationToken) {
     let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -36,6 +36,19 @@ async fn model_1_everywhere(
     Ok(())
 }
 
+/// The audit event of rollout `id`'s analysis.
+async fn analysis_event(
+    ws: &Workspace,
+    cp: &ControlPlane,
+    id: &str,
+) -> anyhow::Result<aviary_proto::v1::Event> {
+    let events = cp.events(ws, "rollout.analysis").await?;
+    events
+        .into_iter()
+        .find(|e| e.target == format!("rollout/{id}"))
+        .context("no analysis event")
+}
+
 /// 2.0.0 on the `canaries`, 1.0.0 elsewhere.
 fn new_on(canaries: &[String], node: &str) -> String {
     if canaries.iter().any(|c| c == node) {
@@ -318,11 +331,7 @@ async fn analysis_aborts_a_bad_canary_by_its_log_errors_and_passes_a_good_one() 
     for e in &edges {
         e.wait_weight("worker", 100).await?;
     }
-    let events = cp.events(&ws, "rollout.analysis").await?;
-    let judged = events
-        .iter()
-        .find(|e| e.target == format!("rollout/{bad}"))
-        .context("no analysis event")?;
+    let judged = analysis_event(&ws, &cp, &bad).await?;
     assert!(
         judged.detail.contains("\"log_matches\"") && judged.detail.contains("aborted"),
         "the audit log holds the numbers: {}",
@@ -580,11 +589,7 @@ async fn canaries_failing_more_probes_than_the_stable_nodes_are_aborted_by_the_b
         )
         .await?;
     }
-    let events = cp.events(&ws, "rollout.analysis").await?;
-    let judged = events
-        .iter()
-        .find(|e| e.target == format!("rollout/{id}"))
-        .context("no analysis event")?;
+    let judged = analysis_event(&ws, &cp, &id).await?;
     assert!(
         judged.detail.contains("\"baseline\"") && judged.detail.contains("aborted"),
         "the audit log holds canary and baseline figures: {}",

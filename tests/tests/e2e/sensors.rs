@@ -92,22 +92,8 @@ fn the_recordings_are_upstreams_bytes() -> anyhow::Result<()> {
 #[tokio::test]
 async fn replay_of_both_recordings_yields_every_sample_in_si_units() -> anyhow::Result<()> {
     let ws = Workspace::new()?;
-    let xio3 = imu_data("xio3_inertial.csv");
-    let ngimu = imu_data("ngimu_sensors.csv");
-    let stub = SensorStub::start(
-        &ws,
-        &[
-            "--mode",
-            "replay",
-            "--speed",
-            "0",
-            "--file",
-            &xio3.to_string_lossy(),
-            "--file",
-            &ngimu.to_string_lossy(),
-        ],
-    )
-    .await?;
+    let stub =
+        SensorStub::replay(&ws, &["xio3_inertial.csv", "ngimu_sensors.csv"], "0", &[]).await?;
     let status = stub.status().await?;
     assert_eq!(status.sensors, vec!["xio3_inertial", "ngimu_sensors"]);
     for (sensor, file, scale, count) in [
@@ -139,20 +125,7 @@ async fn replay_of_both_recordings_yields_every_sample_in_si_units() -> anyhow::
 #[tokio::test]
 async fn looped_replay_repeats_the_recording_with_increasing_timestamps() -> anyhow::Result<()> {
     let ws = Workspace::new()?;
-    let xio3 = imu_data("xio3_inertial.csv");
-    let stub = SensorStub::start(
-        &ws,
-        &[
-            "--mode",
-            "replay",
-            "--speed",
-            "0",
-            "--loop",
-            "--file",
-            &xio3.to_string_lossy(),
-        ],
-    )
-    .await?;
+    let stub = SensorStub::replay(&ws, &["xio3_inertial.csv"], "0", &["--loop"]).await?;
     let want = expected("xio3_inertial.csv", 1e3)?;
     let got = read_samples(&mut stub.client().await?, Default::default(), 2 * 500 + 10).await?;
     assert_eq!(got.len(), 1010);
@@ -177,20 +150,8 @@ async fn looped_replay_repeats_the_recording_with_increasing_timestamps() -> any
 #[tokio::test]
 async fn real_time_replay_keeps_the_recorded_spacing() -> anyhow::Result<()> {
     let ws = Workspace::new()?;
-    let ngimu = imu_data("ngimu_sensors.csv");
     // Ten times real time: the 9.98 s recording (with its real jitter) in about 1 s.
-    let stub = SensorStub::start(
-        &ws,
-        &[
-            "--mode",
-            "replay",
-            "--speed",
-            "10",
-            "--file",
-            &ngimu.to_string_lossy(),
-        ],
-    )
-    .await?;
+    let stub = SensorStub::replay(&ws, &["ngimu_sensors.csv"], "10", &[]).await?;
     let got = read_samples(&mut stub.client().await?, Default::default(), 1000).await?;
     assert_eq!(got.len(), 499);
     let (t0, first) = (got[0].0, got[0].1.timestamp_ns);

@@ -1,6 +1,7 @@
 //! The system driven by the tools operators use: grpcurl, a generated Python client, the
 //! CLI, systemd, and the README's quickstart.
 
+use prost::Message;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -54,16 +55,21 @@ async fn grpcurl_lists_every_service_and_drives_the_nodes_api() -> anyhow::Resul
     let listed = run(Command::new(&g)
         .args(tls_args(&ws.pki.dir))
         .args([&addr, "list"]))?;
-    for service in [
-        "aviary.v1.Fleet",
-        "aviary.v1.Nodes",
-        "aviary.v1.Audit",
-        "aviary.v1.Releases",
-        "aviary.v1.Rollouts",
-        "aviary.v1.Configs",
-        "aviary.sensors.v1.SensorStub",
-        "grpc.health.v1.Health",
-    ] {
+    // Every service of the contract, and health.
+    let contract = prost_types::FileDescriptorSet::decode(aviary_proto::FILE_DESCRIPTOR_SET)?;
+    let services: Vec<String> = contract
+        .file
+        .iter()
+        .flat_map(|f| {
+            let package = f.package().to_owned();
+            f.service
+                .iter()
+                .map(move |s| format!("{package}.{}", s.name()))
+        })
+        .chain(["grpc.health.v1.Health".to_owned()])
+        .collect();
+    assert!(services.len() >= 8, "{services:?}");
+    for service in &services {
         assert!(
             listed.lines().any(|l| l == service),
             "{service} not listed:\n{listed}"
@@ -682,19 +688,8 @@ async fn the_readme_python_client_reads_a_replayed_recording() -> anyhow::Result
         "README.md must show tests/python/imu_client.py verbatim"
     );
     let ws = Workspace::new()?;
-    let xio3 = aviary_tests::sensors::imu_data("xio3_inertial.csv");
-    let stub = aviary_tests::sensors::SensorStub::start(
-        &ws,
-        &[
-            "--mode",
-            "replay",
-            "--speed",
-            "0",
-            "--file",
-            &xio3.to_string_lossy(),
-        ],
-    )
-    .await?;
+    let stub =
+        aviary_tests::sensors::SensorStub::replay(&ws, &["xio3_inertial.csv"], "0", &[]).await?;
     let out_dir = ws.path("python");
     python_sensor_stubs(&out_dir)?;
     let out = run(Command::new("python3")
@@ -722,19 +717,8 @@ async fn the_readme_python_client_reads_a_replayed_recording() -> anyhow::Result
 #[tokio::test]
 async fn grpcurl_lists_the_sensor_stub_and_reads_a_whole_replay() -> anyhow::Result<()> {
     let ws = Workspace::new()?;
-    let ngimu = aviary_tests::sensors::imu_data("ngimu_sensors.csv");
-    let stub = aviary_tests::sensors::SensorStub::start(
-        &ws,
-        &[
-            "--mode",
-            "replay",
-            "--speed",
-            "0",
-            "--file",
-            &ngimu.to_string_lossy(),
-        ],
-    )
-    .await?;
+    let stub =
+        aviary_tests::sensors::SensorStub::replay(&ws, &["ngimu_sensors.csv"], "0", &[]).await?;
     let g = grpcurl()?;
     let addr = stub.addr.to_string();
     let listed = run(Command::new(&g).args(["-plaintext", &addr, "list"]))?;
