@@ -173,28 +173,32 @@ impl Deltas {
         }
         let permits = u32::try_from(cost_kib.max(1)).unwrap_or(u32::MAX);
         let this = self.clone();
-        let build = tokio::spawn(async move {
-            let _slot = this.builds.clone().acquire_owned().await;
-            let _memory = this.memory.clone().acquire_many_owned(permits).await;
-            let inner = this.clone();
-            let started = Instant::now();
-            let built = tokio::task::spawn_blocking(move || {
-                let old =
-                    std::fs::read(inner.blobs.path(&from)).map_err(io(&inner.blobs.path(&from)))?;
-                let new =
-                    std::fs::read(inner.blobs.path(&to)).map_err(io(&inner.blobs.path(&to)))?;
-                let bytes = delta::write_delta(&old, &new, LEVEL, Vec::new()).map_err(|e| {
-                    ControlPlaneError::Unavailable(format!("delta {from} -> {to}: {e}"))
-                })?;
-                let info = PayloadInfo::of(Encoding::BsdiffZstd, Some(from), &bytes);
-                inner.store(&name, &info, &bytes)
-            })
-            .await
-            .map_err(|e| ControlPlaneError::Unavailable(format!("delta task: {e}")))?;
-            metrics::histogram!("aviary_delta_build_seconds")
-                .record(started.elapsed().as_secs_f64());
-            built
-        });
+        let span = tracing::info_span!("delta_build", %from, %to);
+        let build = tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let _slot = this.builds.clone().acquire_owned().await;
+                let _memory = this.memory.clone().acquire_many_owned(permits).await;
+                let inner = this.clone();
+                let started = Instant::now();
+                let built = tokio::task::spawn_blocking(move || {
+                    let old = std::fs::read(inner.blobs.path(&from))
+                        .map_err(io(&inner.blobs.path(&from)))?;
+                    let new =
+                        std::fs::read(inner.blobs.path(&to)).map_err(io(&inner.blobs.path(&to)))?;
+                    let bytes = delta::write_delta(&old, &new, LEVEL, Vec::new()).map_err(|e| {
+                        ControlPlaneError::Unavailable(format!("delta {from} -> {to}: {e}"))
+                    })?;
+                    let info = PayloadInfo::of(Encoding::BsdiffZstd, Some(from), &bytes);
+                    inner.store(&name, &info, &bytes)
+                })
+                .await
+                .map_err(|e| ControlPlaneError::Unavailable(format!("delta task: {e}")))?;
+                metrics::histogram!("aviary_delta_build_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                built
+            },
+            span,
+        ));
         match tokio::time::timeout(self.settings.timeout, build).await {
             Ok(Ok(Ok(delta))) if delta.info.size < full.info.size => {
                 metrics::counter!("aviary_delta_bytes_saved_total")

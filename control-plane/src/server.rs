@@ -101,8 +101,14 @@ pub async fn run(
         conn_tx,
         shutdown.clone(),
     ));
-    let flusher = tokio::spawn(flush_statuses(registry.clone(), shutdown.clone()));
-    let engine = tokio::spawn(crate::rollout::run(registry.clone(), shutdown.clone()));
+    let flusher = tokio::spawn(tracing::Instrument::instrument(
+        flush_statuses(registry.clone(), shutdown.clone()),
+        tracing::info_span!("status_flush"),
+    ));
+    let engine = tokio::spawn(tracing::Instrument::instrument(
+        crate::rollout::run(registry.clone(), shutdown.clone()),
+        tracing::info_span!("rollout_engine"),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     for name in SERVICES {

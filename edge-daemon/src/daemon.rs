@@ -94,7 +94,12 @@ pub async fn run(
         labels: config.labels.clone(),
         arch: config.arch.clone(),
     };
-    session::run(link, identity, weights, local, shutdown.clone()).await;
+    let span = tracing::info_span!("fleet_stream", node_id = %identity.node_id);
+    tracing::Instrument::instrument(
+        session::run(link, identity, weights, local, shutdown.clone()),
+        span,
+    )
+    .await;
     runtime.stop_all();
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     shutdown.cancel();

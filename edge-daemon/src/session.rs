@@ -168,7 +168,31 @@ async fn send(
         .map_err(|_| StreamError::Closed)
 }
 
+/// Handles one message; a module update and the chunks of its payload run in an
+/// `install` span naming the module and revision.
 async fn handle(
+    msg: pb::ControlMessage,
+    weights: &Arc<Weights>,
+    local: &Arc<Local>,
+    incoming: &mut Option<Incoming>,
+    tx: &mpsc::Sender<pb::EdgeMessage>,
+) -> Result<(), StreamError> {
+    let span = match (&msg.kind, incoming.as_ref()) {
+        (Some(Kind::ModuleUpdate(u)), _) => {
+            tracing::info_span!("install", module = %u.module, revision = u.revision)
+        }
+        (Some(Kind::Chunk(_)), Some(i)) => tracing::info_span!(
+            "install",
+            module = %i.checked.manifest.module,
+            version = %i.checked.manifest.version,
+            revision = i.revision
+        ),
+        _ => tracing::Span::none(),
+    };
+    tracing::Instrument::instrument(handle_message(msg, weights, local, incoming, tx), span).await
+}
+
+async fn handle_message(
     msg: pb::ControlMessage,
     weights: &Arc<Weights>,
     local: &Arc<Local>,
@@ -280,21 +304,7 @@ async fn handle(
                 .map_or(0, |s| s.revision);
             let installer = local.installer.clone();
             let result = tokio::task::spawn_blocking(move || {
-                let r = installer
-                    .verify_payload(&inc.receiving.info, inc.receiving.path())
-                    .and_then(|()| {
-                        installer.install(
-                            &inc.checked,
-                            &inc.receiving.info,
-                            inc.receiving.path(),
-                            inc.revision,
-                        )
-                    });
-                inc.receiving.discard();
-                if r.is_err() {
-                    let _ = installer.modules().clean(&inc.checked.manifest.module);
-                }
-                r
+                installer.complete(&inc.checked, inc.receiving, inc.revision)
             })
             .await
             .unwrap_or_else(|e| Err(InstallError::Bundle(format!("install task: {e}"))));

@@ -242,18 +242,28 @@ impl Session {
         );
         tracing::debug!(%module, revision = d.revision, base = ?installed, "planning module update");
         let tx = self.planned_tx.clone();
-        // Building a delta can take seconds: never in the stream's own loop.
-        tokio::spawn(async move {
-            let result = plan(&fleet, &module, &d, &arch, installed).await;
-            let _ = tx
-                .send(Planned {
-                    module,
-                    revision: d.revision,
-                    version: d.version,
-                    result,
-                })
-                .await;
-        });
+        // Building a delta can take seconds: never in the stream's own loop. The task
+        // keeps the stream's span (node_id) under one of its own.
+        let span = tracing::info_span!(
+            "plan_update",
+            module = %module,
+            version = %d.version,
+            revision = d.revision
+        );
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let result = plan(&fleet, &module, &d, &arch, installed).await;
+                let _ = tx
+                    .send(Planned {
+                        module,
+                        revision: d.revision,
+                        version: d.version,
+                        result,
+                    })
+                    .await;
+            },
+            span,
+        ));
         Ok(())
     }
 

@@ -34,8 +34,16 @@ pub(crate) async fn run(registry: Arc<Registry>, shutdown: CancellationToken) {
             _ = tick.tick() => {}
         }
         for (d, p) in registry.progressing() {
-            if let Err(e) = advance(&registry, &d, p).await {
-                tracing::warn!(rollout_id = %d.id, error = %e, "rollout step failed to commit");
+            let span = tracing::info_span!(
+                "rollout_step",
+                rollout_id = %d.id,
+                module = %d.module,
+                version = %d.version,
+                step = d.current_step + 1
+            );
+            let step = tracing::Instrument::instrument(advance(&registry, &d, p), span.clone());
+            if let Err(e) = step.await {
+                span.in_scope(|| tracing::warn!(error = %e, "rollout step failed to commit"));
             }
         }
     }
@@ -129,43 +137,13 @@ async fn advance(
                 .await?;
         }
         Next::Judge(spec) => {
+            let span = tracing::info_span!("analysis", window_s = spec.window_seconds);
             let figures = registry.figures(d, d.step_started_ms);
             let numbers = serde_json::to_string(&figures).unwrap_or_default();
-            match judge(&spec, &figures) {
-                Judgement::Successful => {
-                    registry
-                        .update_rollout(
-                            ENGINE,
-                            id,
-                            |d, _| Ok(d.analysis_passed(&numbers, now_ms())),
-                        )
-                        .await?;
-                }
-                Judgement::Failed(reasons) => {
-                    let reasons = reasons.join("; ");
-                    let limit = spec.failure_limit.max(1);
-                    registry
-                        .update_rollout(ENGINE, id, |d, seq| {
-                            Ok(d.analysis_failed(&reasons, &numbers, limit, seq, now_ms()))
-                        })
-                        .await?;
-                }
-                Judgement::Inconclusive(why) => {
-                    // Not enough data: keep measuring until the deadline (or three
-                    // windows), then hold with the reason for an operator.
-                    let waited = now_ms().saturating_sub(d.step_started_ms);
-                    let limit_ms = if d.progress_deadline_seconds > 0 {
-                        u64::from(d.progress_deadline_seconds) * 1000
-                    } else {
-                        u64::from(spec.window_seconds) * 3000
-                    };
-                    if waited >= limit_ms {
-                        registry
-                            .update_rollout(ENGINE, id, |d, _| Ok(d.inconclusive(&why, &numbers)))
-                            .await?;
-                    }
-                }
-            }
+            let judgement = judge(&spec, &figures);
+            span.in_scope(|| tracing::info!(?judgement, figures = %numbers, "analysis judged"));
+            let commit = judged(registry, d, &spec, judgement, &numbers);
+            tracing::Instrument::instrument(commit, span).await?;
         }
         Next::Advance(done) => {
             registry
@@ -189,6 +167,49 @@ async fn advance(
                 .await?;
         }
         Next::Wait => registry.check_complete(&d.module).await,
+    }
+    Ok(())
+}
+
+/// Commits what an analysis window's `judgement` calls for.
+async fn judged(
+    registry: &Registry,
+    d: &Rollout,
+    spec: &AnalysisSpec,
+    judgement: Judgement,
+    numbers: &str,
+) -> Result<(), crate::error::ControlPlaneError> {
+    let id = d.id.as_str();
+    match judgement {
+        Judgement::Successful => {
+            registry
+                .update_rollout(ENGINE, id, |d, _| Ok(d.analysis_passed(numbers, now_ms())))
+                .await?;
+        }
+        Judgement::Failed(reasons) => {
+            let reasons = reasons.join("; ");
+            let limit = spec.failure_limit.max(1);
+            registry
+                .update_rollout(ENGINE, id, |d, seq| {
+                    Ok(d.analysis_failed(&reasons, numbers, limit, seq, now_ms()))
+                })
+                .await?;
+        }
+        Judgement::Inconclusive(why) => {
+            // Not enough data: keep measuring until the deadline (or three windows),
+            // then hold with the reason for an operator.
+            let waited = now_ms().saturating_sub(d.step_started_ms);
+            let limit_ms = if d.progress_deadline_seconds > 0 {
+                u64::from(d.progress_deadline_seconds) * 1000
+            } else {
+                u64::from(spec.window_seconds) * 3000
+            };
+            if waited >= limit_ms {
+                registry
+                    .update_rollout(ENGINE, id, |d, _| Ok(d.inconclusive(&why, numbers)))
+                    .await?;
+            }
+        }
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ use aviary_proto::delta;
 use aviary_proto::digest::Hasher;
 use aviary_proto::manifest::{precedence, Manifest};
 
+use super::receive::Receiving;
 use super::slots::{io, sync_dir, ModuleState, Modules, Slot};
 use super::InstallError;
 
@@ -174,6 +175,25 @@ impl Installer {
         }
         file.flush().map_err(io(file.path()))?;
         Ok(file)
+    }
+
+    /// The last step of a fleet update: verifies the received payload against what
+    /// `checked` was offered with and installs it at `revision`. The received bytes are
+    /// discarded either way; a failed install leaves no slot or temp file behind.
+    pub fn complete(
+        &self,
+        checked: &Checked,
+        receiving: Receiving,
+        revision: u64,
+    ) -> Result<Slot, InstallError> {
+        let result = self
+            .verify_payload(&receiving.info, receiving.path())
+            .and_then(|()| self.install(checked, &receiving.info, receiving.path(), revision));
+        receiving.discard();
+        if result.is_err() {
+            let _ = self.modules.clean(&checked.manifest.module);
+        }
+        result
     }
 
     /// Applies a received payload into a new slot and switches the module to it.

@@ -130,7 +130,11 @@ impl Runtime {
             .or_insert_with(|| {
                 let (tx, rx) = mpsc::channel(4);
                 let stats = Arc::new(Stats::default());
-                tokio::spawn(supervisor::supervise(module.to_owned(), rx, stats.clone()));
+                let span = tracing::info_span!("module", module = %module);
+                tokio::spawn(tracing::Instrument::instrument(
+                    supervisor::supervise(module.to_owned(), rx, stats.clone()),
+                    span,
+                ));
                 (tx, stats)
             })
             .0

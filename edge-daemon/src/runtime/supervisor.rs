@@ -256,7 +256,7 @@ fn start(
         let (name, version) = (name.to_owned(), launch.version.clone());
         let (patterns, stats) = (patterns.clone(), stats.clone());
         let cgroup = cgroup.take();
-        tokio::spawn(async move {
+        tokio::spawn(tracing::Instrument::in_current_span(async move {
             let mut lines = BufReader::new(stream).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 if patterns.iter().any(|p| line.contains(p.as_str())) {
@@ -265,7 +265,7 @@ fn start(
                 tracing::info!(target: "module", module = %name, %version, stream = which, "{line}");
             }
             drop(cgroup);
-        });
+        }));
     }
     Ok((child, notify))
 }
