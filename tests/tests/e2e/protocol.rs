@@ -12,7 +12,18 @@ use bytes::{Buf, BufMut};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
 
-const QUIET: Duration = Duration::from_millis(800);
+/// Waits until the control plane has handled a stale ACK sent on `stream` now: everything
+/// the stream's session did before it (its opening offers, earlier answers) is done.
+async fn processed_after(cp: &ControlPlane, stream: &RawStream) -> anyhow::Result<()> {
+    let before = cp.metric("aviary_stale_answers_total").await?;
+    stream.ack("no-such-nonce", 0).await?;
+    eventually(
+        Duration::from_secs(10),
+        "the stale answer handled",
+        || async { Ok((cp.metric("aviary_stale_answers_total").await? > before).then_some(())) },
+    )
+    .await
+}
 
 async fn set_weight(ws: &Workspace, cp: &ControlPlane, weight: u32) -> anyhow::Result<()> {
     ws.admin(cp)
@@ -37,17 +48,25 @@ async fn a_nacked_assignment_is_not_resent_until_the_desired_state_changes() -> 
     stream
         .nack(&nonce, first.revision, "this gateway cannot take weight 10")
         .await?;
-    assert!(
-        stream.next(QUIET).await?.is_none(),
-        "the NACKed revision was resent on the same stream"
+    let sent = cp.metric("aviary_weight_assignments_sent_total").await?;
+    assert_eq!(sent, 1.0);
+    // Not resent on this stream: a stale answer sent after the NACK is handled after it
+    // (one stream, in order), and by then nothing more was sent.
+    processed_after(&cp, &stream).await?;
+    assert_eq!(
+        cp.metric("aviary_weight_assignments_sent_total").await?,
+        sent
     );
 
-    // A new stream that has applied nothing still does not get the parked revision.
+    // A new stream that has applied nothing still does not get the parked revision: by
+    // the time it handles its first answer, its opening offers are done.
     drop(stream);
     let mut stream = RawStream::open(&link, hello("gw-1", &[], 0)).await?;
-    assert!(
-        stream.next(QUIET).await?.is_none(),
-        "the NACKed revision was resent after a reconnect"
+    processed_after(&cp, &stream).await?;
+    assert_eq!(
+        cp.metric("aviary_weight_assignments_sent_total").await?,
+        sent,
+        "the NACKed revision was resent"
     );
     let node = cp.node(&ws, "gw-1").await?;
     assert_eq!(node.nacked_revision, first.revision);
@@ -307,9 +326,13 @@ async fn a_node_whose_labels_change_gets_a_new_revision_with_the_weights_of_its_
     drop(stream);
 
     // Same labels again: nothing to send. Moved to another region: a newer revision.
-    let mut stream =
-        RawStream::open(&link, hello("gw-1", &[("region", "eu")], eu.revision)).await?;
-    assert!(stream.next(QUIET).await?.is_none());
+    let sent = cp.metric("aviary_weight_assignments_sent_total").await?;
+    let stream = RawStream::open(&link, hello("gw-1", &[("region", "eu")], eu.revision)).await?;
+    processed_after(&cp, &stream).await?;
+    assert_eq!(
+        cp.metric("aviary_weight_assignments_sent_total").await?,
+        sent
+    );
     drop(stream);
     let mut stream =
         RawStream::open(&link, hello("gw-1", &[("region", "us")], eu.revision)).await?;
