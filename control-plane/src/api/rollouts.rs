@@ -163,7 +163,7 @@ fn view(d: &Rollout, p: RolloutProgress) -> pb::Rollout {
             selected: p.selected,
             canaries: p.canaries,
             installed: p.installed,
-            healthy: p.installed,
+            healthy: p.healthy,
             failed: p.failed,
         }),
     }

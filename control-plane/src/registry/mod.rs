@@ -262,4 +262,57 @@ mod tests {
         assert_eq!(stored[0].1.modules.len(), 1);
         Ok(())
     }
+
+    /// Installed counts the ACKs to the rollout's revision; healthy, of those, the nodes
+    /// whose latest report shows its version running with every probe passing.
+    #[tokio::test]
+    async fn a_rollout_counts_installed_and_healthy_nodes_from_their_answers() -> anyhow::Result<()>
+    {
+        use aviary_proto::resource::Resource;
+
+        use crate::rollout::RolloutProgress;
+        use crate::selector::Selector;
+
+        let dir = tempfile::tempdir()?;
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path())?);
+        let registry = Registry::open(Arc::new(Journal::new(store)), 300).await?;
+        let mut attached = Vec::new();
+        for id in ["gw-1", "gw-2"] {
+            attached.push(registry.attach(id, HelloInfo::default()).await?);
+        }
+        let admin = aviary_certs::Identity::Admin("alice".into());
+        let plan = NewRollout {
+            module: "gateway".into(),
+            version: "1.1.0".into(),
+            selector: Selector::default(),
+            steps: Vec::new(),
+            progress_deadline_seconds: 0,
+        };
+        let r = registry.create_rollout(&admin, plan).await?;
+        let module = Resource::Module("gateway".into());
+        for id in ["gw-1", "gw-2"] {
+            registry.record_answer(id, &module, r.seq, &Answer::Ack);
+        }
+        let report = |failures| HealthRecord {
+            probe_successes: 3,
+            probe_failures: failures,
+            process_state: "running".into(),
+            version: "1.1.0".into(),
+            ..Default::default()
+        };
+        registry.record_health("gw-1", vec![("gateway".into(), report(0))]);
+        registry.record_health("gw-2", vec![("gateway".into(), report(2))]);
+        let (_, p) = registry.rollout(&r.id)?;
+        let want = RolloutProgress {
+            selected: 2,
+            canaries: 2,
+            connected_canaries: 2,
+            installed: 2,
+            healthy: 1,
+            failed: 0,
+            skipped: 0,
+        };
+        assert_eq!(p, want);
+        Ok(())
+    }
 }

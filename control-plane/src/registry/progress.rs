@@ -5,6 +5,7 @@ use super::{Registry, State, SKIPPED};
 use crate::analysis::Figures;
 use crate::error::ControlPlaneError;
 use crate::health::HealthSample;
+use crate::node::HealthRecord;
 use crate::rollout::RolloutProgress;
 use crate::rollout::{Rollout, RolloutState};
 
@@ -112,6 +113,11 @@ impl Registry {
 }
 
 /// Node counts of `d` from the nodes' answers.
+/// Its latest report says the node runs `version`, and every probe of it passed.
+fn healthy(h: &HealthRecord, version: &str) -> bool {
+    h.version == version && h.process_state == "running" && h.probe_failures == 0
+}
+
 pub(super) fn progress(st: &State, d: &Rollout) -> RolloutProgress {
     let mut p = RolloutProgress::default();
     for entry in st.nodes.values() {
@@ -137,6 +143,12 @@ pub(super) fn progress(st: &State, d: &Rollout) -> RolloutProgress {
         let answers = entry.status.modules.get(&d.module);
         if answers.is_some_and(|a| a.acked_revision >= wanted) {
             p.installed += 1;
+            if answers
+                .and_then(|a| a.health.as_ref())
+                .is_some_and(|h| healthy(h, &d.version))
+            {
+                p.healthy += 1;
+            }
         } else if let Some(n) = answers
             .and_then(|a| a.nacked.as_ref())
             .filter(|n| n.revision == wanted)

@@ -228,6 +228,7 @@ mod tests {
             installed,
             failed,
             skipped: 0,
+            healthy: 0,
         }
     }
 

@@ -32,6 +32,9 @@ pub(crate) struct RolloutProgress {
     pub connected_canaries: u32,
     /// Nodes that acknowledged this rollout's revision.
     pub installed: u32,
+    /// Of those, the nodes whose latest health report shows the version running with
+    /// every probe passing.
+    pub healthy: u32,
     /// Nodes that refused it.
     pub failed: u32,
     /// Nodes with no artifact for their architecture.
