@@ -510,6 +510,51 @@ mod tests {
         }
     }
 
+    /// A fleet update's last step: a payload received in chunks is verified and installed
+    /// by `complete`; a tampered one leaves nothing behind, neither slot nor received file.
+    #[test]
+    fn a_received_payload_is_completed_only_when_it_matches_its_offer(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let f = fixture()?;
+        let v1 = binary(3, 200_000);
+        let m = manifest("gateway", "1.0.0", &v1);
+        let Verdict::Install(checked) = f.installer.check(&m, &f.signer.sign(&m))? else {
+            return Err("not offered for install".into());
+        };
+        let (info, bytes) = full(&v1)?;
+        let receive = |id: &str, bytes: &[u8]| -> Result<Receiving, InstallError> {
+            let mut r =
+                Receiving::open(f.installer.modules(), "gateway", "1.0.0", id, info.clone())?;
+            for (i, chunk) in bytes.chunks(64 << 10).enumerate() {
+                r.append((i * (64 << 10)) as u64, chunk)?;
+            }
+            Ok(r)
+        };
+        let mut tampered = bytes.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 1;
+        let refused = f
+            .installer
+            .complete(&checked, receive("t-1", &tampered)?, 5);
+        assert!(refused.is_err(), "a tampered payload was installed");
+        assert!(f.installer.modules().state("gateway")?.current.is_none());
+        assert!(
+            f.strays("gateway")?.is_empty(),
+            "{:?}",
+            f.strays("gateway")?
+        );
+        let slot = f.installer.complete(&checked, receive("t-2", &bytes)?, 6)?;
+        assert_eq!(slot.version, "1.0.0");
+        assert_eq!(f.current("gateway")?, v1);
+        assert_eq!(f.installer.modules().state("gateway")?.revision, 6);
+        assert!(
+            f.strays("gateway")?.is_empty(),
+            "{:?}",
+            f.strays("gateway")?
+        );
+        Ok(())
+    }
+
     #[test]
     fn a_full_install_then_a_delta_then_a_rollback_without_download(
     ) -> Result<(), Box<dyn std::error::Error>> {
