@@ -11,8 +11,7 @@
 //! * A desired weight map is encoded once (`Desired::message`) and the same `Bytes` are
 //!   shared by every stream that sends it.
 //! * At most one live session per node; a newer stream supersedes the older one.
-//! * No proto type is named here: the compiler cannot reach `aviary_proto::v1` from this
-//!   module tree (`scripts/check-layout`).
+//! * No proto type is named here (`scripts/check-layout` fails the build if one is).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
