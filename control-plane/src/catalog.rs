@@ -331,16 +331,7 @@ impl Catalog {
     ) -> Result<Vec<ReleaseRecord>, ControlPlaneError> {
         let store = self.store.clone();
         let mut all = blocking(move || store.releases(module.as_deref())).await??;
-        all.sort_by(|a, b| {
-            let va = aviary_proto::manifest::parse_version(&a.version).ok();
-            let vb = aviary_proto::manifest::parse_version(&b.version).ok();
-            a.module.cmp(&b.module).then_with(|| match (va, vb) {
-                (Some(va), Some(vb)) => {
-                    vb.cmp_precedence(&va).then_with(|| vb.build.cmp(&va.build))
-                }
-                _ => b.version.cmp(&a.version),
-            })
-        });
+        all.sort_by(|a, b| list_order((&a.module, &a.version), (&b.module, &b.version)));
         Ok(all)
     }
 
@@ -434,4 +425,14 @@ fn validate_attachment(name: &str, media_type: &str, data: &[u8]) -> Result<(), 
         }
     }
     Ok(())
+}
+
+/// The order of `list`: by module, then newest version first by SemVer precedence.
+pub(crate) fn list_order(a: (&str, &str), b: (&str, &str)) -> std::cmp::Ordering {
+    let va = aviary_proto::manifest::parse_version(a.1).ok();
+    let vb = aviary_proto::manifest::parse_version(b.1).ok();
+    a.0.cmp(b.0).then_with(|| match (va, vb) {
+        (Some(va), Some(vb)) => vb.cmp_precedence(&va).then_with(|| vb.build.cmp(&va.build)),
+        _ => b.1.cmp(a.1),
+    })
 }

@@ -64,7 +64,7 @@ impl Scope {
     }
 
     /// Merge order: base, overlays, node.
-    fn rank(&self) -> u8 {
+    pub(crate) fn rank(&self) -> u8 {
         match self {
             Scope::Base => 0,
             Scope::Selector(_) => 1,

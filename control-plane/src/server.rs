@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::api::{AuditApi, ConfigsApi, NodesApi, ReleasesApi, RolloutsApi};
+use crate::api::{AuditApi, ConfigsApi, NodesApi, Pager, ReleasesApi, RolloutsApi};
 use crate::auth::AuthLayer;
 use crate::blobs::Blobs;
 use crate::catalog::Catalog;
@@ -125,6 +125,11 @@ pub async fn run(
         watch_store(store.clone(), health.clone(), shutdown.clone()),
         tracing::info_span!("store_watch"),
     ));
+    let secret = {
+        let store = store.clone();
+        crate::journal::blocking(move || store.secret("page-token")).await??
+    };
+    let pager = Arc::new(Pager::new(&secret));
     let (reflection_v1alpha, reflection_v1) =
         aviary_startup::reflection().map_err(ControlPlaneError::Unavailable)?;
 
@@ -144,12 +149,16 @@ pub async fn run(
     let nodes = pb::nodes_server::NodesServer::new(NodesApi::new(
         registry.clone(),
         connections.clone(),
+        pager.clone(),
         shutdown.clone(),
     ))
     .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
-    let audit =
-        pb::audit_server::AuditServer::new(AuditApi::new(journal.clone(), shutdown.clone()))
-            .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
+    let audit = pb::audit_server::AuditServer::new(AuditApi::new(
+        journal.clone(),
+        pager.clone(),
+        shutdown.clone(),
+    ))
+    .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
 
     if let Some(tx) = ready {
         let _ = tx.send(local);
@@ -163,13 +172,17 @@ pub async fn run(
         .add_service(nodes)
         .add_service(audit)
         .add_service(
-            pb::releases_server::ReleasesServer::new(ReleasesApi::new(catalog.clone()))
-                .max_decoding_message_size(RELEASE_MESSAGE_BYTES),
+            pb::releases_server::ReleasesServer::new(ReleasesApi::new(
+                catalog.clone(),
+                pager.clone(),
+            ))
+            .max_decoding_message_size(RELEASE_MESSAGE_BYTES),
         )
         .add_service(
             pb::rollouts_server::RolloutsServer::new(RolloutsApi::new(
                 registry.clone(),
                 catalog.clone(),
+                pager.clone(),
             ))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
         )
@@ -177,6 +190,7 @@ pub async fn run(
             pb::configs_server::ConfigsServer::new(ConfigsApi::new(
                 registry.clone(),
                 catalog.clone(),
+                pager.clone(),
             ))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
         )

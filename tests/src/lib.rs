@@ -548,6 +548,7 @@ impl ControlPlane {
                 }),
                 after_seq: 0,
                 limit: 0,
+                ..Default::default()
             })
             .await?
             .into_inner()

@@ -70,4 +70,96 @@ impl Admin {
         };
         Ok(self.nodes.get_node(request).await?.into_inner())
     }
+
+    /// Every node `selector` matches, page after page.
+    pub async fn all_nodes(&mut self, selector: &str) -> Result<Vec<pb::Node>, tonic::Status> {
+        let client = self.nodes.clone();
+        all_pages(|page_token| {
+            let (mut client, selector) = (client.clone(), selector.to_owned());
+            async move {
+                let request = pb::ListNodesRequest {
+                    selector,
+                    page_size: 0,
+                    page_token,
+                };
+                let r = client.list_nodes(request).await?.into_inner();
+                Ok((r.nodes, r.next_page_token))
+            }
+        })
+        .await
+    }
+
+    /// Every rollout (of `module`, or all), newest first, page after page.
+    pub async fn all_rollouts(&mut self, module: &str) -> Result<Vec<pb::Rollout>, tonic::Status> {
+        let client = self.rollouts.clone();
+        all_pages(|page_token| {
+            let (mut client, module) = (client.clone(), module.to_owned());
+            async move {
+                let request = pb::ListRolloutsRequest {
+                    module,
+                    page_size: 0,
+                    page_token,
+                };
+                let r = client.list_rollouts(request).await?.into_inner();
+                Ok((r.rollouts, r.next_page_token))
+            }
+        })
+        .await
+    }
+
+    /// Every release (of `module`, or all), page after page.
+    pub async fn all_releases(&mut self, module: &str) -> Result<Vec<pb::Release>, tonic::Status> {
+        let client = self.releases.clone();
+        all_pages(|page_token| {
+            let (mut client, module) = (client.clone(), module.to_owned());
+            async move {
+                let request = pb::ListReleasesRequest {
+                    module,
+                    page_size: 0,
+                    page_token,
+                };
+                let r = client.list_releases(request).await?.into_inner();
+                Ok((r.releases, r.next_page_token))
+            }
+        })
+        .await
+    }
+
+    /// Every live config layer (of `module`, or all), page after page.
+    pub async fn all_configs(
+        &mut self,
+        module: &str,
+    ) -> Result<Vec<pb::ConfigLayer>, tonic::Status> {
+        let client = self.configs.clone();
+        all_pages(|page_token| {
+            let (mut client, module) = (client.clone(), module.to_owned());
+            async move {
+                let request = pb::ListConfigsRequest {
+                    module,
+                    page_size: 0,
+                    page_token,
+                };
+                let r = client.list_configs(request).await?.into_inner();
+                Ok((r.layers, r.next_page_token))
+            }
+        })
+        .await
+    }
+}
+
+/// Calls `page` with each `next_page_token` until the last page; every item in order.
+async fn all_pages<T, Fut>(mut page: impl FnMut(String) -> Fut) -> Result<Vec<T>, tonic::Status>
+where
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = page(token).await?;
+        all.extend(items);
+        if next.is_empty() {
+            return Ok(all);
+        }
+        token = next;
+    }
 }

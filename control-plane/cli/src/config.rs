@@ -126,14 +126,8 @@ pub(crate) async fn run(
             node_config(format, &c);
         }
         ConfigCommand::List { module } => {
-            let list = admin
-                .configs
-                .list_configs(pb::ListConfigsRequest {
-                    module: module.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
-            layers(format, &list.layers);
+            let list = admin.all_configs(&module.unwrap_or_default()).await?;
+            layers(format, &list);
         }
     }
     Ok(())

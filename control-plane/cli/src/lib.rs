@@ -360,14 +360,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     output::rollouts(format, &[r]);
                 }
                 RolloutCommand::List { module } => {
-                    let list = admin
-                        .rollouts
-                        .list_rollouts(pb::ListRolloutsRequest {
-                            module: module.unwrap_or_default(),
-                        })
-                        .await?
-                        .into_inner();
-                    output::rollouts(format, &list.rollouts);
+                    let list = admin.all_rollouts(&module.unwrap_or_default()).await?;
+                    output::rollouts(format, &list);
                 }
                 RolloutCommand::Abort { id } => {
                     let r = admin
@@ -436,11 +430,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut admin = connect(&cli.control_plane, &cli.certs, &cli.admin).await?;
             match command {
                 NodesCommand::List { selector } => {
-                    let nodes = admin
-                        .nodes
-                        .list_nodes(pb::ListNodesRequest { selector })
-                        .await?;
-                    output::nodes(format, &nodes.into_inner().nodes);
+                    output::nodes(format, &admin.all_nodes(&selector).await?);
                 }
                 NodesCommand::Get { id } => {
                     output::node(format, &admin.node(&id).await?);
@@ -497,8 +487,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .audit
                     .list_events(pb::ListEventsRequest {
                         filter: Some(filter),
-                        after_seq: 0,
-                        limit: 0,
+                        ..Default::default()
                     })
                     .await?
                     .into_inner()

@@ -280,14 +280,8 @@ pub async fn run(
         }
         ReleaseCommand::List { module } => {
             let mut admin = admin.await?;
-            let list = admin
-                .releases
-                .list_releases(pb::ListReleasesRequest {
-                    module: module.unwrap_or_default(),
-                })
-                .await?
-                .into_inner();
-            output::releases(format, &list.releases);
+            let list = admin.all_releases(&module.unwrap_or_default()).await?;
+            output::releases(format, &list);
             Ok(())
         }
         ReleaseCommand::Get {

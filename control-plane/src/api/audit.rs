@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::page::Pager;
 use super::views;
 use crate::journal::Journal;
 
@@ -18,13 +19,22 @@ const MAX_LIMIT: u32 = 10_000;
 /// Implements `aviary.v1.Audit`.
 pub(crate) struct AuditApi {
     journal: Arc<Journal>,
+    pager: Arc<Pager>,
     shutdown: CancellationToken,
 }
 
 impl AuditApi {
     /// Serves the audit log of `journal`; watches end at `shutdown`.
-    pub(crate) fn new(journal: Arc<Journal>, shutdown: CancellationToken) -> AuditApi {
-        AuditApi { journal, shutdown }
+    pub(crate) fn new(
+        journal: Arc<Journal>,
+        pager: Arc<Pager>,
+        shutdown: CancellationToken,
+    ) -> AuditApi {
+        AuditApi {
+            journal,
+            pager,
+            shutdown,
+        }
     }
 }
 
@@ -35,20 +45,33 @@ impl Audit for AuditApi {
         req: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
         let req = req.into_inner();
-        let limit = match req.limit {
-            0 => DEFAULT_LIMIT,
-            n => n.min(MAX_LIMIT),
+        let query = format!("{:?}", req.filter);
+        let want = self
+            .pager
+            .request("events", &query, req.page_size, &req.page_token, 1000)?;
+        // `page_size` (or a token) pages; `limit` alone keeps its old meaning.
+        let size = match (req.page_size, req.page_token.is_empty(), req.limit) {
+            (0, true, 0) => DEFAULT_LIMIT as usize,
+            (0, true, n) => n.min(MAX_LIMIT) as usize,
+            _ => want.size,
         };
-        let events = self
+        let after_seq = match &want.after {
+            Some(seq) => seq.parse::<u64>().unwrap_or(req.after_seq),
+            None => req.after_seq,
+        };
+        let mut events = self
             .journal
-            .events(
-                req.after_seq,
-                views::event_filter(req.filter),
-                limit as usize,
-            )
+            .events(after_seq, views::event_filter(req.filter), size + 1)
             .await?;
+        let more = events.len() > size;
+        events.truncate(size);
+        let next_page_token = match events.last() {
+            Some(last) if more => self.pager.token("events", &query, &last.seq.to_string()),
+            _ => String::new(),
+        };
         Ok(Response::new(pb::ListEventsResponse {
             events: events.into_iter().map(views::event).collect(),
+            next_page_token,
         }))
     }
 

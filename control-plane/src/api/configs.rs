@@ -7,8 +7,10 @@ use aviary_proto::v1 as pb;
 use pb::configs_server::Configs;
 use tonic::{Request, Response, Status};
 
+use super::page::Pager;
 use super::{caller, views};
 use crate::catalog::Catalog;
+use crate::layers::ConfigLayer;
 use crate::registry::Registry;
 use aviary_proto::manifest::{Manifest, RunSpec};
 
@@ -16,13 +18,22 @@ use aviary_proto::manifest::{Manifest, RunSpec};
 pub(crate) struct ConfigsApi {
     registry: Arc<Registry>,
     catalog: Arc<Catalog>,
+    pager: Arc<Pager>,
 }
 
 impl ConfigsApi {
     /// Serves the config layers of `registry`; overlays are checked against the run
     /// specs of the module's newest release in `catalog`.
-    pub(crate) fn new(registry: Arc<Registry>, catalog: Arc<Catalog>) -> ConfigsApi {
-        ConfigsApi { registry, catalog }
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        catalog: Arc<Catalog>,
+        pager: Arc<Pager>,
+    ) -> ConfigsApi {
+        ConfigsApi {
+            registry,
+            catalog,
+            pager,
+        }
     }
 
     /// Refuses variables the module's newest release does not let overlays set (the edge
@@ -102,15 +113,24 @@ impl Configs for ConfigsApi {
         &self,
         req: Request<pb::ListConfigsRequest>,
     ) -> Result<Response<pb::ListConfigsResponse>, Status> {
-        let module = &req.get_ref().module;
-        let module = (!module.is_empty()).then_some(module.as_str());
+        let req = req.into_inner();
+        let want =
+            self.pager
+                .request("configs", &req.module, req.page_size, &req.page_token, 500)?;
+        let module = (!req.module.is_empty()).then_some(req.module.as_str());
+        // Merge order is (module, scope rank, seq): a key that sorts the same way.
+        let key = |l: &ConfigLayer| format!("{}\0{}\0{:020}", l.module, l.scope.rank(), l.seq);
+        let page = self.pager.page(
+            "configs",
+            &req.module,
+            &want,
+            self.registry.config_layers(module),
+            key,
+            |l, after| key(l).as_str() > after,
+        );
         Ok(Response::new(pb::ListConfigsResponse {
-            layers: self
-                .registry
-                .config_layers(module)
-                .iter()
-                .map(views::config_layer)
-                .collect(),
+            layers: page.items.iter().map(views::config_layer).collect(),
+            next_page_token: page.next,
         }))
     }
 

@@ -4,6 +4,7 @@
 mod audit;
 mod configs;
 mod nodes;
+mod page;
 mod releases;
 mod rollouts;
 pub(crate) mod views;
@@ -11,6 +12,7 @@ pub(crate) mod views;
 pub(crate) use audit::AuditApi;
 pub(crate) use configs::ConfigsApi;
 pub(crate) use nodes::NodesApi;
+pub(crate) use page::Pager;
 pub(crate) use releases::ReleasesApi;
 pub(crate) use rollouts::RolloutsApi;
 

@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use super::page::Pager;
 use super::{caller, views};
 use crate::connections::Connections;
 use crate::registry::Registry;
@@ -18,6 +19,7 @@ use crate::selector::Selector;
 pub(crate) struct NodesApi {
     registry: Arc<Registry>,
     connections: Arc<Connections>,
+    pager: Arc<Pager>,
     shutdown: CancellationToken,
 }
 
@@ -26,11 +28,13 @@ impl NodesApi {
     pub(crate) fn new(
         registry: Arc<Registry>,
         connections: Arc<Connections>,
+        pager: Arc<Pager>,
         shutdown: CancellationToken,
     ) -> NodesApi {
         NodesApi {
             registry,
             connections,
+            pager,
             shutdown,
         }
     }
@@ -42,14 +46,27 @@ impl Nodes for NodesApi {
         &self,
         req: Request<pb::ListNodesRequest>,
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
-        let selector = Selector::parse(&req.get_ref().selector)?;
+        let req = req.into_inner();
+        let selector = Selector::parse(&req.selector)?;
+        let query = selector.to_string();
+        let want = self
+            .pager
+            .request("nodes", &query, req.page_size, &req.page_token, 500)?;
+        // One more than the page: whether another page follows.
+        let nodes = self
+            .registry
+            .list_after(&selector, want.after.as_deref(), want.size + 1);
+        let page = self.pager.page(
+            "nodes",
+            &query,
+            &want,
+            nodes,
+            |n| n.record.node_id.clone(),
+            |n, after| n.record.node_id.as_str() > after,
+        );
         Ok(Response::new(pb::ListNodesResponse {
-            nodes: self
-                .registry
-                .list(&selector)
-                .into_iter()
-                .map(views::node)
-                .collect(),
+            nodes: page.items.into_iter().map(views::node).collect(),
+            next_page_token: page.next,
         }))
     }
 

@@ -7,20 +7,22 @@ use pb::releases_server::Releases;
 use pb::upload_release_request::Kind;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::page::Pager;
 use super::{caller, views};
-use crate::catalog::{Begin, Catalog};
+use crate::catalog::{list_order, Begin, Catalog};
 use crate::error::ControlPlaneError;
 use crate::limits::oversized;
 
 /// The Releases service.
 pub(crate) struct ReleasesApi {
     catalog: Arc<Catalog>,
+    pager: Arc<Pager>,
 }
 
 impl ReleasesApi {
     /// Serves `catalog`.
-    pub(crate) fn new(catalog: Arc<Catalog>) -> ReleasesApi {
-        ReleasesApi { catalog }
+    pub(crate) fn new(catalog: Arc<Catalog>, pager: Arc<Pager>) -> ReleasesApi {
+        ReleasesApi { catalog, pager }
     }
 }
 
@@ -99,10 +101,26 @@ impl Releases for ReleasesApi {
         &self,
         request: Request<pb::ListReleasesRequest>,
     ) -> Result<Response<pb::ListReleasesResponse>, Status> {
-        let module = Some(request.into_inner().module).filter(|m| !m.is_empty());
+        let req = request.into_inner();
+        let want =
+            self.pager
+                .request("releases", &req.module, req.page_size, &req.page_token, 100)?;
+        let module = Some(req.module.clone()).filter(|m| !m.is_empty());
         let releases = self.catalog.list(module).await?;
+        let page = self.pager.page(
+            "releases",
+            &req.module,
+            &want,
+            releases,
+            |r| format!("{}\0{}", r.module, r.version),
+            |r, after| {
+                let (m, v) = after.split_once('\0').unwrap_or((after, ""));
+                list_order((&r.module, &r.version), (m, v)).is_gt()
+            },
+        );
         Ok(Response::new(pb::ListReleasesResponse {
-            releases: releases.iter().map(views::release).collect(),
+            releases: page.items.iter().map(views::release).collect(),
+            next_page_token: page.next,
         }))
     }
 

@@ -9,6 +9,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::caller;
+use super::page::Pager;
 use super::views::timestamp;
 use crate::audit::now_ms;
 use crate::catalog::Catalog;
@@ -21,12 +22,21 @@ use crate::selector::Selector;
 pub(crate) struct RolloutsApi {
     registry: Arc<Registry>,
     catalog: Arc<Catalog>,
+    pager: Arc<Pager>,
 }
 
 impl RolloutsApi {
     /// Serves rollouts of `catalog` releases over `registry`'s nodes.
-    pub(crate) fn new(registry: Arc<Registry>, catalog: Arc<Catalog>) -> RolloutsApi {
-        RolloutsApi { registry, catalog }
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        catalog: Arc<Catalog>,
+        pager: Arc<Pager>,
+    ) -> RolloutsApi {
+        RolloutsApi {
+            registry,
+            catalog,
+            pager,
+        }
     }
 }
 
@@ -236,15 +246,24 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::ListRolloutsRequest>,
     ) -> Result<Response<pb::ListRolloutsResponse>, Status> {
-        let module = Some(request.get_ref().module.as_str()).filter(|m| !m.is_empty());
-        let rollouts = self
-            .registry
-            .rollouts(module)
-            .into_iter()
-            .rev()
-            .map(|(d, p)| view(&d, p))
-            .collect();
-        Ok(Response::new(pb::ListRolloutsResponse { rollouts }))
+        let req = request.into_inner();
+        let want =
+            self.pager
+                .request("rollouts", &req.module, req.page_size, &req.page_token, 100)?;
+        let module = Some(req.module.as_str()).filter(|m| !m.is_empty());
+        // Newest first: a page continues with older ones (smaller seq).
+        let page = self.pager.page(
+            "rollouts",
+            &req.module,
+            &want,
+            self.registry.rollouts(module).into_iter().rev(),
+            |(d, _)| d.seq.to_string(),
+            |(d, _), after| after.parse::<u64>().is_ok_and(|s| d.seq < s),
+        );
+        Ok(Response::new(pb::ListRolloutsResponse {
+            rollouts: page.items.iter().map(|(d, p)| view(d, *p)).collect(),
+            next_page_token: page.next,
+        }))
     }
 
     async fn pause_rollout(

@@ -56,17 +56,28 @@ pub(crate) struct NodeConfigView {
 }
 
 impl Registry {
-    /// Nodes matching `selector`, sorted by id.
-    pub(crate) fn list(&self, selector: &Selector) -> Vec<NodeView> {
+    /// At most `limit` nodes matching `selector` with ids after `after`, sorted by id
+    /// (a page of `ListNodes`: only those are copied).
+    pub(crate) fn list_after(
+        &self,
+        selector: &Selector,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Vec<NodeView> {
         let st = self.state();
-        let mut nodes: Vec<NodeView> = st
+        let mut ids: Vec<&String> = st
             .nodes
-            .values()
-            .filter(|e| selector.matches(&e.record.labels))
-            .map(node_view)
+            .iter()
+            .filter(|(id, e)| {
+                after.is_none_or(|a| id.as_str() > a) && selector.matches(&e.record.labels)
+            })
+            .map(|(id, _)| id)
             .collect();
-        nodes.sort_by(|a, b| a.record.node_id.cmp(&b.record.node_id));
-        nodes
+        ids.sort_unstable();
+        ids.into_iter()
+            .take(limit)
+            .filter_map(|id| st.nodes.get(id).map(node_view))
+            .collect()
     }
 
     /// One node.

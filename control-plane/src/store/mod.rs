@@ -102,6 +102,10 @@ pub(crate) trait Store: Send + Sync + 'static {
     fn healthy(&self) -> bool;
     /// Tries a small durable write (reopening first if needed); `Ok` means writes work.
     fn probe(&self) -> Result<(), StoreError>;
+    /// The 32-byte secret `name`, made once (randomly, durably) by whichever writer asks
+    /// first and the same for every reader after: keys that must outlive a restart and be
+    /// shared by replicas (page tokens).
+    fn secret(&self, name: &str) -> Result<Vec<u8>, StoreError>;
 }
 
 /// Reads a record written by `encode`.

@@ -153,6 +153,30 @@ impl Store for SledStore {
         self.guard(t.events(after_seq, filter, limit))
     }
 
+    fn secret(&self, name: &str) -> Result<Vec<u8>, StoreError> {
+        let key = format!("secret/{name}");
+        let t = self.trees()?;
+        let mut fresh = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut fresh)
+            .map_err(|_| StoreError::Unavailable("no randomness for a secret".into()))?;
+        // Create-if-absent: a concurrent first caller's value wins, and both read it.
+        let swapped = t
+            .meta
+            .compare_and_swap(key.as_bytes(), None::<&[u8]>, Some(&fresh[..]))
+            .map_err(StoreError::from);
+        let created = self.guard(swapped)?.is_ok();
+        if created {
+            self.guard(t.db.flush().map(drop).map_err(StoreError::from))?;
+        }
+        let stored = self.guard(t.meta.get(key.as_bytes()).map_err(StoreError::from))?;
+        match stored {
+            Some(v) if v.len() == 32 => Ok(v.to_vec()),
+            _ => Err(StoreError::Inconsistent(format!(
+                "meta {key} is not a 32-byte secret"
+            ))),
+        }
+    }
+
     fn release(&self, module: &str, version: &str) -> Result<Option<ReleaseRecord>, StoreError> {
         let key = release_key(module, version);
         let t = self.trees()?;

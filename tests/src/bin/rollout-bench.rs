@@ -73,6 +73,7 @@ async fn transitions(
             }),
             after_seq: 0,
             limit: 0,
+            ..Default::default()
         })
         .await?
         .into_inner()

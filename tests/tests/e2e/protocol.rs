@@ -240,6 +240,7 @@ async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_servi
     assert_eq!(status, Some(Code::InvalidArgument));
     let huge = prost::Message::encode_to_vec(&pb::ListNodesRequest {
         selector: "a".repeat(2 << 20),
+        ..Default::default()
     });
     let status = raw_unary(channel.clone(), "/aviary.v1.Nodes/ListNodes", huge)
         .await
