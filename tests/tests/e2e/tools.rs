@@ -823,7 +823,7 @@ async fn grpcurl_lists_a_fleet_page_by_page_with_none_missing_or_repeated_while_
     steady
         .until(Duration::from_secs(120), "1,200 nodes up", up(1200))
         .await?;
-    let churn = |ws, cp| Sims::start(ws, cp, 200, 200, &["--first", "1200"]);
+    let churn = |ws, cp| Sims::start(ws, cp, 200, 200, &["--prefix", "churn-"]);
     let mut leaving = Some(churn(&ws, &cp).await?);
     if let Some(l) = leaving.as_mut() {
         l.until(Duration::from_secs(60), "200 more nodes up", up(200))
@@ -841,7 +841,7 @@ async fn grpcurl_lists_a_fleet_page_by_page_with_none_missing_or_repeated_while_
         token = next;
         if let (0, Some(l)) = (page, leaving.take()) {
             l.stop().await;
-            cp.wait_node(&ws, "sim-1250", "disconnected", |n| !n.connected)
+            cp.wait_node(&ws, "churn-150", "disconnected", |n| !n.connected)
                 .await?;
         }
         if page == 1 {
