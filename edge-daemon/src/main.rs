@@ -4,12 +4,14 @@
 use std::process::ExitCode;
 
 use aviary_edge::config::{Cli, Command, Config};
-use clap::Parser;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match aviary_startup::parse_args::<Cli>() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     if let Some(Command::Apply {
         state_dir,
         certs,

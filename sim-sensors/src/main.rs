@@ -4,13 +4,16 @@
 use std::process::ExitCode;
 
 use aviary_sensors::{telemetry, Args, Config};
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    let args = match aviary_startup::parse_args::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     aviary_startup::run(
         "aviary-sensors",
-        Args::parse().resolve(),
+        args.resolve(),
         |c| c.log_format,
         tokio::runtime::Builder::new_multi_thread(),
         serve,

@@ -117,8 +117,8 @@ pub enum Command {
 /// `aviary rollout ...`
 #[derive(Subcommand, Debug)]
 pub enum RolloutCommand {
-    /// Deploys a release; without steps, to every selected node at once (canary steps
-    /// arrive with issue 4).
+    /// Deploys a release: without steps to every selected node at once, with `--step`s
+    /// as canary steps.
     Create {
         /// Module (or `module` in --file).
         #[arg(long, required_unless_present = "file")]

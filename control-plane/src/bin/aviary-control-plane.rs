@@ -5,11 +5,13 @@ use std::process::ExitCode;
 use aviary_control_plane::config::{Args, Config, Maintenance};
 use aviary_control_plane::maintenance;
 use aviary_control_plane::telemetry;
-use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match aviary_startup::parse_args::<Args>() {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
     if let Some(command) = &args.command {
         return maintain(command);
     }

@@ -32,6 +32,22 @@ pub enum LogFormat {
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// The command line as `T` parses it; `--help` and `--version` print and exit 0, and any
+/// other error (an unknown or malformed flag) prints and exits 64, like a bad key in the
+/// `--config` file.
+pub fn parse_args<T: clap::Parser>() -> Result<T, ExitCode> {
+    T::try_parse().map_err(|e| {
+        let usage = e.use_stderr();
+        // Printing to a closed pipe is nothing to report.
+        let _ = e.print();
+        if usage {
+            ExitCode::from(EXIT_USAGE)
+        } else {
+            ExitCode::SUCCESS
+        }
+    })
+}
+
 /// The keys of the `--config` file at `path` (all defaults without one); an unknown key
 /// or a bad value is an error naming the file.
 pub fn read_config<T: DeserializeOwned + Default>(path: Option<&Path>) -> Result<T, ConfigError> {

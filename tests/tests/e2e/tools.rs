@@ -408,6 +408,21 @@ fn bad_daemon_config_exits_64_naming_the_flag() -> anyhow::Result<()> {
         stderr.contains("arch \"arm\" is not one of") && stderr.contains("armv7"),
         "{stderr}"
     );
+    // An unknown flag is a usage error too (64, as the README says), for every daemon;
+    // --help is not an error. The CLI keeps clap's 2 for usage and 1 for failures.
+    for daemon in ["aviary-control-plane", "aviary-edge", "aviary-sensors"] {
+        let out = Command::new(bin(daemon)?).arg("--bogus").output()?;
+        assert_eq!(out.status.code(), Some(64), "{daemon} --bogus");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--bogus"));
+        let help = Command::new(bin(daemon)?).arg("--help").output()?;
+        assert_eq!(help.status.code(), Some(0), "{daemon} --help");
+    }
+    let out = Command::new(bin("aviary")?).arg("--bogus").output()?;
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(bin("aviary")?)
+        .args(["--control-plane", "https://127.0.0.1:1", "nodes", "list"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(1));
     Ok(())
 }
 
