@@ -32,12 +32,16 @@ impl Selector {
             } else if let Some((k, v)) = raw.split_once('=') {
                 (k, v, true)
             } else {
-                return Err(ControlPlaneError::InvalidArgument(format!(
-                    "selector term {raw:?} is not key=value or key!=value"
-                )));
+                return Err(ControlPlaneError::BadField {
+                    field: "selector".into(),
+                    message: format!("selector term {raw:?} is not key=value or key!=value"),
+                });
             };
             let (key, value) = (key.trim(), value.trim());
-            validate_label(key, value)?;
+            validate_label(key, value).map_err(|e| ControlPlaneError::BadField {
+                field: "selector".into(),
+                message: e.to_string(),
+            })?;
             terms.push(Term {
                 key: key.to_owned(),
                 value: value.to_owned(),

@@ -512,3 +512,36 @@ async fn connect(
         .context("no certificates: pass --certs DIR or set AVIARY_CERTS")?;
     Admin::connect(url, certs, admin).await
 }
+
+/// A refusal for people: its code and message, then its `google.rpc` details (the
+/// fields at fault, the reason and what is in the way, the missing resource).
+pub fn describe_status(status: &tonic::Status) -> String {
+    use tonic_types::StatusExt;
+    let mut line = format!("{:?}: {}", status.code(), status.message());
+    let details = status.get_error_details();
+    if let Some(bad) = details.bad_request() {
+        for v in &bad.field_violations {
+            line.push_str(&format!(" [field {}: {}]", v.field, v.description));
+        }
+    }
+    if let Some(info) = details.error_info() {
+        let mut meta: Vec<String> = info
+            .metadata
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        meta.sort();
+        if meta.is_empty() {
+            line.push_str(&format!(" [reason {}]", info.reason));
+        } else {
+            line.push_str(&format!(" [reason {} {}]", info.reason, meta.join(" ")));
+        }
+    }
+    if let Some(r) = details.resource_info() {
+        line.push_str(&format!(
+            " [{} {} not found]",
+            r.resource_type, r.resource_name
+        ));
+    }
+    line
+}

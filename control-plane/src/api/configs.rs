@@ -10,6 +10,7 @@ use tonic::{Request, Response, Status};
 use super::page::Pager;
 use super::{caller, views};
 use crate::catalog::Catalog;
+use crate::error::bad_field;
 use crate::layers::ConfigLayer;
 use crate::registry::Registry;
 use aviary_proto::manifest::{Manifest, RunSpec};
@@ -60,7 +61,7 @@ impl ConfigsApi {
 
 fn required<'a>(what: &str, s: &'a str) -> Result<&'a str, Status> {
     if s.is_empty() {
-        Err(Status::invalid_argument(format!("{what} is required")))
+        Err(bad_field(what, format!("{what} is required")))
     } else {
         Ok(s)
     }

@@ -12,6 +12,7 @@ use tonic::{Request, Response, Status};
 use super::page::Pager;
 use super::{caller, views};
 use crate::connections::Connections;
+use crate::error::bad_field;
 use crate::registry::Registry;
 use crate::selector::Selector;
 
@@ -76,7 +77,7 @@ impl Nodes for NodesApi {
     ) -> Result<Response<pb::Node>, Status> {
         let id = &req.get_ref().node_id;
         if id.is_empty() {
-            return Err(Status::invalid_argument("node_id is required"));
+            return Err(bad_field("node_id", "node_id is required"));
         }
         Ok(Response::new(views::node(self.registry.get(id)?)))
     }
@@ -105,7 +106,7 @@ impl Nodes for NodesApi {
         let actor = caller(&req)?;
         let req = req.into_inner();
         if req.node_id.is_empty() {
-            return Err(Status::invalid_argument("node_id is required"));
+            return Err(bad_field("node_id", "node_id is required"));
         }
         let reason = if req.reason.is_empty() {
             "revoked".to_owned()

@@ -13,6 +13,8 @@ use tonic::Status;
 
 use aviary_proto::digest::Sha256;
 
+use crate::error::bad_field;
+
 /// Largest `page_size` honoured; larger requests get this many.
 pub(crate) const MAX_PAGE_SIZE: usize = 1000;
 
@@ -60,16 +62,17 @@ impl Pager {
         let size = match page_size {
             0 => default,
             n if n < 0 => {
-                return Err(Status::invalid_argument(format!(
-                    "page_size must not be negative, not {n}"
-                )))
+                return Err(bad_field(
+                    "page_size",
+                    format!("page_size must not be negative, not {n}"),
+                ))
             }
             n => (n as usize).min(MAX_PAGE_SIZE),
         };
         if page_token.is_empty() {
             return Ok(PageRequest { size, after: None });
         }
-        let refused = || Status::invalid_argument("page_token is not a token this list made");
+        let refused = || bad_field("page_token", "page_token is not a token this list made");
         let bytes = hex_decode(page_token).ok_or_else(refused)?;
         if bytes.len() < 32 {
             return Err(refused());
@@ -82,7 +85,8 @@ impl Pager {
             return Err(refused());
         };
         if k != kind || q != query_digest(query) {
-            return Err(Status::invalid_argument(
+            return Err(bad_field(
+                "page_token",
                 "page_token belongs to another list or query: repeat the request that made it",
             ));
         }

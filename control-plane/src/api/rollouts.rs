@@ -13,7 +13,7 @@ use super::page::Pager;
 use super::views::timestamp;
 use crate::audit::now_ms;
 use crate::catalog::Catalog;
-use crate::error::ControlPlaneError;
+use crate::error::{bad_field, ControlPlaneError};
 use crate::registry::{NewRollout, Registry};
 use crate::rollout::{Refused, Rollout, RolloutProgress, RolloutState, Step, Transition};
 use crate::selector::Selector;
@@ -49,7 +49,7 @@ fn steps_of(steps: &[pb::Step]) -> Result<Vec<Step>, Status> {
         match &s.kind {
             Some(Kind::SetCanaryScale(c)) => {
                 if c.percent == 0 || c.percent > 100 || c.percent < scale {
-                    return Err(Status::invalid_argument(format!(
+                    return Err(bad_field("steps", format!(
                         "step {}: canary scale {} must be 1..=100 and not below the previous {scale}",
                         i + 1,
                         c.percent
@@ -61,20 +61,23 @@ fn steps_of(steps: &[pb::Step]) -> Result<Vec<Step>, Status> {
             Some(Kind::Pause(p)) => out.push(Step::Pause(p.seconds)),
             Some(Kind::SetWeight(w)) => {
                 if w.weight > crate::node::MAX_WEIGHT {
-                    return Err(Status::invalid_argument(format!(
-                        "step {}: weight {} is out of range 0..=100",
-                        i + 1,
-                        w.weight
-                    )));
+                    return Err(bad_field(
+                        "steps",
+                        format!(
+                            "step {}: weight {} is out of range 0..=100",
+                            i + 1,
+                            w.weight
+                        ),
+                    ));
                 }
                 out.push(Step::Weight(w.weight));
             }
             Some(Kind::Analysis(a)) => {
                 let bad = |what: &str| {
-                    Err(Status::invalid_argument(format!(
-                        "step {} (analysis): {what}",
-                        i + 1
-                    )))
+                    Err(bad_field(
+                        "steps",
+                        format!("step {} (analysis): {what}", i + 1),
+                    ))
                 };
                 if a.window_seconds == 0 {
                     return bad("window_seconds must be at least 1");
@@ -112,11 +115,11 @@ fn steps_of(steps: &[pb::Step]) -> Result<Vec<Step>, Status> {
                     failure_limit: a.failure_limit.max(1),
                 }));
             }
-            None => return Err(Status::invalid_argument(format!("step {} is empty", i + 1))),
+            None => return Err(bad_field("steps", format!("step {} is empty", i + 1))),
         }
     }
     if out.len() > 64 {
-        return Err(Status::invalid_argument("at most 64 steps"));
+        return Err(bad_field("steps", "at most 64 steps"));
     }
     Ok(out)
 }
@@ -206,15 +209,19 @@ impl Rollouts for RolloutsApi {
         let r = request.into_inner();
         let steps = steps_of(&r.steps)?;
         aviary_proto::manifest::validate_module_name(&r.module)
-            .map_err(|e| ControlPlaneError::InvalidArgument(e.to_string()))?;
+            .map_err(|e| bad_field("module", e.to_string()))?;
         aviary_proto::manifest::parse_version(&r.version)
-            .map_err(|e| ControlPlaneError::InvalidArgument(e.to_string()))?;
+            .map_err(|e| bad_field("version", e.to_string()))?;
         let selector = Selector::parse(&r.selector)?;
         if self.catalog.get(&r.module, &r.version).await?.is_none() {
-            return Err(ControlPlaneError::FailedPrecondition(format!(
-                "release {} {} is not uploaded (aviary release upload)",
-                r.module, r.version
-            ))
+            return Err(ControlPlaneError::Conflict {
+                reason: "RELEASE_NOT_UPLOADED",
+                message: format!(
+                    "release {} {} is not uploaded (aviary release upload)",
+                    r.module, r.version
+                ),
+                metadata: vec![("module", r.module.clone()), ("version", r.version.clone())],
+            }
             .into());
         }
         let d = self

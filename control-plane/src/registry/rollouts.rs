@@ -29,7 +29,11 @@ pub(crate) struct NewRollout {
 
 impl From<Refused> for ControlPlaneError {
     fn from(r: Refused) -> ControlPlaneError {
-        ControlPlaneError::FailedPrecondition(r.to_string())
+        ControlPlaneError::Conflict {
+            reason: "ROLLOUT_STATE",
+            message: r.to_string(),
+            metadata: vec![("rollout_id", r.id), ("state", format!("{:?}", r.state))],
+        }
     }
 }
 
@@ -56,10 +60,18 @@ impl Registry {
                 .iter()
                 .find(|d| d.module == module && d.state.is_active())
             {
-                return Err(ControlPlaneError::FailedPrecondition(format!(
-                    "rollout {} of {module} {} is in progress; abort it or wait for it",
-                    busy.id, busy.version
-                )));
+                return Err(ControlPlaneError::Conflict {
+                    reason: "ROLLOUT_IN_PROGRESS",
+                    message: format!(
+                        "rollout {} of {module} {} is in progress; abort it or wait for it",
+                        busy.id, busy.version
+                    ),
+                    metadata: vec![
+                        ("rollout_id", busy.id.clone()),
+                        ("module", module.clone()),
+                        ("version", busy.version.clone()),
+                    ],
+                });
             }
             let seq = st.revision + 1;
             Rollout::new(

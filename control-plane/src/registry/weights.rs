@@ -52,12 +52,15 @@ impl Registry {
         weight: u32,
         selector: Selector,
     ) -> Result<(Vec<String>, u64), ControlPlaneError> {
-        aviary_certs::validate_name("module", module)
-            .map_err(|e| ControlPlaneError::InvalidArgument(e.to_string()))?;
+        aviary_certs::validate_name("module", module).map_err(|e| ControlPlaneError::BadField {
+            field: "module".into(),
+            message: e.to_string(),
+        })?;
         if weight > MAX_WEIGHT {
-            return Err(ControlPlaneError::InvalidArgument(format!(
-                "weight {weight} is out of range 0..={MAX_WEIGHT}"
-            )));
+            return Err(ControlPlaneError::BadField {
+                field: "weight".into(),
+                message: format!("weight {weight} is out of range 0..={MAX_WEIGHT}"),
+            });
         }
         let _writer = self.writer.lock().await;
         let started = Instant::now();
@@ -68,10 +71,14 @@ impl Registry {
                     && d.state.is_active()
                     && d.steps.iter().any(|s| matches!(s, Step::Weight(_)))
             }) {
-                return Err(ControlPlaneError::FailedPrecondition(format!(
-                    "rollout {} owns the weights of {module} until it ends; abort or promote it first",
-                    owner.id
-                )));
+                return Err(ControlPlaneError::Conflict {
+                    reason: "ROLLOUT_OWNS_WEIGHTS",
+                    message: format!(
+                        "rollout {} owns the weights of {module} until it ends; abort or promote it first",
+                        owner.id
+                    ),
+                    metadata: vec![("rollout_id", owner.id.clone()), ("module", module.to_owned())],
+                });
             }
             let rule = WeightRule {
                 seq: st.revision + 1,

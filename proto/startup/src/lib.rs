@@ -101,7 +101,8 @@ pub fn serve_metrics(addr: SocketAddr, builder: PrometheusBuilder) -> Result<(),
 }
 
 /// The gRPC reflection services (v1alpha for grpcurl 1.8, and v1) over the Aviary
-/// contract and gRPC health, as every Aviary server offers them.
+/// contract, gRPC health and the `google.rpc` error details, as every Aviary server
+/// offers them.
 pub fn reflection() -> Result<
     (
         tonic_reflection::server::v1alpha::ServerReflectionServer<
@@ -117,6 +118,8 @@ pub fn reflection() -> Result<
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(aviary_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // google.rpc error details, so grpcurl can show a refusal's details.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
     let v1alpha = builder()
         .build_v1alpha()

@@ -894,3 +894,68 @@ async fn grpcurl_lists_a_fleet_page_by_page_with_none_missing_or_repeated_while_
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn refusals_carry_error_details_that_grpcurl_and_the_cli_show() -> anyhow::Result<()> {
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
+    let addr = cp.addr.to_string();
+    let refused = |body: &str, method: &str| -> anyhow::Result<String> {
+        let out = Command::new(grpcurl()?)
+            .args(tls_args(&ws.pki.dir))
+            .args(["-d", body, &addr, method])
+            .output()?;
+        assert!(!out.status.success(), "{method} {body} was not refused");
+        Ok(String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // A field violation naming the field.
+    let e = refused(r#"{"selector": "nonsense"}"#, "aviary.v1.Nodes/ListNodes")?;
+    assert!(
+        e.contains("InvalidArgument") && e.contains("google.rpc.BadRequest"),
+        "{e}"
+    );
+    assert!(e.contains(r#""field": "selector""#), "{e}");
+    // A stable reason, with what is in the way.
+    let e = refused(
+        r#"{"module": "ghost", "version": "1.0.0"}"#,
+        "aviary.v1.Rollouts/CreateRollout",
+    )?;
+    assert!(e.contains(r#""reason": "RELEASE_NOT_UPLOADED""#), "{e}");
+    // The resource that is missing.
+    let e = refused(r#"{"nodeId": "gw-9"}"#, "aviary.v1.Nodes/GetNode")?;
+    assert!(
+        e.contains("google.rpc.ResourceInfo") && e.contains("gw-9"),
+        "{e}"
+    );
+
+    // The CLI prints them on its one line.
+    let file = ws.path("model-1.0.0");
+    std::fs::write(&file, b"model weights 1.0.0")?;
+    let upload = ws.release_args("upload", "model", "1.0.0", "x86_64", &file);
+    cp.cli(&ws, &upload.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let create = [
+        "rollout",
+        "create",
+        "--module",
+        "model",
+        "--version",
+        "1.0.0",
+        "--step",
+        "pause",
+    ];
+    cp.cli(&ws, &create)?;
+    let e = cp
+        .cli(&ws, &create)
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    assert!(
+        e.contains("reason ROLLOUT_IN_PROGRESS") && e.contains("rollout_id=r-"),
+        "{e}"
+    );
+    let e = cp
+        .cli(&ws, &["nodes", "list", "--selector", "nonsense"])
+        .err();
+    let e = e.map(|e| format!("{e:#}")).unwrap_or_default();
+    assert!(e.contains("[field selector:"), "{e}");
+    Ok(())
+}

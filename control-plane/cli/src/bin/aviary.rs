@@ -37,7 +37,7 @@ fn main() -> ExitCode {
                 line.push_str(&cause.to_string());
             }
             if let Some(status) = e.downcast_ref::<tonic::Status>() {
-                line = format!("{:?}: {}", status.code(), status.message());
+                line = cli::describe_status(status);
             }
             eprintln!("aviary: {}", line.replace('\n', " "));
             ExitCode::FAILURE
