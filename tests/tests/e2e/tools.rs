@@ -913,13 +913,13 @@ async fn refusals_carry_error_details_that_grpcurl_and_the_cli_show() -> anyhow:
         e.contains("InvalidArgument") && e.contains("google.rpc.BadRequest"),
         "{e}"
     );
-    assert!(e.contains(r#""field": "selector""#), "{e}");
+    assert!(e.contains(r#""field":"selector""#), "{e}");
     // A stable reason, with what is in the way.
     let e = refused(
         r#"{"module": "ghost", "version": "1.0.0"}"#,
         "aviary.v1.Rollouts/CreateRollout",
     )?;
-    assert!(e.contains(r#""reason": "RELEASE_NOT_UPLOADED""#), "{e}");
+    assert!(e.contains(r#""reason":"RELEASE_NOT_UPLOADED""#), "{e}");
     // The resource that is missing.
     let e = refused(r#"{"nodeId": "gw-9"}"#, "aviary.v1.Nodes/GetNode")?;
     assert!(
