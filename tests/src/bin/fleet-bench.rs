@@ -56,6 +56,60 @@ struct FleetFigures {
     storm_shed: f64,
     storm_errors: BTreeMap<String, usize>,
     rss_after_storm_mib: f64,
+    listing: Listing,
+}
+
+/// `ListNodes` page by page at the default page size, and `GetNode`, over the whole fleet.
+struct Listing {
+    pages: usize,
+    max_page_bytes: usize,
+    page_ms_p50: f64,
+    page_ms_max: f64,
+    full_ms: f64,
+    get_node_ms_p50: f64,
+    get_node_ms_p99: f64,
+}
+
+/// Lists every node a default page at a time, then times 200 `GetNode`s.
+async fn listing(admin: &mut aviary_tests::Admin, nodes: usize) -> anyhow::Result<Listing> {
+    use aviary_proto::v1 as pb;
+    use prost::Message;
+    let (mut token, mut seen, mut page_ms, mut max_page_bytes) = (String::new(), 0, Vec::new(), 0);
+    let full = Instant::now();
+    loop {
+        let t = Instant::now();
+        let request = pb::ListNodesRequest {
+            page_token: token,
+            ..Default::default()
+        };
+        let page = admin.nodes.list_nodes(request).await?.into_inner();
+        page_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        max_page_bytes = max_page_bytes.max(page.encoded_len());
+        seen += page.nodes.len();
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let full_ms = full.elapsed().as_secs_f64() * 1e3;
+    anyhow::ensure!(seen == nodes, "listed {seen} of {nodes} nodes");
+    let mut get_ms = Vec::with_capacity(200);
+    for i in 0..200 {
+        let t = Instant::now();
+        admin.node(&format!("sim-{}", i * nodes / 200)).await?;
+        get_ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    page_ms.sort_by(f64::total_cmp);
+    get_ms.sort_by(f64::total_cmp);
+    Ok(Listing {
+        pages: page_ms.len(),
+        max_page_bytes,
+        page_ms_p50: percentile(&page_ms, 50.0),
+        page_ms_max: page_ms.last().copied().unwrap_or(f64::NAN),
+        full_ms,
+        get_node_ms_p50: percentile(&get_ms, 50.0),
+        get_node_ms_p99: percentile(&get_ms, 99.0),
+    })
 }
 
 async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
@@ -108,6 +162,7 @@ async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
     .await?;
     latencies.sort_by(f64::total_cmp);
     let push_cpu = (cpu_time(pid)? - cp_cpu0, sims.cpu_time() - sims_cpu0);
+    let listing = listing(&mut admin, nodes).await?;
 
     // Reconnect storm.
     cp.kill9().await?;
@@ -150,6 +205,7 @@ async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
         storm_shed,
         storm_errors,
         rss_after_storm_mib: rss_after as f64 / 1024.0,
+        listing,
     })
 }
 
@@ -212,8 +268,21 @@ async fn main() -> anyhow::Result<()> {
     println!("| N | connect all | CP RSS base | RSS/stream | idle CPU | SetWeight RPC | SetWeight→ACK p50 / p99 / max | storm: all synced | shed | errors | RSS after storm |");
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut last = None;
+    let mut listings = Vec::new();
     for &n in &args.nodes {
         let f = fleet(&args, n).await?;
+        let l = &f.listing;
+        listings.push(format!(
+            "| {} | {} | {:.0} KiB | {:.1} / {:.1} ms | {:.0} ms | {:.2} / {:.2} ms |",
+            f.nodes,
+            l.pages,
+            l.max_page_bytes as f64 / 1024.0,
+            l.page_ms_p50,
+            l.page_ms_max,
+            l.full_ms,
+            l.get_node_ms_p50,
+            l.get_node_ms_p99
+        ));
         println!(
             "| {} | {:.1} s | {:.1} MiB | {:.1} KiB | {:.2}% | {:.0} ms | {:.0} / {:.0} / {:.0} ms | {:.1} s | {:.0} | {:?} | {:.1} MiB |",
             f.nodes, f.connect_secs, f.rss_base_mib, f.rss_per_stream_kib, f.idle_cpu_pct, f.rpc_ms,
@@ -225,6 +294,12 @@ async fn main() -> anyhow::Result<()> {
             f.push_cpu.1.as_secs_f64() * 1e3
         );
         last = Some(f);
+    }
+    println!();
+    println!("| N | ListNodes pages (default size) | largest page | ms per page p50 / max | full listing | GetNode p50 / p99 |");
+    println!("|---|---|---|---|---|---|");
+    for row in &listings {
+        println!("{row}");
     }
     if let Some(f) = last {
         let mem_gib =
