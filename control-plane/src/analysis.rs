@@ -74,6 +74,34 @@ pub(crate) struct Figures {
     pub nacks: u32,
 }
 
+impl std::fmt::Display for GroupHealth {
+    /// "3 nodes, 12 reports, 0.5% probe errors, p99 12 ms, 0 log matches, 0 restarts, 3 healthy"
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} node(s), {} report(s), {:.1}% probe errors, p99 {:.0} ms, {} log match(es), {} restart(s), {} healthy",
+            self.nodes,
+            self.reports,
+            self.error_rate() * 100.0,
+            self.p99_ms,
+            self.log_matches,
+            self.restarts,
+            self.healthy
+        )
+    }
+}
+
+impl std::fmt::Display for Figures {
+    /// The figures in words, canaries then stable nodes (the audit event keeps the JSON).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "canaries: {}; stable: {}", self.canary, self.baseline)?;
+        if self.nacks > 0 {
+            write!(f, "; {} canary NACK(s)", self.nacks)?;
+        }
+        Ok(())
+    }
+}
+
 /// The outcome of one measurement.
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Judgement {
@@ -149,6 +177,36 @@ pub(crate) fn judge(spec: &AnalysisSpec, f: &Figures) -> Judgement {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn figures_read_as_words() {
+        let f = Figures {
+            canary: GroupHealth {
+                nodes: 1,
+                reports: 3,
+                successes: 9,
+                failures: 1,
+                p99_ms: 12.4,
+                log_matches: 10,
+                healthy: 0,
+                ..Default::default()
+            },
+            baseline: GroupHealth {
+                nodes: 4,
+                reports: 12,
+                successes: 40,
+                healthy: 4,
+                ..Default::default()
+            },
+            nacks: 1,
+        };
+        assert_eq!(
+            f.to_string(),
+            "canaries: 1 node(s), 3 report(s), 10.0% probe errors, p99 12 ms, 10 log match(es), \
+             0 restart(s), 0 healthy; stable: 4 node(s), 12 report(s), 0.0% probe errors, p99 0 ms, \
+             0 log match(es), 0 restart(s), 4 healthy; 1 canary NACK(s)"
+        );
+    }
+
     use super::*;
 
     fn healthy(nodes: u32) -> GroupHealth {

@@ -137,6 +137,18 @@ impl Registry {
         id: &str,
         transition: impl FnOnce(&mut Rollout, u64) -> Result<Transition, ControlPlaneError>,
     ) -> Result<Rollout, ControlPlaneError> {
+        self.update_rollout_noting(actor, id, "", transition).await
+    }
+
+    /// Like `update_rollout`, with `note` added to the audit event after the message
+    /// (what the record does not keep, e.g. an analysis' figures as JSON).
+    pub(crate) async fn update_rollout_noting(
+        &self,
+        actor: &str,
+        id: &str,
+        note: &str,
+        transition: impl FnOnce(&mut Rollout, u64) -> Result<Transition, ControlPlaneError>,
+    ) -> Result<Rollout, ControlPlaneError> {
         let _writer = self.writer.lock().await;
         let (mut rollout, next) = {
             let st = self.state();
@@ -149,7 +161,11 @@ impl Registry {
             (d, st.revision + 1)
         };
         let t = transition(&mut rollout, next)?;
-        let detail = rollout.message.clone();
+        let detail = if note.is_empty() {
+            rollout.message.clone()
+        } else {
+            format!("{}; {note}", rollout.message)
+        };
         self.commit_transition(actor, rollout, t, detail, next)
             .await
     }

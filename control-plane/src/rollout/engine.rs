@@ -139,10 +139,11 @@ async fn advance(
         Next::Judge(spec) => {
             let span = tracing::info_span!("analysis", window_s = spec.window_seconds);
             let figures = registry.figures(d, d.step_started_ms);
-            let numbers = serde_json::to_string(&figures).unwrap_or_default();
+            let json = serde_json::to_string(&figures).unwrap_or_default();
             let judgement = judge(&spec, &figures);
-            span.in_scope(|| tracing::info!(?judgement, figures = %numbers, "analysis judged"));
-            let commit = judged(registry, d, &spec, judgement, &numbers);
+            span.in_scope(|| tracing::info!(?judgement, figures = %json, "analysis judged"));
+            let words = figures.to_string();
+            let commit = judged(registry, d, &spec, judgement, &words, &json);
             tracing::Instrument::instrument(commit, span).await?;
         }
         Next::Advance(done) => {
@@ -178,19 +179,24 @@ async fn judged(
     spec: &AnalysisSpec,
     judgement: Judgement,
     numbers: &str,
+    json: &str,
 ) -> Result<(), crate::error::ControlPlaneError> {
     let id = d.id.as_str();
+    // The message says the figures in words; the audit event also keeps them as JSON.
+    let note = format!("figures {json}");
     match judgement {
         Judgement::Successful => {
             registry
-                .update_rollout(ENGINE, id, |d, _| Ok(d.analysis_passed(numbers, now_ms())))
+                .update_rollout_noting(ENGINE, id, &note, |d, _| {
+                    Ok(d.analysis_passed(numbers, now_ms()))
+                })
                 .await?;
         }
         Judgement::Failed(reasons) => {
             let reasons = reasons.join("; ");
             let limit = spec.failure_limit.max(1);
             registry
-                .update_rollout(ENGINE, id, |d, seq| {
+                .update_rollout_noting(ENGINE, id, &note, |d, seq| {
                     Ok(d.analysis_failed(&reasons, numbers, limit, seq, now_ms()))
                 })
                 .await?;
@@ -206,7 +212,9 @@ async fn judged(
             };
             if waited >= limit_ms {
                 registry
-                    .update_rollout(ENGINE, id, |d, _| Ok(d.inconclusive(&why, numbers)))
+                    .update_rollout_noting(ENGINE, id, &note, |d, _| {
+                        Ok(d.inconclusive(&why, numbers))
+                    })
                     .await?;
             }
         }

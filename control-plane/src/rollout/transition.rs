@@ -143,7 +143,7 @@ impl Rollout {
     pub(crate) fn analysis_passed(&mut self, figures: &str, now_ms: u64) -> Transition {
         self.next_step(now_ms);
         self.analysis_failures = 0;
-        self.message = format!("analysis passed: {figures}");
+        self.message = format!("analysis passed; {figures}");
         Transition::new("rollout.analysis", Some("analysis_passed"), false)
     }
 
@@ -163,13 +163,13 @@ impl Rollout {
             self.state = RolloutState::Aborted;
             self.abort_seq = seq;
             self.message = format!(
-                "aborted: analysis failed {} time(s): {reasons}; figures {figures}",
+                "aborted: analysis failed {} time(s): {reasons}; {figures}",
                 self.analysis_failures
             );
         } else {
             self.step_started_ms = now_ms;
             self.message = format!(
-                "analysis failed ({} of {limit}): {reasons}; figures {figures}",
+                "analysis failed ({} of {limit}): {reasons}; {figures}",
                 self.analysis_failures
             );
         }
@@ -179,7 +179,7 @@ impl Rollout {
     /// Too little data to judge by the deadline: hold for an operator.
     pub(crate) fn inconclusive(&mut self, why: &str, figures: &str) -> Transition {
         self.state = RolloutState::Paused;
-        self.message = format!("analysis inconclusive: {why}; figures {figures}");
+        self.message = format!("analysis inconclusive: {why}; {figures}");
         Transition::new("rollout.paused", None, false)
     }
 
