@@ -110,6 +110,22 @@ async fn set_weight_reaches_every_daemon_and_the_audit_log_names_who() -> anyhow
     edges[1].wait_weight("gateway", 0).await?;
     let us = edges[2].wait_weight("gateway", 30).await?;
 
+    // Set-based selectors list the same nodes through the API.
+    for (selector, want) in [
+        ("region in (us)", vec!["gw-3"]),
+        ("region notin (us)", vec!["gw-1", "gw-2"]),
+        ("region", vec!["gw-1", "gw-2", "gw-3"]),
+        ("!region", vec![]),
+    ] {
+        let ids: Vec<String> = admin
+            .all_nodes(selector)
+            .await?
+            .into_iter()
+            .map(|n| n.node_id)
+            .collect();
+        assert_eq!(ids, want, "{selector}");
+    }
+
     let node = admin.node("gw-3").await?;
     assert_eq!(node.weights.get("gateway"), Some(&30));
     assert_eq!(node.desired_revision, us.revision);
