@@ -76,7 +76,11 @@ fn split_terms(text: &str) -> Result<Vec<&str>, ControlPlaneError> {
         return Err(bad(format!("selector {text:?} leaves a ( open")));
     }
     out.push(&text[start..]);
-    Ok(out.into_iter().map(str::trim).filter(|t| !t.is_empty()).collect())
+    Ok(out
+        .into_iter()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect())
 }
 
 impl Term {
@@ -231,12 +235,18 @@ mod tests {
 
     #[test]
     fn set_based_terms_match_as_in_kubernetes_and_print_back() {
-        let s = Selector::parse("region in (eu, us),tier notin (canary),gpu,!legacy")
-            .expect("valid");
+        let s =
+            Selector::parse("region in (eu, us),tier notin (canary),gpu,!legacy").expect("valid");
         let eu_gpu = labels(&[("region", "eu"), ("gpu", "a100")]);
         assert!(s.matches(&eu_gpu));
-        assert!(!s.matches(&labels(&[("region", "ap"), ("gpu", "x")])), "region not in set");
-        assert!(!s.matches(&labels(&[("gpu", "x")])), "region unset is not in");
+        assert!(
+            !s.matches(&labels(&[("region", "ap"), ("gpu", "x")])),
+            "region not in set"
+        );
+        assert!(
+            !s.matches(&labels(&[("gpu", "x")])),
+            "region unset is not in"
+        );
         assert!(!s.matches(&labels(&[("region", "eu")])), "gpu must exist");
         let canary = labels(&[("region", "us"), ("gpu", "x"), ("tier", "canary")]);
         assert!(!s.matches(&canary));
