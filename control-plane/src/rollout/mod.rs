@@ -21,6 +21,9 @@ pub(crate) use model::{
 };
 pub(crate) use transition::{Refused, Transition};
 
+#[cfg(test)]
+pub(crate) use model::sample;
+
 /// Node counts of a rollout.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct RolloutProgress {

@@ -310,9 +310,7 @@ mod tests {
             ..Default::default()
         });
         assert!(store.save_statuses(&[("gw-1".into(), status)]).is_err());
-        let mut rollout: Rollout = crate::arbitrary::Gen::new(1)
-            .make()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut rollout: Rollout = crate::rollout::sample(Vec::new());
         rollout.steps = vec![crate::rollout::Step::Analysis(
             crate::analysis::AnalysisSpec {
                 max_p99_latency_ms: f64::INFINITY,
