@@ -248,7 +248,7 @@ async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_servi
         .map(|s| s.code());
     assert_eq!(status, Some(Code::ResourceExhausted));
     let mut nodes = pb::nodes_client::NodesClient::new(channel);
-    for (weight, selector) in [(101, ""), (5, "region")] {
+    for (weight, selector) in [(101, ""), (5, "region in eu")] {
         let status = nodes
             .set_weight(pb::SetWeightRequest {
                 module: "gateway".into(),

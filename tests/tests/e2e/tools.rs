@@ -908,7 +908,10 @@ async fn refusals_carry_error_details_that_grpcurl_and_the_cli_show() -> anyhow:
         Ok(String::from_utf8_lossy(&out.stderr).into_owned())
     };
     // A field violation naming the field.
-    let e = refused(r#"{"selector": "nonsense"}"#, "aviary.v1.Nodes/ListNodes")?;
+    let e = refused(
+        r#"{"selector": "region in eu"}"#,
+        "aviary.v1.Nodes/ListNodes",
+    )?;
     assert!(
         e.contains("InvalidArgument") && e.contains("google.rpc.BadRequest"),
         "{e}"
@@ -953,7 +956,7 @@ async fn refusals_carry_error_details_that_grpcurl_and_the_cli_show() -> anyhow:
         "{e}"
     );
     let e = cp
-        .cli(&ws, &["nodes", "list", "--selector", "nonsense"])
+        .cli(&ws, &["nodes", "list", "--selector", "region in eu"])
         .err();
     let e = e.map(|e| format!("{e:#}")).unwrap_or_default();
     assert!(e.contains("[field selector:"), "{e}");
