@@ -92,9 +92,9 @@ impl Term {
             kind,
             values,
         };
-        let t = if let Some((k, rest)) = split_word(raw, " notin ") {
+        let t = if let Some((k, rest)) = raw.split_once(" notin ") {
             term(k, Kind::NotIn, "", false, set(rest)?)
-        } else if let Some((k, rest)) = split_word(raw, " in ") {
+        } else if let Some((k, rest)) = raw.split_once(" in ") {
             term(k, Kind::In, "", true, set(rest)?)
         } else if let Some((k, v)) = raw.split_once("!=") {
             term(k, Kind::Equality, v, false, Vec::new())
@@ -129,11 +129,6 @@ impl Term {
             Kind::Absent => got.is_none(),
         }
     }
-}
-
-/// `key OP rest` with the operator word surrounded by spaces.
-fn split_word<'a>(raw: &'a str, op: &str) -> Option<(&'a str, &'a str)> {
-    raw.split_once(op)
 }
 
 /// `(a, b)` → [a, b]: at least one value.

@@ -258,12 +258,14 @@ impl Rollouts for RolloutsApi {
             self.pager
                 .request("rollouts", &req.module, req.page_size, &req.page_token, 100)?;
         let module = Some(req.module.as_str()).filter(|m| !m.is_empty());
-        // Newest first: a page continues with older ones (smaller seq).
+        // Newest first: a page continues with older ones (smaller seq). One more than the
+        // page: whether another follows.
+        let before = want.after.as_deref().and_then(|a| a.parse::<u64>().ok());
         let page = self.pager.page(
             "rollouts",
             &req.module,
             &want,
-            self.registry.rollouts(module).into_iter().rev(),
+            self.registry.rollouts(module, before, want.size + 1),
             |(d, _)| d.seq.to_string(),
             |(d, _), after| after.parse::<u64>().is_ok_and(|s| d.seq < s),
         );

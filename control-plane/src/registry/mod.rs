@@ -314,4 +314,42 @@ mod tests {
         assert_eq!(p, want);
         Ok(())
     }
+
+    /// A page of rollouts is the newest `limit` before the cursor; only those are counted.
+    #[tokio::test]
+    async fn rollouts_come_newest_first_a_page_at_a_time() -> anyhow::Result<()> {
+        use crate::selector::Selector;
+
+        let dir = tempfile::tempdir()?;
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(dir.path())?);
+        let registry = Registry::open(Arc::new(Journal::new(store)), 300).await?;
+        let admin = aviary_certs::Identity::Admin("alice".into());
+        let mut ids = Vec::new();
+        for module in ["a", "b", "c"] {
+            let plan = NewRollout {
+                module: module.into(),
+                version: "1.0.0".into(),
+                selector: Selector::default(),
+                steps: Vec::new(),
+                progress_deadline_seconds: 0,
+            };
+            ids.push(registry.create_rollout(&admin, plan).await?);
+        }
+        let page = |before, limit| -> Vec<String> {
+            registry
+                .rollouts(None, before, limit)
+                .into_iter()
+                .map(|(r, _)| r.id)
+                .collect()
+        };
+        assert_eq!(page(None, 2), [ids[2].id.clone(), ids[1].id.clone()]);
+        assert_eq!(page(Some(ids[1].seq), 2), [ids[0].id.clone()]);
+        let only_b: Vec<String> = registry
+            .rollouts(Some("b"), None, 10)
+            .into_iter()
+            .map(|(r, _)| r.id)
+            .collect();
+        assert_eq!(only_b, [ids[1].id.clone()]);
+        Ok(())
+    }
 }

@@ -88,12 +88,22 @@ impl Registry {
             .collect()
     }
 
-    /// Rollouts (of `module`, or all), oldest first, with their node counts.
-    pub(crate) fn rollouts(&self, module: Option<&str>) -> Vec<(Rollout, RolloutProgress)> {
+    /// At most `limit` rollouts (of `module`, or all), newest first, older than revision
+    /// `before` if given, with their node counts (a page of `ListRollouts`: only those
+    /// are counted, each count walks the fleet).
+    pub(crate) fn rollouts(
+        &self,
+        module: Option<&str>,
+        before: Option<u64>,
+        limit: usize,
+    ) -> Vec<(Rollout, RolloutProgress)> {
         let st = self.state();
         st.rollouts
             .iter()
+            .rev()
             .filter(|d| module.is_none_or(|m| m == d.module))
+            .filter(|d| before.is_none_or(|b| d.seq < b))
+            .take(limit)
             .map(|d| (d.clone(), progress(&st, d)))
             .collect()
     }

@@ -86,7 +86,7 @@ const TEXT_BUSY_RETRIES: u64 = 5;
 
 /// Starts `artifact` (of `module`, in slot directory `slot`) as `spec` says, in `slot`
 /// unless the spec names a working dir, confined as [`super::sandbox`] says.
-pub(super) fn start(
+pub(super) async fn start(
     host: &Host,
     module: &str,
     artifact: &Path,
@@ -248,7 +248,7 @@ mod tests {
             drop(file);
         });
         let host = Host::detect(&[]);
-        let started = start(&host, "m", &artifact, &RunSpec::default(), dir.path(), None);
+        let started = start(&host, "m", &artifact, &RunSpec::default(), dir.path(), None).await;
         closer
             .join()
             .map_err(|_| anyhow::anyhow!("closer panicked"))?;

@@ -163,7 +163,7 @@ pub(super) async fn supervise(name: String, mut rx: mpsc::Receiver<Command>, sta
             _ = sleep_until(restart_at) => {
                 restart_at = None;
                 if let Some(launch) = pending.take() {
-                    match start(&name, &launch, listener.as_ref().map(|(_, l)| l), &stats) {
+                    match start(&name, &launch, listener.as_ref().map(|(_, l)| l), &stats).await {
                         Ok((child, _)) => {
                             stats.set_state("running");
                             current = Some(Proc { child, launch });
@@ -220,7 +220,7 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
 }
 
 /// Starts a process and tags its output lines into the daemon's log.
-fn start(
+async fn start(
     name: &str,
     launch: &Launch,
     listener: Option<&TcpListener>,
@@ -238,6 +238,7 @@ fn start(
         &launch.dir,
         listener,
     )
+    .await
     .map_err(|e| e.to_string())?;
     let patterns = Arc::new(launch.spec.log_patterns.clone());
     let out = child
@@ -375,7 +376,7 @@ async fn activate(
     let shared = listener.as_ref().map(|(_, l)| l);
     if shared.is_some() || current.is_none() {
         // Hot swap (or first start): the old process keeps serving until the new is ready.
-        let (mut child, notify) = start(name, &launch, shared, stats)?;
+        let (mut child, notify) = start(name, &launch, shared, stats).await?;
         match ready(&mut child, notify, &launch).await {
             Ok(()) => {
                 if let Some(mut old) = current.take() {
@@ -402,7 +403,7 @@ async fn activate(
             return Err("nothing to swap".into());
         };
         spawn::stop(&mut old.child, GRACE).await;
-        let attempt = match start(name, &launch, None, stats) {
+        let attempt = match start(name, &launch, None, stats).await {
             Ok((mut child, notify)) => match ready(&mut child, notify, &launch).await {
                 Ok(()) => Ok(child),
                 Err(e) => {
@@ -420,7 +421,7 @@ async fn activate(
             }
             Err(e) => {
                 tracing::warn!(module = %name, error = %e, back_to = %old.launch.version, "new version not ready; starting the previous one again");
-                if let Ok((child, _)) = start(name, &old.launch, None, stats) {
+                if let Ok((child, _)) = start(name, &old.launch, None, stats).await {
                     set_running(stats, &old.launch);
                     *current = Some(Proc {
                         child,
