@@ -16,11 +16,13 @@ pub mod config;
 mod connections;
 pub mod deltas;
 mod error;
+mod filter;
 mod finite;
 mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 mod health;
+mod inventory;
 mod journal;
 mod layers;
 mod limits;

@@ -14,26 +14,12 @@
 
 use std::collections::BTreeMap;
 
+pub(crate) use crate::inventory::{Inventory, ModuleRecord};
 use crate::rollout::Rollout;
 use crate::selector::Selector;
 
 /// Upper bound of a weight (a percentage-like relative weight, as Envoy endpoint weights).
 pub(crate) const MAX_WEIGHT: u32 = 100;
-
-/// A module as a node reported it in its Hello.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct ModuleRecord {
-    /// Module name.
-    pub name: String,
-    /// Installed version.
-    pub version: String,
-    /// Artifact sha256 (hex).
-    pub sha256: String,
-    /// `aviary.v1.ModuleState` value.
-    pub state: i32,
-    /// "current" or "previous".
-    pub slot: String,
-}
 
 /// The weights a node should have, at a revision.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -89,6 +75,13 @@ pub(crate) struct NodeStatus {
     /// Per module: the runtime config revision acknowledged or refused.
     #[serde(default)]
     pub configs: BTreeMap<String, ConfigProgress>,
+    /// What the node runs now.
+    #[serde(default)]
+    pub inventory: Inventory,
+    /// Unix ms of its last health report (or Hello): updated in memory, written only
+    /// with another change.
+    #[serde(default)]
+    pub last_heartbeat_ms: u64,
 }
 
 /// A node's answers about one module's runtime config.

@@ -26,6 +26,8 @@ use aviary_certs::Link;
 
 /// How often module health goes to the control plane.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Health ticks between empty reports when no module runs (10 s).
+const HEARTBEAT_TICKS: u64 = 10;
 
 /// How often a connected daemon records contact in `state.json`.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(10);
@@ -136,11 +138,17 @@ async fn stream_once(
     touch.tick().await;
     let mut incoming: Option<Incoming> = None;
     let mut health = tokio::time::interval(HEALTH_INTERVAL);
+    let mut ticks = 0u64;
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         tokio::select! {
             _ = health.tick() => {
-                if let Some(report) = health_report(&local.runtime) {
+                ticks += 1;
+                // With nothing to report, an empty report now and then is the heartbeat
+                // the control plane shows as last_heartbeat.
+                let report = health_report(&local.runtime)
+                    .or_else(|| ticks.is_multiple_of(HEARTBEAT_TICKS).then(pb::HealthReport::default));
+                if let Some(report) = report {
                     send(&tx, pb::edge_message::Kind::Health(report)).await?;
                 }
             }
@@ -408,19 +416,21 @@ async fn activate_or_roll_back(
         tokio::task::spawn_blocking(move || installer.rollback(&name, None, previous_revision))
             .await
             .unwrap_or_else(|e| Err(InstallError::Bundle(format!("rollback task: {e}"))));
-    let detail = match back {
+    let error = match back {
         Ok(slot) => {
             // Make sure the old version runs (a no-op when the hot swap kept it serving).
             if let Err(e) = local.runtime.activate(module).await {
                 tracing::error!(module, error = %e, "previous version does not start either");
             }
-            format!("{reason}; rolled back locally to {}", slot.version)
+            metrics::counter!("aviary_edge_local_rollbacks_total").increment(1);
+            InstallError::RolledBack(format!("{reason}; rolled back locally to {}", slot.version))
         }
-        Err(e) => format!("{reason}; no previous version to roll back to ({e})"),
+        Err(e) => InstallError::NotReady(format!(
+            "{reason}; no previous version to roll back to ({e})"
+        )),
     };
-    metrics::counter!("aviary_edge_local_rollbacks_total").increment(1);
-    tracing::warn!(module, %detail, "new version not ready: local rollback");
-    Err(InstallError::NotReady(detail))
+    tracing::warn!(module, %error, "new version not ready");
+    Err(error)
 }
 
 /// A module update being received on this stream.
@@ -525,6 +535,7 @@ async fn refuse(
             nonce,
             revision,
             error,
+            rolled_back: false,
         }),
     )
     .await
@@ -538,7 +549,18 @@ async fn nack(
     e: &InstallError,
 ) -> Result<(), StreamError> {
     tracing::warn!(module, revision, error = %e, "module update refused");
-    refuse(tx, nonce, revision, e.to_string()).await
+    metrics::counter!("aviary_edge_nacks_total").increment(1);
+    let rolled_back = matches!(e, InstallError::RolledBack(_));
+    send(
+        tx,
+        pb::edge_message::Kind::Nack(pb::Nack {
+            nonce,
+            revision,
+            error: e.to_string(),
+            rolled_back,
+        }),
+    )
+    .await
 }
 
 /// Installed modules, their applied revisions and partial transfers, for the Hello.
@@ -562,6 +584,7 @@ fn module_report(
                             sha256: s.sha256.clone(),
                             state: pb::ModuleState::Installed as i32,
                             slot: which.into(),
+                            ..Default::default()
                         });
                     }
                 }

@@ -101,10 +101,7 @@ impl ControlPlane {
         let mut all = vec!["-o", "json", "rollout", "create"];
         all.extend(args);
         let v: serde_json::Value = serde_json::from_str(&self.cli(ws, &all)?)?;
-        Ok(v["rollouts"][0]["id"]
-            .as_str()
-            .context("rollout id")?
-            .to_owned())
+        Ok(v["id"].as_str().context("rollout id")?.to_owned())
     }
 }
 

@@ -128,6 +128,7 @@ impl RawStream {
     /// NACKs `nonce` at `revision` with `error`.
     pub async fn nack(&self, nonce: &str, revision: u64, error: &str) -> anyhow::Result<()> {
         self.send(pb::edge_message::Kind::Nack(pb::Nack {
+            rolled_back: false,
             nonce: nonce.into(),
             revision,
             error: error.into(),

@@ -71,14 +71,20 @@ impl Admin {
         Ok(self.nodes.get_node(request).await?.into_inner())
     }
 
-    /// Every node `selector` matches, page after page.
-    pub async fn all_nodes(&mut self, selector: &str) -> Result<Vec<pb::Node>, tonic::Status> {
+    /// Every node `selector` and `filter` match, page after page.
+    pub async fn all_nodes(
+        &mut self,
+        selector: &str,
+        filter: &str,
+    ) -> Result<Vec<pb::Node>, tonic::Status> {
         let client = self.nodes.clone();
         all_pages(|page_token| {
-            let (mut client, selector) = (client.clone(), selector.to_owned());
+            let mut client = client.clone();
+            let (selector, filter) = (selector.to_owned(), filter.to_owned());
             async move {
                 let request = pb::ListNodesRequest {
                     selector,
+                    filter,
                     page_size: 0,
                     page_token,
                 };
@@ -120,6 +126,27 @@ impl Admin {
                 };
                 let r = client.list_releases(request).await?.into_inner();
                 Ok((r.releases, r.next_page_token))
+            }
+        })
+        .await
+    }
+
+    /// Every event `filter` keeps, oldest first, page after page.
+    pub async fn all_events(
+        &mut self,
+        filter: pb::EventFilter,
+    ) -> Result<Vec<pb::Event>, tonic::Status> {
+        let client = self.audit.clone();
+        all_pages(|page_token| {
+            let (mut client, filter) = (client.clone(), filter.clone());
+            async move {
+                let request = pb::ListEventsRequest {
+                    filter: Some(filter),
+                    page_token,
+                    ..Default::default()
+                };
+                let r = client.list_events(request).await?.into_inner();
+                Ok((r.events, r.next_page_token))
             }
         })
         .await

@@ -6,7 +6,6 @@ use anyhow::Context;
 use aviary_proto::overlay::RunOverlay;
 use aviary_proto::v1 as pb;
 use clap::{Args, Subcommand};
-use serde_json::{json, Value};
 
 use crate::{Admin, Format};
 
@@ -101,7 +100,7 @@ pub(crate) async fn run(
                 })
                 .await?
                 .into_inner();
-            changed(format, "set", &module, &r);
+            changed(format, "set", &module, &r)?;
         }
         ConfigCommand::Delete { module, layer } => {
             let r = admin
@@ -112,7 +111,7 @@ pub(crate) async fn run(
                 })
                 .await?
                 .into_inner();
-            changed(format, "deleted", &module, &r);
+            changed(format, "deleted", &module, &r)?;
         }
         ConfigCommand::Get { module, node } => {
             let c = admin
@@ -123,35 +122,38 @@ pub(crate) async fn run(
                 })
                 .await?
                 .into_inner();
-            node_config(format, &c);
+            node_config(format, &c)?;
         }
         ConfigCommand::List { module } => {
             let list = admin.all_configs(&module.unwrap_or_default()).await?;
-            layers(format, &list);
+            layers(format, list)?;
         }
     }
     Ok(())
 }
 
-fn changed(format: Format, what: &str, module: &str, r: &pb::SetConfigResponse) {
-    match format {
-        Format::Json => print(&json!({
-            "nodeIds": r.node_ids, "version": r.version, "eventSeq": r.event_seq,
-        })),
-        Format::Table => println!(
-            "config of {module} {what} (layer v{}): covers {} node(s) now; audit event {}",
-            r.version,
-            r.node_ids.len(),
-            r.event_seq
-        ),
+fn changed(
+    format: Format,
+    what: &str,
+    module: &str,
+    r: &pb::SetConfigResponse,
+) -> anyhow::Result<()> {
+    if crate::output::structured(format, r)? {
+        return Ok(());
     }
-}
-
-fn overlay_json(o: &Option<pb::RunOverlay>) -> Value {
-    RunOverlay::from_proto(o.clone().unwrap_or_default())
-        .ok()
-        .and_then(|o| serde_json::to_value(o).ok())
-        .unwrap_or(Value::Null)
+    if format == Format::Name {
+        for id in &r.node_ids {
+            println!("node/{id}");
+        }
+        return Ok(());
+    }
+    println!(
+        "config of {module} {what} (layer v{}): covers {} node(s) now; audit event {}",
+        r.version,
+        r.node_ids.len(),
+        r.event_seq
+    );
+    Ok(())
 }
 
 /// `(key, value)` rows of an overlay, keys as in `NodeConfig.sources`.
@@ -187,20 +189,13 @@ fn rows(o: &Option<pb::RunOverlay>) -> Vec<(String, String)> {
     out
 }
 
-fn node_config(format: Format, c: &pb::NodeConfig) {
+fn node_config(format: Format, c: &pb::NodeConfig) -> anyhow::Result<()> {
+    if crate::output::structured(format, c)? {
+        return Ok(());
+    }
     match format {
-        Format::Json => print(&json!({
-            "module": c.module,
-            "nodeId": c.node_id,
-            "overlay": overlay_json(&c.overlay),
-            "sources": c.sources.iter().collect::<std::collections::BTreeMap<_, _>>(),
-            "layers": c.layers,
-            "desiredRevision": c.desired_revision,
-            "ackedRevision": c.acked_revision,
-            "nackedRevision": c.nacked_revision,
-            "nackError": c.nack_error,
-        })),
-        Format::Table => {
+        Format::Name => println!("config/{}/{}", c.module, c.node_id),
+        _ => {
             let rows: Vec<Vec<String>> = rows(&c.overlay)
                 .into_iter()
                 .map(|(k, v)| {
@@ -225,17 +220,25 @@ fn node_config(format: Format, c: &pb::NodeConfig) {
             println!("revision r{}: {state}", c.desired_revision);
         }
     }
+    Ok(())
 }
 
-fn layers(format: Format, layers: &[pb::ConfigLayer]) {
+fn layers(format: Format, layers: Vec<pb::ConfigLayer>) -> anyhow::Result<()> {
+    let list = pb::ListConfigsResponse {
+        layers,
+        ..Default::default()
+    };
+    if crate::output::structured(format, &list)? {
+        return Ok(());
+    }
+    let layers = list.layers;
     match format {
-        Format::Json => print(&json!({
-            "layers": layers.iter().map(|l| json!({
-                "module": l.module, "name": l.name, "version": l.version,
-                "overlay": overlay_json(&l.overlay),
-            })).collect::<Vec<_>>(),
-        })),
-        Format::Table => {
+        Format::Name => {
+            for l in &layers {
+                println!("config/{}/{}", l.module, l.name);
+            }
+        }
+        _ => {
             let rows: Vec<Vec<String>> = layers
                 .iter()
                 .map(|l| {
@@ -254,11 +257,5 @@ fn layers(format: Format, layers: &[pb::ConfigLayer]) {
             crate::output::table(&["MODULE", "LAYER", "VERSION", "SETS"], &rows);
         }
     }
-}
-
-fn print(value: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_default()
-    );
+    Ok(())
 }

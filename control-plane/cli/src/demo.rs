@@ -243,7 +243,7 @@ async fn start_edge(
 
 async fn admin_nodes(url: &str, pki: &Path) -> anyhow::Result<Vec<pb::Node>> {
     let mut admin = Admin::connect(url, pki, "admin").await?;
-    Ok(admin.all_nodes("").await?)
+    Ok(admin.all_nodes("", "").await?)
 }
 
 async fn set_weight(admin: &mut Admin, weight: u32, selector: &str) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 mod client;
 mod config;
 mod demo;
+mod json;
 mod output;
 pub mod release;
 mod rollout_file;
@@ -31,7 +32,8 @@ pub struct Cli {
     /// Which admin certificate: `admin` (admin.pem) or NAME (admin-NAME.pem).
     #[arg(long, env = "AVIARY_ADMIN", default_value = "admin", global = true)]
     pub admin: String,
-    /// Output: tables for people, JSON for scripts.
+    /// Output: tables for people (`wide`: more columns), JSON or YAML for scripts (the
+    /// JSON grpcurl prints), `name` for `kind/name` lines.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, global = true)]
     pub output: Format,
     /// What to do.
@@ -44,8 +46,14 @@ pub struct Cli {
 pub enum Format {
     /// Aligned columns.
     Table,
-    /// One JSON document (or one per line for followed streams).
+    /// Aligned columns, more of them.
+    Wide,
+    /// The call's response as grpcurl prints it (followed streams: one object per line).
     Json,
+    /// The same document as YAML.
+    Yaml,
+    /// `kind/name`, one per line.
+    Name,
 }
 
 /// Top-level commands.
@@ -63,6 +71,12 @@ pub enum Command {
         /// (tests use the small `aviary-sample-module`).
         #[arg(long, hide = true)]
         sample_module: Option<PathBuf>,
+    },
+    /// Prints a shell completion script, e.g. `source <(aviary completion bash)`.
+    Completion {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// The fleet's nodes.
     Nodes {
@@ -268,9 +282,13 @@ fn parse_steps(steps: &[String], a: &AnalysisArgs) -> anyhow::Result<Vec<pb::Ste
 pub enum NodesCommand {
     /// Lists nodes.
     List {
-        /// Label selector, e.g. `region=eu,tier!=canary`.
+        /// Label selector, e.g. `region=eu,tier!=canary` or `region in (eu,us)`.
         #[arg(long, default_value = "")]
         selector: String,
+        /// What they run and how they do, e.g. `modules.app.version = 1.2.0`,
+        /// `modules.*.health = failing AND connected = true`.
+        #[arg(long, default_value = "")]
+        filter: String,
     },
     /// Shows one node.
     Get {
@@ -349,7 +367,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
                     }
                     let r = admin.rollouts.create_rollout(request).await?.into_inner();
-                    output::rollouts(format, &[r]);
+                    output::rollout(format, &r)?;
                 }
                 RolloutCommand::Get { id } => {
                     let r = admin
@@ -357,11 +375,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .get_rollout(pb::GetRolloutRequest { id })
                         .await?
                         .into_inner();
-                    output::rollouts(format, &[r]);
+                    output::rollout(format, &r)?;
                 }
                 RolloutCommand::List { module } => {
                     let list = admin.all_rollouts(&module.unwrap_or_default()).await?;
-                    output::rollouts(format, &list);
+                    output::rollouts(format, list)?;
                 }
                 RolloutCommand::Abort { id } => {
                     let r = admin
@@ -369,7 +387,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .abort_rollout(pb::RolloutRef { id })
                         .await?
                         .into_inner();
-                    output::rollouts(format, &[r]);
+                    output::rollout(format, &r)?;
                 }
                 RolloutCommand::Pause { id } => {
                     let r = admin
@@ -377,7 +395,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .pause_rollout(pb::RolloutRef { id })
                         .await?
                         .into_inner();
-                    output::rollouts(format, &[r]);
+                    output::rollout(format, &r)?;
                 }
                 RolloutCommand::Resume { id } => {
                     let r = admin
@@ -385,7 +403,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .resume_rollout(pb::RolloutRef { id })
                         .await?
                         .into_inner();
-                    output::rollouts(format, &[r]);
+                    output::rollout(format, &r)?;
                 }
                 RolloutCommand::Promote { id, full } => {
                     let r = admin
@@ -393,7 +411,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .promote_rollout(pb::PromoteRolloutRequest { id, full })
                         .await?
                         .into_inner();
-                    output::rollouts(format, &[r]);
+                    output::rollout(format, &r)?;
                 }
                 RolloutCommand::Watch { id } => {
                     let mut stream = admin
@@ -409,13 +427,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             println!();
                         }
                         state = Some(r.state);
-                        output::rollout_line(format, &r, live);
+                        output::rollout_line(format, &r, live)?;
                     }
                     if live {
                         println!();
                     }
                 }
             }
+            Ok(())
+        }
+        Command::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "aviary", &mut std::io::stdout());
             Ok(())
         }
         Command::SampleModule { args } => {
@@ -429,11 +452,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Nodes { command } => {
             let mut admin = connect(&cli.control_plane, &cli.certs, &cli.admin).await?;
             match command {
-                NodesCommand::List { selector } => {
-                    output::nodes(format, &admin.all_nodes(&selector).await?);
+                NodesCommand::List { selector, filter } => {
+                    output::nodes(format, admin.all_nodes(&selector, &filter).await?)?;
                 }
                 NodesCommand::Get { id } => {
-                    output::node(format, &admin.node(&id).await?);
+                    output::node(format, &admin.node(&id).await?)?;
                 }
                 NodesCommand::SetWeight {
                     module,
@@ -441,7 +464,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     selector,
                 } => {
                     let reply = admin.set_weight(&module, weight, &selector).await?;
-                    output::set_weight(format, &module, weight, &reply);
+                    output::set_weight(format, &module, weight, &reply)?;
                 }
                 NodesCommand::Revoke { id, reason } => {
                     let reply = admin
@@ -452,7 +475,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         })
                         .await?
                         .into_inner();
-                    output::revoke(format, &id, &reply);
+                    output::revoke(format, &id, &reply)?;
                 }
             }
             Ok(())
@@ -480,19 +503,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     .await?
                     .into_inner();
                 while let Some(event) = stream.message().await? {
-                    output::event_line(format, &event);
+                    output::event_line(format, &event)?;
                 }
             } else {
-                let events = admin
-                    .audit
-                    .list_events(pb::ListEventsRequest {
-                        filter: Some(filter),
-                        ..Default::default()
-                    })
-                    .await?
-                    .into_inner()
-                    .events;
-                output::events(format, &events);
+                let events = admin.all_events(filter).await?;
+                output::events(format, events)?;
             }
             Ok(())
         }

@@ -2,10 +2,9 @@
 
 use std::collections::BTreeMap;
 
-use aviary_proto::v1 as pb;
-use serde_json::{json, Value};
-
+use crate::json::{self, Contract};
 use crate::Format;
+use aviary_proto::v1 as pb;
 
 /// Prints rows under a header, columns padded to their widest cell.
 pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) {
@@ -56,59 +55,6 @@ fn time(t: &Option<prost_types::Timestamp>) -> String {
         .unwrap_or_default()
 }
 
-/// A node as JSON, with the names grpcurl prints.
-pub(crate) fn node_json(n: &pb::Node) -> Value {
-    json!({
-        "nodeId": n.node_id,
-        "labels": sorted(&n.labels),
-        "connected": n.connected,
-        "modules": n.modules.iter().map(|m| json!({
-            "name": m.name, "version": m.version, "sha256": m.sha256, "state": m.state,
-        })).collect::<Vec<_>>(),
-        "weights": sorted(&n.weights),
-        "arch": n.arch,
-        "daemonVersion": n.daemon_version,
-        "desiredRevision": n.desired_revision,
-        "ackedRevision": n.acked_revision,
-        "nackedRevision": n.nacked_revision,
-        "nackError": n.nack_error,
-        "lastSeen": time(&n.last_seen),
-        "revoked": n.revoked,
-        "moduleRollouts": n.module_rollouts.iter().map(module_rollout_json).collect::<Vec<_>>(),
-        "configs": n.configs.iter().map(|c| json!({
-            "module": c.module,
-            "sources": c.sources.iter().collect::<BTreeMap<_, _>>(),
-            "desiredRevision": c.desired_revision,
-            "ackedRevision": c.acked_revision,
-            "nackedRevision": c.nacked_revision,
-            "nackError": c.nack_error,
-        })).collect::<Vec<_>>(),
-    })
-}
-
-/// One module on one node, with the names grpcurl prints.
-fn module_rollout_json(m: &pb::ModuleRollout) -> Value {
-    json!({
-        "module": m.module,
-        "desiredVersion": m.desired_version,
-        "desiredRevision": m.desired_revision,
-        "rollback": m.rollback,
-        "ackedRevision": m.acked_revision,
-        "nackedRevision": m.nacked_revision,
-        "nackError": m.nack_error,
-        "transfer": m.transfer.as_ref().map(|t| json!({
-            "version": t.version, "encoding": t.encoding, "offset": t.offset, "size": t.size,
-        })),
-        "health": m.health.as_ref().map(|h| json!({
-            "probeSuccesses": h.probe_successes, "probeFailures": h.probe_failures,
-            "latencyP50Ms": h.latency_p50_ms, "latencyP99Ms": h.latency_p99_ms,
-            "processState": h.process_state, "restarts": h.restarts,
-            "logMatches": h.log_matches, "slot": h.slot, "version": h.version,
-            "detail": h.detail,
-        })),
-    })
-}
-
 /// What a node does about one module, in a line: applied, refused (and why), or how far
 /// its transfer has come.
 fn module_rollout_line(m: &pb::ModuleRollout) -> String {
@@ -141,131 +87,253 @@ fn module_rollout_line(m: &pb::ModuleRollout) -> String {
     format!("{what} r{} {state}{health}", m.desired_revision)
 }
 
-fn event_json(e: &pb::Event) -> Value {
-    json!({
-        "seq": e.seq, "time": time(&e.time), "actor": e.actor,
-        "action": e.action, "target": e.target, "detail": e.detail,
-    })
+/// Prints `msg` as JSON or YAML; `false` when `format` is one the caller prints itself.
+pub(crate) fn structured<M: Contract>(format: Format, msg: &M) -> anyhow::Result<bool> {
+    let text = match format {
+        Format::Json => json::pretty(msg)?,
+        Format::Yaml => json::yaml(msg)?,
+        Format::Table | Format::Wide | Format::Name => return Ok(false),
+    };
+    println!("{}", text.trim_end());
+    Ok(true)
 }
 
-fn print_json(value: &Value) {
-    println!(
-        "{}",
-        serde_json::to_string_pretty(value).unwrap_or_default()
-    );
-}
-
-pub(crate) fn nodes(format: Format, nodes: &[pb::Node]) {
-    match format {
-        Format::Json => {
-            print_json(&json!({ "nodes": nodes.iter().map(node_json).collect::<Vec<_>>() }))
-        }
-        Format::Table => {
-            let rows: Vec<Vec<String>> = nodes
-                .iter()
-                .map(|n| {
-                    let state = if n.revoked {
-                        "revoked"
-                    } else if n.connected {
-                        "connected"
-                    } else {
-                        "offline"
-                    };
-                    let sync = if n.nacked_revision == n.desired_revision && n.nacked_revision > 0 {
-                        format!("nacked r{}", n.nacked_revision)
-                    } else if n.acked_revision >= n.desired_revision {
-                        format!("r{}", n.desired_revision)
-                    } else {
-                        format!("r{} (acked r{})", n.desired_revision, n.acked_revision)
-                    };
-                    vec![
-                        n.node_id.clone(),
-                        state.into(),
-                        pairs(&n.labels),
-                        pairs(&n.weights),
-                        sync,
-                    ]
-                })
-                .collect();
-            table(&["NODE", "STATE", "LABELS", "WEIGHTS", "REVISION"], &rows);
-        }
+/// Prints `names` one per line (`-o name`, as kubectl: `kind/name`).
+fn names<'a>(kind: &str, names: impl IntoIterator<Item = &'a str>) {
+    for n in names {
+        println!("{kind}/{n}");
     }
 }
 
-pub(crate) fn node(format: Format, n: &pb::Node) {
-    match format {
-        Format::Json => print_json(&node_json(n)),
-        Format::Table => {
-            let rows = vec![
-                vec!["node".into(), n.node_id.clone()],
-                vec!["connected".into(), n.connected.to_string()],
-                vec!["revoked".into(), n.revoked.to_string()],
-                vec!["labels".into(), pairs(&n.labels)],
-                vec!["weights".into(), pairs(&n.weights)],
-                vec!["desired revision".into(), n.desired_revision.to_string()],
-                vec!["acked revision".into(), n.acked_revision.to_string()],
-                vec![
-                    "nacked".into(),
-                    if n.nacked_revision == 0 {
-                        "-".into()
-                    } else {
-                        format!("r{}: {}", n.nacked_revision, n.nack_error)
-                    },
-                ],
-                vec!["arch".into(), n.arch.clone()],
-                vec!["daemon".into(), n.daemon_version.clone()],
-                vec!["last seen".into(), time(&n.last_seen)],
-            ];
-            let mut rows = rows;
-            for m in &n.module_rollouts {
-                rows.push(vec![format!("module {}", m.module), module_rollout_line(m)]);
+fn module_state(state: i32) -> String {
+    pb::ModuleState::try_from(state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("MODULE_STATE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn health_word(h: i32) -> String {
+    pb::Health::try_from(h)
+        .ok()
+        .filter(|h| *h != pb::Health::Unspecified)
+        .map_or("unknown".into(), |h| {
+            h.as_str_name()
+                .trim_start_matches("HEALTH_")
+                .to_ascii_lowercase()
+        })
+}
+
+/// Each module a node runs, at a glance: `app 1.2.0 healthy`.
+fn modules_cell(n: &pb::Node) -> String {
+    let cells: Vec<String> = n
+        .modules
+        .iter()
+        .map(|m| {
+            let state = module_state(m.state);
+            let word = health_word(m.health);
+            // The state only when it says more than the health word does.
+            if state == "running" || state == "installed" {
+                format!("{} {} {word}", m.name, m.version)
+            } else {
+                format!("{} {} {word} ({state})", m.name, m.version)
             }
-            for c in &n.configs {
-                let state = if c.nacked_revision > 0 && c.nacked_revision >= c.desired_revision {
-                    format!("refused: {}", c.nack_error)
-                } else if c.acked_revision >= c.desired_revision {
-                    "applied".into()
+        })
+        .collect();
+    if cells.is_empty() {
+        "-".into()
+    } else {
+        cells.join(", ")
+    }
+}
+
+/// `nodes list`.
+pub(crate) fn nodes(format: Format, nodes: Vec<pb::Node>) -> anyhow::Result<()> {
+    let list = pb::ListNodesResponse {
+        nodes,
+        next_page_token: String::new(),
+    };
+    if structured(format, &list)? {
+        return Ok(());
+    }
+    let nodes = list.nodes;
+    if format == Format::Name {
+        names("node", nodes.iter().map(|n| n.node_id.as_str()));
+        return Ok(());
+    }
+    let wide = format == Format::Wide;
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            let state = if n.revoked {
+                "revoked"
+            } else if n.connected {
+                "connected"
+            } else {
+                "offline"
+            };
+            let mut row = vec![
+                n.node_id.clone(),
+                state.into(),
+                modules_cell(n),
+                pairs(&n.labels),
+            ];
+            if wide {
+                let sync = if n.nacked_revision == n.desired_revision && n.nacked_revision > 0 {
+                    format!("nacked r{}", n.nacked_revision)
+                } else if n.acked_revision >= n.desired_revision {
+                    format!("r{}", n.desired_revision)
                 } else {
-                    "pending".into()
+                    format!("r{} (acked r{})", n.desired_revision, n.acked_revision)
                 };
-                rows.push(vec![
-                    format!("config {}", c.module),
-                    format!(
-                        "r{} {state}; layers: {}",
-                        c.desired_revision,
-                        c.layers.join(" → ")
-                    ),
+                row.extend([
+                    pairs(&n.weights),
+                    sync,
+                    n.arch.clone(),
+                    n.daemon_version.clone(),
+                    time(&n.last_heartbeat),
                 ]);
             }
-            table(&["FIELD", "VALUE"], &rows);
-        }
+            row
+        })
+        .collect();
+    if wide {
+        table(
+            &[
+                "NODE",
+                "STATE",
+                "MODULES",
+                "LABELS",
+                "WEIGHTS",
+                "REVISION",
+                "ARCH",
+                "DAEMON",
+                "HEARTBEAT",
+            ],
+            &rows,
+        );
+    } else {
+        table(&["NODE", "STATE", "MODULES", "LABELS"], &rows);
     }
+    Ok(())
 }
 
-pub(crate) fn set_weight(format: Format, module: &str, weight: u32, r: &pb::SetWeightResponse) {
-    match format {
-        Format::Json => print_json(&json!({ "nodeIds": r.node_ids, "eventSeq": r.event_seq })),
-        Format::Table => println!(
-            "{module} weight {weight} on {} node(s) now matching (audit #{}): {}",
-            r.node_ids.len(),
-            r.event_seq,
-            r.node_ids.join(" ")
-        ),
+/// `nodes get`.
+pub(crate) fn node(format: Format, n: &pb::Node) -> anyhow::Result<()> {
+    if structured(format, n)? {
+        return Ok(());
     }
-}
-
-pub(crate) fn revoke(format: Format, id: &str, r: &pb::RevokeNodeResponse) {
-    match format {
-        Format::Json => print_json(&json!({ "nodeId": id, "disconnected": r.disconnected })),
-        Format::Table => println!(
-            "node {id} revoked{}",
-            if r.disconnected {
-                "; its stream was cut"
+    if format == Format::Name {
+        names("node", [n.node_id.as_str()]);
+        return Ok(());
+    }
+    let mut rows: Vec<Vec<String>> = vec![
+        vec!["node".into(), n.node_id.clone()],
+        vec!["connected".into(), n.connected.to_string()],
+        vec!["revoked".into(), n.revoked.to_string()],
+        vec!["labels".into(), pairs(&n.labels)],
+        vec!["weights".into(), pairs(&n.weights)],
+        vec!["desired revision".into(), n.desired_revision.to_string()],
+        vec!["acked revision".into(), n.acked_revision.to_string()],
+        vec![
+            "nacked".into(),
+            if n.nacked_revision == 0 {
+                "-".into()
             } else {
-                ""
-            }
-        ),
+                format!("r{}: {}", n.nacked_revision, n.nack_error)
+            },
+        ],
+        vec!["arch".into(), n.arch.clone()],
+        vec!["daemon".into(), n.daemon_version.clone()],
+        vec!["last seen".into(), time(&n.last_seen)],
+        vec!["last heartbeat".into(), time(&n.last_heartbeat)],
+    ];
+    for m in &n.modules {
+        let previous = if m.previous_version.is_empty() {
+            String::new()
+        } else {
+            format!("; previous {}", m.previous_version)
+        };
+        rows.push(vec![
+            format!("runs {}", m.name),
+            format!(
+                "{} {} since {}, {}; sha256 {}; slot {}{previous}",
+                m.version,
+                module_state(m.state),
+                time(&m.since),
+                health_word(m.health),
+                m.sha256.chars().take(12).collect::<String>(),
+                m.slot,
+            ),
+        ]);
     }
+    for m in &n.module_rollouts {
+        rows.push(vec![format!("module {}", m.module), module_rollout_line(m)]);
+    }
+    for c in &n.configs {
+        let state = if c.nacked_revision > 0 && c.nacked_revision >= c.desired_revision {
+            format!("refused: {}", c.nack_error)
+        } else if c.acked_revision >= c.desired_revision {
+            "applied".into()
+        } else {
+            "pending".into()
+        };
+        rows.push(vec![
+            format!("config {}", c.module),
+            format!(
+                "r{} {state}; layers: {}",
+                c.desired_revision,
+                c.layers.join(" → ")
+            ),
+        ]);
+    }
+    table(&["FIELD", "VALUE"], &rows);
+    Ok(())
+}
+
+/// `nodes set-weight`.
+pub(crate) fn set_weight(
+    format: Format,
+    module: &str,
+    weight: u32,
+    r: &pb::SetWeightResponse,
+) -> anyhow::Result<()> {
+    if structured(format, r)? {
+        return Ok(());
+    }
+    if format == Format::Name {
+        names("node", r.node_ids.iter().map(String::as_str));
+        return Ok(());
+    }
+    println!(
+        "{module} weight {weight} on {} node(s) now matching (audit #{}): {}",
+        r.node_ids.len(),
+        r.event_seq,
+        r.node_ids.join(" ")
+    );
+    Ok(())
+}
+
+/// `nodes revoke`.
+pub(crate) fn revoke(format: Format, id: &str, r: &pb::RevokeNodeResponse) -> anyhow::Result<()> {
+    if structured(format, r)? {
+        return Ok(());
+    }
+    if format == Format::Name {
+        names("node", [id]);
+        return Ok(());
+    }
+    println!(
+        "node {id} revoked{}",
+        if r.disconnected {
+            "; its stream was cut"
+        } else {
+            ""
+        }
+    );
+    Ok(())
 }
 
 fn event_row(e: &pb::Event) -> Vec<String> {
@@ -279,40 +347,37 @@ fn event_row(e: &pb::Event) -> Vec<String> {
     ]
 }
 
-pub(crate) fn events(format: Format, events: &[pb::Event]) {
-    match format {
-        Format::Json => {
-            print_json(&json!({ "events": events.iter().map(event_json).collect::<Vec<_>>() }))
+/// `events` (the whole log, or what a filter keeps).
+pub(crate) fn events(format: Format, events: Vec<pb::Event>) -> anyhow::Result<()> {
+    let list = pb::ListEventsResponse {
+        events,
+        ..Default::default()
+    };
+    if structured(format, &list)? {
+        return Ok(());
+    }
+    if format == Format::Name {
+        for e in &list.events {
+            println!("event/{}", e.seq);
         }
-        Format::Table => table(
-            &["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"],
-            &events.iter().map(event_row).collect::<Vec<_>>(),
-        ),
+        return Ok(());
     }
+    table(
+        &["SEQ", "TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"],
+        &list.events.iter().map(event_row).collect::<Vec<_>>(),
+    );
+    Ok(())
 }
 
-pub(crate) fn event_line(format: Format, e: &pb::Event) {
+/// `events --follow`: one line per event (a JSON object per line for scripts).
+pub(crate) fn event_line(format: Format, e: &pb::Event) -> anyhow::Result<()> {
     match format {
-        Format::Json => println!("{}", event_json(e)),
-        Format::Table => println!("{}", event_row(e).join("  ")),
+        Format::Json => println!("{}", json::line(e)?),
+        Format::Yaml => println!("---\n{}", json::yaml(e)?.trim_end()),
+        Format::Name => println!("event/{}", e.seq),
+        Format::Table | Format::Wide => println!("{}", event_row(e).join("  ")),
     }
-}
-
-/// A release as JSON, with the names grpcurl prints (bytes fields omitted).
-fn release_json(r: &pb::Release) -> Value {
-    json!({
-        "module": r.module,
-        "version": r.version,
-        "sha256": r.sha256,
-        "size": r.size,
-        "target": r.target,
-        "runnable": r.runnable,
-        "createdAt": time(&r.created_at),
-        "attachments": r.attachments,
-        "artifacts": r.artifacts.iter().map(|a| json!({
-            "target": a.target, "sha256": a.sha256, "size": a.size,
-        })).collect::<Vec<_>>(),
-    })
+    Ok(())
 }
 
 fn release_row(r: &pb::Release) -> Vec<String> {
@@ -344,23 +409,39 @@ const RELEASE_HEADER: [&str; 8] = [
     "CREATED",
 ];
 
-pub(crate) fn releases(format: Format, releases: &[pb::Release]) {
-    match format {
-        Format::Json => print_json(
-            &json!({ "releases": releases.iter().map(release_json).collect::<Vec<_>>() }),
-        ),
-        Format::Table => table(
-            &RELEASE_HEADER,
-            &releases.iter().map(release_row).collect::<Vec<_>>(),
-        ),
+/// `release list`.
+pub(crate) fn releases(format: Format, releases: Vec<pb::Release>) -> anyhow::Result<()> {
+    let list = pb::ListReleasesResponse {
+        releases,
+        next_page_token: String::new(),
+    };
+    if structured(format, &list)? {
+        return Ok(());
     }
+    if format == Format::Name {
+        for r in &list.releases {
+            println!("release/{}/{}", r.module, r.version);
+        }
+        return Ok(());
+    }
+    table(
+        &RELEASE_HEADER,
+        &list.releases.iter().map(release_row).collect::<Vec<_>>(),
+    );
+    Ok(())
 }
 
-pub(crate) fn release(format: Format, r: &pb::Release) {
-    match format {
-        Format::Json => print_json(&release_json(r)),
-        Format::Table => table(&RELEASE_HEADER, &[release_row(r)]),
+/// `release get` and `release upload`.
+pub(crate) fn release(format: Format, r: &pb::Release) -> anyhow::Result<()> {
+    if structured(format, r)? {
+        return Ok(());
     }
+    if format == Format::Name {
+        println!("release/{}/{}", r.module, r.version);
+        return Ok(());
+    }
+    table(&RELEASE_HEADER, &[release_row(r)]);
+    Ok(())
 }
 
 /// `ROLLOUT_STATE_X` without its prefix.
@@ -379,80 +460,145 @@ fn rollout_state(state: i32) -> &'static str {
     }
 }
 
-pub(crate) fn rollouts(format: Format, rollouts: &[pb::Rollout]) {
-    let progress = |r: &pb::Rollout| r.progress.unwrap_or_default();
-    match format {
-        Format::Json => {
-            let list: Vec<Value> = rollouts
-                .iter()
-                .map(|r| {
-                    let p = progress(r);
-                    json!({
-                        "id": r.id, "module": r.module, "version": r.version,
-                        "selector": r.selector, "state": rollout_state(r.state),
-                        "currentStep": r.current_step, "message": r.message,
-                        "createdAt": time(&r.created_at), "updatedAt": time(&r.updated_at),
-                        "progress": {"selected": p.selected, "installed": p.installed, "failed": p.failed},
-                    })
-                })
-                .collect();
-            print_json(&json!({ "rollouts": list }));
-        }
-        Format::Table => {
-            let rows: Vec<Vec<String>> = rollouts
-                .iter()
-                .map(|r| {
-                    let p = progress(r);
-                    vec![
-                        r.id.clone(),
-                        r.module.clone(),
-                        r.version.clone(),
-                        if r.selector.is_empty() {
-                            "*".into()
-                        } else {
-                            r.selector.clone()
-                        },
-                        rollout_state(r.state)
-                            .trim_start_matches("ROLLOUT_STATE_")
-                            .to_owned(),
-                        format!("{}/{}", p.installed, p.selected),
-                        p.failed.to_string(),
-                        r.message.clone(),
-                    ]
-                })
-                .collect();
-            table(
-                &[
-                    "ID",
-                    "MODULE",
-                    "VERSION",
-                    "SELECTOR",
-                    "STATE",
-                    "INSTALLED",
-                    "FAILED",
-                    "MESSAGE",
-                ],
-                &rows,
-            );
-        }
+/// `rollout list`.
+pub(crate) fn rollouts(format: Format, rollouts: Vec<pb::Rollout>) -> anyhow::Result<()> {
+    let list = pb::ListRolloutsResponse {
+        rollouts,
+        next_page_token: String::new(),
+    };
+    if structured(format, &list)? {
+        return Ok(());
+    }
+    if format == Format::Name {
+        names("rollout", list.rollouts.iter().map(|r| r.id.as_str()));
+        return Ok(());
+    }
+    let wide = format == Format::Wide;
+    let rows: Vec<Vec<String>> = list
+        .rollouts
+        .iter()
+        .map(|r| {
+            let p = r.progress.unwrap_or_default();
+            let mut row = vec![
+                r.id.clone(),
+                r.module.clone(),
+                r.version.clone(),
+                if r.selector.is_empty() {
+                    "*".into()
+                } else {
+                    r.selector.clone()
+                },
+                state_name(r.state).to_owned(),
+                format!("{}/{}", p.installed, p.selected),
+                p.failed.to_string(),
+            ];
+            if wide {
+                row.extend([
+                    step_cell(r),
+                    format!("{}/{}", p.healthy, p.canaries),
+                    time(&r.created_at),
+                ]);
+            }
+            row.push(r.message.clone());
+            row
+        })
+        .collect();
+    let mut header = vec![
+        "ID",
+        "MODULE",
+        "VERSION",
+        "SELECTOR",
+        "STATE",
+        "INSTALLED",
+        "FAILED",
+    ];
+    if wide {
+        header.extend(["STEP", "HEALTHY", "CREATED"]);
+    }
+    header.push("MESSAGE");
+    table(&header, &rows);
+    Ok(())
+}
+
+fn step_cell(r: &pb::Rollout) -> String {
+    if r.steps.is_empty() {
+        "-".into()
+    } else {
+        format!(
+            "{}/{}",
+            (r.current_step as usize + 1).min(r.steps.len()),
+            r.steps.len()
+        )
+    }
+}
+
+/// One rollout (`rollout get`, `create` and the actions): the rollout, then its steps.
+pub(crate) fn rollout(format: Format, r: &pb::Rollout) -> anyhow::Result<()> {
+    if structured(format, r)? {
+        return Ok(());
+    }
+    if format == Format::Name {
+        names("rollout", [r.id.as_str()]);
+        return Ok(());
+    }
+    let p = r.progress.unwrap_or_default();
+    let mut rows: Vec<Vec<String>> = vec![
+        vec!["id".into(), r.id.clone()],
+        vec!["release".into(), format!("{} {}", r.module, r.version)],
+        vec![
+            "selector".into(),
+            if r.selector.is_empty() {
+                "*".into()
+            } else {
+                r.selector.clone()
+            },
+        ],
+        vec!["state".into(), state_name(r.state).to_owned()],
+        vec!["message".into(), r.message.clone()],
+        vec![
+            "nodes".into(),
+            format!(
+                "{} selected, {} canaries, {} installed, {} healthy, {} failed",
+                p.selected, p.canaries, p.installed, p.healthy, p.failed
+            ),
+        ],
+        vec!["created".into(), time(&r.created_at)],
+        vec!["updated".into(), time(&r.updated_at)],
+    ];
+    for (i, step) in r.steps.iter().enumerate() {
+        let mark = if i as u32 == r.current_step && !r.steps.is_empty() {
+            "→"
+        } else {
+            " "
+        };
+        rows.push(vec![format!("{mark} step {}", i + 1), step_text(step)]);
+    }
+    table(&["FIELD", "VALUE"], &rows);
+    Ok(())
+}
+
+/// A step as the `--step` flag spells it.
+fn step_text(step: &pb::Step) -> String {
+    use pb::step::Kind;
+    match &step.kind {
+        Some(Kind::SetCanaryScale(c)) => format!("canary={}%", c.percent),
+        Some(Kind::SetWeight(w)) => format!("weight={}", w.weight),
+        Some(Kind::Pause(p)) if p.seconds == 0 => "pause".into(),
+        Some(Kind::Pause(p)) => format!("pause={}s", p.seconds),
+        Some(Kind::Analysis(a)) => format!("analysis={}s", a.window_seconds),
+        None => "?".into(),
     }
 }
 
 /// One line per rollout change (`aviary rollout watch`), JSON lines for scripts; `live`
 /// redraws the line in place (a terminal).
-pub(crate) fn rollout_line(format: Format, r: &pb::Rollout, live: bool) {
+pub(crate) fn rollout_line(format: Format, r: &pb::Rollout, live: bool) -> anyhow::Result<()> {
     let p = r.progress.unwrap_or_default();
     match format {
-        Format::Json => println!(
-            "{}",
-            json!({
-                "id": r.id, "state": rollout_state(r.state), "currentStep": r.current_step,
-                "steps": r.steps.len(), "message": r.message,
-                "progress": {"selected": p.selected, "canaries": p.canaries,
-                             "installed": p.installed, "failed": p.failed},
-            })
-        ),
-        Format::Table if live => {
+        Format::Json => println!("{}", json::line(r)?),
+        Format::Yaml => println!("---\n{}", json::yaml(r)?.trim_end()),
+        Format::Name => println!("rollout/{}", r.id),
+        Format::Table | Format::Wide if live => {
             use std::io::Write;
             print!(
                 "\r\x1b[2K{} step {}/{} canaries {}/{} installed {} failed {}  {}",
@@ -467,7 +613,7 @@ pub(crate) fn rollout_line(format: Format, r: &pb::Rollout, live: bool) {
             );
             let _ = std::io::stdout().flush();
         }
-        Format::Table => println!(
+        Format::Table | Format::Wide => println!(
             "{} {} step {}/{} canaries {}/{} installed {} failed {}  {}",
             time(&r.updated_at),
             rollout_state(r.state).trim_start_matches("ROLLOUT_STATE_"),
@@ -480,4 +626,5 @@ pub(crate) fn rollout_line(format: Format, r: &pb::Rollout, live: bool) {
             r.message
         ),
     }
+    Ok(())
 }

@@ -214,7 +214,7 @@ pub async fn run(
                 attached,
             )
             .await?;
-            output::release(format, &release);
+            output::release(format, &release)?;
             Ok(())
         }
         ReleaseCommand::Bundle {
@@ -281,7 +281,7 @@ pub async fn run(
         ReleaseCommand::List { module } => {
             let mut admin = admin.await?;
             let list = admin.all_releases(&module.unwrap_or_default()).await?;
-            output::releases(format, &list);
+            output::releases(format, list)?;
             Ok(())
         }
         ReleaseCommand::Get {
@@ -310,7 +310,7 @@ pub async fn run(
                         .get_release(pb::GetReleaseRequest { module, version })
                         .await?
                         .into_inner();
-                    output::release(format, &r);
+                    output::release(format, &r)?;
                 }
             }
             Ok(())

@@ -13,6 +13,7 @@ use super::page::Pager;
 use super::{caller, views};
 use crate::connections::Connections;
 use crate::error::bad_field;
+use crate::filter::NodeFilter;
 use crate::registry::Registry;
 use crate::selector::Selector;
 
@@ -49,14 +50,15 @@ impl Nodes for NodesApi {
     ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let req = req.into_inner();
         let selector = Selector::parse(&req.selector)?;
-        let query = selector.to_string();
+        let filter = NodeFilter::parse(&req.filter)?;
+        let query = format!("{selector}\0{filter}");
         let want = self
             .pager
             .request("nodes", &query, req.page_size, &req.page_token, 500)?;
         // One more than the page: whether another page follows.
-        let nodes = self
-            .registry
-            .list_after(&selector, want.after.as_deref(), want.size + 1);
+        let nodes =
+            self.registry
+                .list_after(&selector, &filter, want.after.as_deref(), want.size + 1);
         let page = self.pager.page(
             "nodes",
             &query,

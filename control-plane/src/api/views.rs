@@ -4,10 +4,12 @@
 use aviary_proto::overlay::RunOverlay;
 use aviary_proto::v1 as pb;
 
-use crate::audit::{Event, EventFilter};
+use crate::audit::{now_ms, Event, EventFilter};
 use crate::error::ControlPlaneError;
+use crate::health::Health;
+use crate::inventory::{InstalledModule, RunState};
 use crate::layers::{ConfigLayer, Scope};
-use crate::node::{HealthRecord, ModuleRecord, NodeStatus};
+use crate::node::{HealthRecord, NodeStatus};
 use crate::registry::{NodeConfigView, NodeView, NodeWeights};
 use crate::release::ReleaseRecord;
 
@@ -26,6 +28,17 @@ pub(crate) fn node(v: NodeView) -> pb::Node {
             })
         })
         .collect();
+    let now = v.connected.then(now_ms);
+    let modules = v
+        .status
+        .inventory
+        .modules()
+        .iter()
+        .map(|(name, m)| {
+            let report = v.status.modules.get(name).and_then(|p| p.health.as_ref());
+            module_status(name, m, Health::of(report, now))
+        })
+        .collect();
     let NodeView {
         record: r,
         status,
@@ -37,7 +50,7 @@ pub(crate) fn node(v: NodeView) -> pb::Node {
         node_id: r.node_id,
         labels: r.labels.into_iter().collect(),
         connected,
-        modules: r.modules.into_iter().map(module_status).collect(),
+        modules,
         weights: weights.weights.into_iter().collect(),
         arch: r.arch,
         daemon_version: r.daemon_version,
@@ -46,19 +59,46 @@ pub(crate) fn node(v: NodeView) -> pb::Node {
         nacked_revision: status.nacked.as_ref().map_or(0, |n| n.revision),
         nack_error: status.nacked.map(|n| n.error).unwrap_or_default(),
         last_seen: (status.last_seen_ms > 0).then(|| timestamp(status.last_seen_ms)),
+        last_heartbeat: (status.last_heartbeat_ms > 0).then(|| timestamp(status.last_heartbeat_ms)),
         revoked: r.revoked,
         module_rollouts: rollouts,
         configs,
     }
 }
 
-fn module_status(m: ModuleRecord) -> pb::ModuleStatus {
+fn module_status(name: &str, m: &InstalledModule, health: Health) -> pb::ModuleStatus {
+    let previous = m.previous.as_ref();
     pb::ModuleStatus {
-        name: m.name,
-        version: m.version,
-        sha256: m.sha256,
-        state: m.state,
-        slot: m.slot,
+        name: name.to_owned(),
+        version: m.current.version.clone(),
+        sha256: m.current.sha256.clone(),
+        state: run_state(m.state) as i32,
+        slot: if m.on_previous { "previous" } else { "current" }.into(),
+        since: (m.since_ms > 0).then(|| timestamp(m.since_ms)),
+        previous_version: previous.map(|p| p.version.clone()).unwrap_or_default(),
+        previous_sha256: previous.map(|p| p.sha256.clone()).unwrap_or_default(),
+        health: health_word(health) as i32,
+    }
+}
+
+fn run_state(s: RunState) -> pb::ModuleState {
+    match s {
+        RunState::Installed => pb::ModuleState::Installed,
+        RunState::Starting => pb::ModuleState::Starting,
+        RunState::Running => pb::ModuleState::Running,
+        RunState::Stopped => pb::ModuleState::Stopped,
+        RunState::Failed => pb::ModuleState::Failed,
+        RunState::RolledBack => pb::ModuleState::RolledBack,
+    }
+}
+
+/// The proto value of a health word.
+pub(crate) fn health_word(h: Health) -> pb::Health {
+    match h {
+        Health::Healthy => pb::Health::Healthy,
+        Health::Degraded => pb::Health::Degraded,
+        Health::Failing => pb::Health::Failing,
+        Health::Unknown => pb::Health::Unknown,
     }
 }
 

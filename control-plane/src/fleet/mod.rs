@@ -12,9 +12,11 @@ pub(crate) use hello::health_records as check_health;
 use std::sync::Arc;
 use std::time::Duration;
 
+use aviary_proto::resource::Resource;
 use tokio_util::sync::CancellationToken;
 
 use crate::admission::TokenBucket;
+use crate::audit::NewEvent;
 use crate::catalog::Catalog;
 use crate::deltas::Deltas;
 use crate::journal::Journal;
@@ -69,5 +71,23 @@ impl Fleet {
             settings,
             shutdown,
         })
+    }
+
+    /// Audits a node's refusal of `revision` of `resource`.
+    async fn audit_nack(&self, node_id: &str, resource: &Resource, revision: u64, error: &str) {
+        let what = match resource {
+            Resource::Weights => "weights".to_owned(),
+            Resource::Module(m) => format!("module {m}"),
+            Resource::Config(m) => format!("config of {m}"),
+        };
+        let event = NewEvent::new(
+            format!("edge/{node_id}"),
+            "fleet.nack",
+            format!("node/{node_id}"),
+            format!("{what} revision {revision} refused: {error}"),
+        );
+        if let Err(e) = self.journal.audit(event, false).await {
+            tracing::warn!(error = %e, "could not audit nack");
+        }
     }
 }

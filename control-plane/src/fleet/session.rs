@@ -26,6 +26,7 @@ use super::tracker::Tracker;
 use super::transfer::{plan, Plan, Transfer};
 use super::Fleet;
 use crate::audit::NewEvent;
+use crate::inventory::{Artifact, Outcome};
 use crate::layers::DesiredConfigs;
 use crate::limits::oversized;
 use crate::listener::PeerInfo;
@@ -116,11 +117,19 @@ struct NodeView {
     installed: BTreeMap<String, Sha256>,
 }
 
+/// Where a sent module update leads the node.
+struct SentTo {
+    version: String,
+    sha256: Sha256,
+    rollback: bool,
+}
+
 /// A planned module update coming back from its planning task.
 struct Planned {
     module: String,
     revision: u64,
     version: String,
+    rollback: bool,
     result: Result<Plan, String>,
 }
 
@@ -131,8 +140,8 @@ struct Session {
     /// What each resource was offered, answered and refused on this stream.
     tracker: Tracker,
     node: NodeView,
-    /// The artifact each sent module update leads to (the next delta's base once ACKed).
-    sent_to: BTreeMap<String, Sha256>,
+    /// What each sent module update leads to (the next delta's base once ACKed).
+    sent_to: BTreeMap<String, SentTo>,
     /// At most one module update at a time: being planned, or transferring.
     busy: Option<String>,
     transfer: Option<Transfer>,
@@ -258,6 +267,7 @@ impl Session {
                         module,
                         revision: d.revision,
                         version: d.version,
+                        rollback: d.rollback,
                         result,
                     })
                     .await;
@@ -279,7 +289,14 @@ impl Session {
         }
         match planned.result {
             Ok(Plan::Send { body, payload, to }) => {
-                self.sent_to.insert(planned.module.clone(), to);
+                self.sent_to.insert(
+                    planned.module.clone(),
+                    SentTo {
+                        version: planned.version.clone(),
+                        sha256: to,
+                        rollback: planned.rollback,
+                    },
+                );
                 self.send_desired(
                     Resource::Module(planned.module.clone()),
                     planned.revision,
@@ -351,10 +368,11 @@ impl Session {
     /// Handles one message from the edge; `Err` ends the stream with that status.
     async fn on_message(&mut self, msg: pb::EdgeMessage) -> Result<(), Status> {
         match msg.kind {
-            Some(Kind::Ack(ack)) => self.on_answer(&ack.nonce, Answer::Ack).await,
+            Some(Kind::Ack(ack)) => self.on_answer(&ack.nonce, Answer::Ack, false).await,
             Some(Kind::Nack(nack)) => {
                 let error: String = nack.error.chars().take(1024).collect();
-                self.on_answer(&nack.nonce, Answer::Nack(error)).await;
+                self.on_answer(&nack.nonce, Answer::Nack(error), nack.rolled_back)
+                    .await;
             }
             Some(Kind::Progress(p)) => self.on_progress(p).await?,
             Some(Kind::Hello(_)) => {
@@ -376,8 +394,9 @@ impl Session {
     }
 
     /// An ACK or NACK: counted if it answers the latest send of its resource, recorded in
-    /// the registry, and (a NACK) audited.
-    async fn on_answer(&mut self, nonce: &str, answer: Answer) {
+    /// the registry, and (a NACK) audited. `rolled_back`: a module NACK whose update was
+    /// installed, failed, and was undone on the node.
+    async fn on_answer(&mut self, nonce: &str, answer: Answer, rolled_back: bool) {
         let Some(out) = self.tracker.answer(nonce, &answer) else {
             metrics::counter!("aviary_stale_answers_total").increment(1);
             tracing::debug!(nonce, "answer with a stale nonce ignored");
@@ -402,11 +421,27 @@ impl Session {
             }
         };
         if let Resource::Module(module) = resource {
+            let sent = self.sent_to.remove(module);
             if error.is_none() {
                 tracing::info!(module, revision, "module update acknowledged");
-                if let Some(to) = self.sent_to.remove(module) {
-                    self.node.installed.insert(module.clone(), to);
-                }
+            }
+            if let Some(to) = sent.filter(|_| error.is_none() || rolled_back) {
+                let artifact = Artifact {
+                    version: to.version,
+                    sha256: to.sha256.hex(),
+                };
+                let outcome = if error.is_none() {
+                    // The next delta's base.
+                    self.node.installed.insert(module.clone(), to.sha256);
+                    Outcome::Installed {
+                        rollback: to.rollback,
+                    }
+                } else {
+                    Outcome::WentBack
+                };
+                self.fleet
+                    .registry
+                    .record_installed(&self.node_id, module, artifact, outcome);
             }
             let module = module.clone();
             self.end_module(&module);
@@ -414,20 +449,9 @@ impl Session {
             tracing::info!(module, revision, "config acknowledged");
         }
         if let Some(error) = error {
-            let what = match resource {
-                Resource::Weights => "weights".to_owned(),
-                Resource::Module(m) => format!("module {m}"),
-                Resource::Config(m) => format!("config of {m}"),
-            };
-            let event = NewEvent::new(
-                format!("edge/{}", self.node_id),
-                "fleet.nack",
-                format!("node/{}", self.node_id),
-                format!("{what} revision {revision} refused: {error}"),
-            );
-            if let Err(e) = self.fleet.journal.audit(event, false).await {
-                tracing::warn!(error = %e, "could not audit nack");
-            }
+            self.fleet
+                .audit_nack(&self.node_id, resource, revision, error)
+                .await;
         }
     }
 

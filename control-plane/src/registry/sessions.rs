@@ -180,7 +180,10 @@ impl Registry {
                 "superseded by a newer stream from the same node",
             ));
         }
-        entry.status.last_seen_ms = now_ms();
+        let now = now_ms();
+        entry.status.last_seen_ms = now;
+        entry.status.last_heartbeat_ms = now;
+        entry.status.inventory.hello(&entry.record.modules, now);
         for (resource, revision) in &applied {
             let acked = match resource {
                 Resource::Module(m) => {

@@ -5,7 +5,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{Entry, Registry};
+use crate::audit::now_ms;
 use crate::error::ControlPlaneError;
+use crate::filter::{NodeFilter, Subject};
 use crate::layers::{ConfigLayer, DesiredConfig, DesiredConfigs};
 use crate::node::{ConfigProgress, DesiredWeights, NodeRecord, NodeStatus};
 use crate::rollout::DesiredModules;
@@ -56,20 +58,28 @@ pub(crate) struct NodeConfigView {
 }
 
 impl Registry {
-    /// At most `limit` nodes matching `selector` with ids after `after`, sorted by id
-    /// (a page of `ListNodes`: only those are copied).
+    /// At most `limit` nodes matching `selector` and `filter` with ids after `after`,
+    /// sorted by id (a page of `ListNodes`: only those are copied).
     pub(crate) fn list_after(
         &self,
         selector: &Selector,
+        filter: &NodeFilter,
         after: Option<&str>,
         limit: usize,
     ) -> Vec<NodeView> {
         let st = self.state();
+        let now_ms = now_ms();
         let mut ids: Vec<&String> = st
             .nodes
             .iter()
             .filter(|(id, e)| {
-                after.is_none_or(|a| id.as_str() > a) && selector.matches(&e.record.labels)
+                after.is_none_or(|a| id.as_str() > a)
+                    && selector.matches(&e.record.labels)
+                    && filter.matches(&Subject {
+                        connected: e.session.is_some(),
+                        status: &e.status,
+                        now_ms,
+                    })
             })
             .map(|(id, _)| id)
             .collect();

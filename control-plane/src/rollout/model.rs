@@ -296,7 +296,8 @@ pub(crate) fn desired_modules(
     labels: &BTreeMap<String, String>,
 ) -> DesiredModules {
     let mut out = DesiredModules::new();
-    // The rollout whose version the node runs, per module, as we walk forward in time.
+    // The rollout an abort goes back to, per module, as we walk forward in time: the
+    // newest one not judged bad (a failed release is what a node went back from).
     let mut standing: BTreeMap<&str, &Rollout> = BTreeMap::new();
     for d in rollouts.iter().filter(|d| d.selector.matches(labels)) {
         let Some(covered_at) = d.covers(node_id) else {
@@ -319,8 +320,10 @@ pub(crate) fn desired_modules(
                     out.remove(&d.module);
                 }
             },
-            _ => {
-                standing.insert(&d.module, d);
+            state => {
+                if state != RolloutState::Failed {
+                    standing.insert(&d.module, d);
+                }
                 out.insert(
                     d.module.clone(),
                     DesiredModule {
@@ -395,6 +398,16 @@ mod tests {
             desired_modules(&deps, "gw-1", &us)["gateway"].revision,
             3,
             "us untouched"
+        );
+        // A failed release is not where an abort goes back to.
+        let failed = vec![
+            dep(3, "1.0.0", "", RolloutState::Succeeded, 0),
+            dep(5, "1.5.0", "", RolloutState::Failed, 0),
+            dep(7, "2.0.0", "", RolloutState::Aborted, 9),
+        ];
+        assert_eq!(
+            desired_modules(&failed, "gw-1", &eu)["gateway"].version,
+            "1.0.0"
         );
         // Aborting the first rollout of a module leaves nothing to go back to.
         let only = vec![dep(3, "1.0.0", "", RolloutState::Aborted, 4)];

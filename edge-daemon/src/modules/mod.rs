@@ -85,6 +85,10 @@ pub enum InstallError {
     /// The new version was installed but never became ready; the previous one runs.
     #[error("new version not ready: {0}")]
     NotReady(String),
+    /// The new version was installed, never became ready, and the node went back to the
+    /// slot it kept (which runs again).
+    #[error("new version not ready: {0}")]
+    RolledBack(String),
     /// No previous slot (with the ordered version) to roll back to.
     #[error("module {0} has no previous slot with that version to roll back to")]
     NoPrevious(String),

@@ -56,7 +56,8 @@ struct Args {
     /// Node label k=v (repeatable) sent in every Hello.
     #[arg(long = "label")]
     labels: Vec<String>,
-    /// Health report interval of nodes with an installed module (0 = none).
+    /// Health report interval of nodes with an installed module; nodes without one send
+    /// an empty report every 10 intervals (0 = none).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
     health_interval: Duration,
     /// Nodes running this version report failing probes.
@@ -192,6 +193,7 @@ async fn node(
                     sha256: m.sha256.clone(),
                     state: pb::ModuleState::Installed as i32,
                     slot: slot.into(),
+                    ..Default::default()
                 });
             }
             hello.applied.push(pb::AppliedRevision {
@@ -231,10 +233,17 @@ async fn serve(
         tokio::time::Instant::now() + first,
         every.max(Duration::from_millis(10)),
     );
+    let mut ticks = 0u64;
     loop {
         let msg = tokio::select! {
             msg = stream.recv() => msg,
-            _ = health.tick(), if !every.is_zero() && !state.modules.is_empty() => {
+            _ = health.tick(), if !every.is_zero() => {
+                ticks += 1;
+                // As the daemon: with no module, an empty report every 10th tick is
+                // the heartbeat.
+                if state.modules.is_empty() && !ticks.is_multiple_of(10) {
+                    continue;
+                }
                 if stream.send(pb::edge_message::Kind::Health(report(state, behaviour))).await.is_err() {
                     return tonic::Code::Cancelled;
                 }

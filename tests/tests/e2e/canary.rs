@@ -281,7 +281,7 @@ fn create_worker_rollout(
     ];
     args.extend(steps);
     let v: serde_json::Value = serde_json::from_str(&cp.cli(ws, &args)?)?;
-    Ok(v["rollouts"][0]["id"].as_str().context("id")?.to_owned())
+    Ok(v["id"].as_str().context("id")?.to_owned())
 }
 
 #[tokio::test]

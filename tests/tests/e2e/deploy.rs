@@ -269,7 +269,13 @@ async fn a_weight_overtakes_a_transfer_and_a_cut_transfer_resumes_where_it_stopp
         serde_json::from_str(&cp.cli(&ws, &["-o", "json", "nodes", "get", "gw-1"])?)?;
     let transfer = &json["moduleRollouts"][0]["transfer"];
     assert!(
-        transfer["size"].as_u64().unwrap_or(0) > 0 && transfer["encoding"].is_string(),
+        // uint64 in proto3 JSON is a string.
+        transfer["size"]
+            .as_str()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or(0)
+            > 0
+            && transfer["encoding"].is_string(),
         "{json}"
     );
 

@@ -112,7 +112,8 @@ async fn a_signed_upload_with_its_sbom_is_stored_listed_and_survives_kill9() -> 
     )?;
     let uploaded: serde_json::Value = serde_json::from_str(&out)?;
     assert_eq!(uploaded["sha256"], Sha256::of(&artifact).hex());
-    assert_eq!(uploaded["size"], artifact.len());
+    // uint64 in proto3 JSON is a string.
+    assert_eq!(uploaded["size"], artifact.len().to_string());
     assert_eq!(uploaded["runnable"], true);
     assert_eq!(
         uploaded["attachments"],

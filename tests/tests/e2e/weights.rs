@@ -118,7 +118,7 @@ async fn set_weight_reaches_every_daemon_and_the_audit_log_names_who() -> anyhow
         ("!region", vec![]),
     ] {
         let ids: Vec<String> = admin
-            .all_nodes(selector)
+            .all_nodes(selector, "")
             .await?
             .into_iter()
             .map(|n| n.node_id)
