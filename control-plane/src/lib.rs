@@ -30,6 +30,7 @@ mod listener;
 mod node;
 mod registry;
 mod release;
+mod requests;
 mod rollout;
 mod selector;
 mod server;

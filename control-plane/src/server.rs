@@ -11,7 +11,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::api::{AuditApi, ConfigsApi, NodesApi, Pager, ReleasesApi, RolloutsApi};
+use crate::api::{AuditApi, ConfigsApi, NodesApi, Pager, ReleasesApi, Requests, RolloutsApi};
 use crate::auth::AuthLayer;
 use crate::blobs::Blobs;
 use crate::catalog::Catalog;
@@ -130,6 +130,7 @@ pub async fn run(
         crate::journal::blocking(move || store.secret("page-token")).await??
     };
     let pager = Arc::new(Pager::new(&secret));
+    let requests = Arc::new(Requests::new(journal.clone()));
     let (reflection_v1alpha, reflection_v1) =
         aviary_startup::reflection().map_err(ControlPlaneError::Unavailable)?;
 
@@ -150,6 +151,7 @@ pub async fn run(
         registry.clone(),
         connections.clone(),
         pager.clone(),
+        requests.clone(),
         shutdown.clone(),
     ))
     .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES);
@@ -183,6 +185,7 @@ pub async fn run(
                 registry.clone(),
                 catalog.clone(),
                 pager.clone(),
+                requests.clone(),
             ))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
         )
@@ -191,6 +194,7 @@ pub async fn run(
                 registry.clone(),
                 catalog.clone(),
                 pager.clone(),
+                requests,
             ))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
         )
@@ -209,7 +213,8 @@ pub async fn run(
     result.map_err(Into::into)
 }
 
-/// Keeps the audit log within its retention: once a minute, in batches.
+/// Keeps the audit log within its retention, and forgets request ids past theirs: once
+/// a minute, in batches.
 async fn prune_audit(
     store: Arc<dyn Store>,
     retention: crate::config::AuditRetention,
@@ -221,8 +226,17 @@ async fn prune_audit(
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let before_ms = crate::audit::now_ms()
-            .saturating_sub(u64::try_from(retention.age.as_millis()).unwrap_or(u64::MAX));
+        let now = crate::audit::now_ms();
+        let before_ms =
+            now.saturating_sub(u64::try_from(retention.age.as_millis()).unwrap_or(u64::MAX));
+        let requests = store.clone();
+        let forgotten = tokio::task::spawn_blocking(move || {
+            requests.prune_requests(now.saturating_sub(crate::requests::RETENTION_MS))
+        })
+        .await;
+        if let Ok(Err(e)) = forgotten {
+            tracing::warn!(error = %e, "could not forget old request ids");
+        }
         loop {
             let store = store.clone();
             let pruned = tokio::task::spawn_blocking(move || {

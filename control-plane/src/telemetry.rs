@@ -31,6 +31,14 @@ fn describe() {
         "Edge nodes with a live fleet stream."
     );
     describe_counter!("aviary_streams_admitted_total", "Fleet streams admitted.");
+    describe_counter!(
+        "aviary_requests_replayed_total",
+        "Mutations answered from their request id's record instead of being done again."
+    );
+    describe_counter!(
+        "aviary_store_status_writes_total",
+        "Node statuses written to the store (answers, inventory and health-word changes)."
+    );
     describe_gauge!(
         "aviary_store_healthy",
         "1 while the metadata store takes writes; 0 from an I/O error until a write succeeds."

@@ -20,6 +20,46 @@ pub struct Admin {
     pub rollouts: pb::rollouts_client::RolloutsClient<Channel>,
     /// `aviary.v1.Configs`.
     pub configs: pb::configs_client::ConfigsClient<Channel>,
+    /// This invocation's request ids start with this (random, or `--request-id`).
+    request_base: String,
+    /// Mutations sent so far.
+    calls: u32,
+}
+
+/// A random request-id base: 16 bytes of the OS's randomness, in hex.
+fn random_base() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 16];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        // Unique enough for one caller's retries: the id is scoped to the caller.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes[..16].copy_from_slice(&(now ^ u128::from(std::process::id())).to_be_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Calls `call` again (at most twice more, 0.5 then 1 s later) while the control plane is
+/// unreachable. Safe for a mutation only with a request id: a try that did land is then
+/// answered, not repeated.
+pub async fn retried<T, F, Fut>(mut call: F) -> Result<T, tonic::Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let mut wait = std::time::Duration::from_millis(500);
+    for _ in 0..2 {
+        match call().await {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            other => return other.map(tonic::Response::into_inner),
+        }
+    }
+    call().await.map(tonic::Response::into_inner)
 }
 
 impl Admin {
@@ -45,7 +85,21 @@ impl Admin {
             releases: pb::releases_client::ReleasesClient::new(channel.clone()),
             rollouts: pb::rollouts_client::RolloutsClient::new(channel.clone()),
             configs: pb::configs_client::ConfigsClient::new(channel),
+            request_base: random_base(),
+            calls: 0,
         })
+    }
+
+    /// Makes this invocation's request ids `BASE-1`, `BASE-2`, ...: a command run again
+    /// with the same base repeats the same ids, and its mutations are answered, not redone.
+    pub fn set_request_base(&mut self, base: &str) {
+        self.request_base = base.to_owned();
+    }
+
+    /// The request id of the next mutation.
+    pub fn request_id(&mut self) -> String {
+        self.calls += 1;
+        format!("{}-{}", self.request_base, self.calls)
     }
 
     /// `Nodes/SetWeight`: `module` gets `weight` on the nodes `selector` matches.
@@ -59,8 +113,14 @@ impl Admin {
             module: module.to_owned(),
             weight,
             selector: selector.to_owned(),
+            request_id: self.request_id(),
         };
-        Ok(self.nodes.set_weight(request).await?.into_inner())
+        let client = self.nodes.clone();
+        retried(|| {
+            let (mut client, request) = (client.clone(), request.clone());
+            async move { client.set_weight(request).await }
+        })
+        .await
     }
 
     /// `Nodes/GetNode`.

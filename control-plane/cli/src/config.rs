@@ -7,6 +7,7 @@ use aviary_proto::overlay::RunOverlay;
 use aviary_proto::v1 as pb;
 use clap::{Args, Subcommand};
 
+use crate::client::retried;
 use crate::{Admin, Format};
 
 /// Which layer of a module's config.
@@ -91,26 +92,32 @@ pub(crate) async fn run(
                 .with_context(|| format!("cannot read {}", file.display()))?;
             let overlay =
                 RunOverlay::from_toml(&text).with_context(|| format!("{}", file.display()))?;
-            let r = admin
-                .configs
-                .set_config(pb::SetConfigRequest {
-                    module: module.clone(),
-                    scope: Some(layer.scope()),
-                    overlay: Some(overlay.to_proto()),
-                })
-                .await?
-                .into_inner();
+            let request = pb::SetConfigRequest {
+                module: module.clone(),
+                scope: Some(layer.scope()),
+                overlay: Some(overlay.to_proto()),
+                request_id: admin.request_id(),
+            };
+            let client = admin.configs.clone();
+            let r = retried(|| {
+                let (mut client, request) = (client.clone(), request.clone());
+                async move { client.set_config(request).await }
+            })
+            .await?;
             changed(format, "set", &module, &r)?;
         }
         ConfigCommand::Delete { module, layer } => {
-            let r = admin
-                .configs
-                .delete_config(pb::DeleteConfigRequest {
-                    module: module.clone(),
-                    scope: Some(layer.scope()),
-                })
-                .await?
-                .into_inner();
+            let request = pb::DeleteConfigRequest {
+                module: module.clone(),
+                scope: Some(layer.scope()),
+                request_id: admin.request_id(),
+            };
+            let client = admin.configs.clone();
+            let r = retried(|| {
+                let (mut client, request) = (client.clone(), request.clone());
+                async move { client.delete_config(request).await }
+            })
+            .await?;
             changed(format, "deleted", &module, &r)?;
         }
         ConfigCommand::Get { module, node } => {

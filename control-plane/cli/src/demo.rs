@@ -519,7 +519,10 @@ async fn canary_demo(
             .id;
         let mut stream = admin
             .rollouts
-            .watch_rollout(pb::RolloutRef { id: id.clone() })
+            .watch_rollout(pb::RolloutRef {
+                id: id.clone(),
+                ..Default::default()
+            })
             .await?
             .into_inner();
         let mut last = None;

@@ -3,6 +3,7 @@
 
 mod client;
 mod config;
+pub mod contexts;
 mod demo;
 mod json;
 mod output;
@@ -17,7 +18,7 @@ use anyhow::Context;
 use aviary_proto::v1 as pb;
 use clap::{Parser, Subcommand, ValueEnum};
 
-pub use client::Admin;
+pub use client::{retried, Admin};
 
 /// Drives an Aviary control plane.
 #[derive(Parser, Debug)]
@@ -29,9 +30,18 @@ pub struct Cli {
     /// Directory with ca.pem and the admin certificate.
     #[arg(long, env = "AVIARY_CERTS", global = true)]
     pub certs: Option<PathBuf>,
-    /// Which admin certificate: `admin` (admin.pem) or NAME (admin-NAME.pem).
-    #[arg(long, env = "AVIARY_ADMIN", default_value = "admin", global = true)]
-    pub admin: String,
+    /// Which admin certificate: `admin` (admin.pem, the default) or NAME
+    /// (admin-NAME.pem).
+    #[arg(long, env = "AVIARY_ADMIN", global = true)]
+    pub admin: Option<String>,
+    /// Which context of the config file (`aviary context`) fills in what the flags and
+    /// variables above leave unset; the current context when unset.
+    #[arg(long, env = "AVIARY_CONTEXT", global = true)]
+    pub context: Option<String>,
+    /// Request ids of this command's changes are ID-1, ID-2, ... (random when unset): run
+    /// a command again with the same id and what already landed is not done twice.
+    #[arg(long, env = "AVIARY_REQUEST_ID", global = true)]
+    pub request_id: Option<String>,
     /// Output: tables for people (`wide`: more columns), JSON or YAML for scripts (the
     /// JSON grpcurl prints), `name` for `kind/name` lines.
     #[arg(short = 'o', long, value_enum, default_value_t = Format::Table, global = true)]
@@ -71,6 +81,12 @@ pub enum Command {
         /// (tests use the small `aviary-sample-module`).
         #[arg(long, hide = true)]
         sample_module: Option<PathBuf>,
+    },
+    /// Named control planes (kubeconfig-style contexts) in ~/.config/aviary/config.toml.
+    Context {
+        /// What to do with them.
+        #[command(subcommand)]
+        command: contexts::ContextCommand,
     },
     /// Prints a shell completion script, e.g. `source <(aviary completion bash)`.
     Completion {
@@ -320,22 +336,22 @@ pub enum NodesCommand {
 /// Runs one CLI invocation.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let format = cli.output;
+    let target = Target {
+        control_plane: cli.control_plane.clone(),
+        certs: cli.certs.clone(),
+        admin: cli.admin.clone(),
+        context: cli.context.clone(),
+        request_id: cli.request_id.clone(),
+    };
     match cli.command {
         Command::Demo {
             nodes,
             exit_when_done,
             sample_module,
         } => demo::run(nodes, exit_when_done, sample_module).await,
-        Command::Release { command } => {
-            release::run(
-                command,
-                format,
-                connect(&cli.control_plane, &cli.certs, &cli.admin),
-            )
-            .await
-        }
+        Command::Release { command } => release::run(command, format, connect(&target)).await,
         Command::Rollout { command } => {
-            let mut admin = connect(&cli.control_plane, &cli.certs, &cli.admin).await?;
+            let mut admin = connect(&target).await?;
             match command {
                 RolloutCommand::Create {
                     module,
@@ -366,7 +382,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         request.progress_deadline_seconds =
                             u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
                     }
-                    let r = admin.rollouts.create_rollout(request).await?.into_inner();
+                    request.request_id = admin.request_id();
+                    let r = {
+                        let client = admin.rollouts.clone();
+                        retried(|| {
+                            let (mut client, request) = (client.clone(), request.clone());
+                            async move { client.create_rollout(request).await }
+                        })
+                        .await?
+                    };
                     output::rollout(format, &r)?;
                 }
                 RolloutCommand::Get { id } => {
@@ -382,41 +406,68 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     output::rollouts(format, list)?;
                 }
                 RolloutCommand::Abort { id } => {
-                    let r = admin
-                        .rollouts
-                        .abort_rollout(pb::RolloutRef { id })
+                    let request_id = admin.request_id();
+                    let r = pb::RolloutRef { id, request_id };
+                    let r = {
+                        let client = admin.rollouts.clone();
+                        retried(|| {
+                            let (mut client, request) = (client.clone(), r.clone());
+                            async move { client.abort_rollout(request).await }
+                        })
                         .await?
-                        .into_inner();
+                    };
                     output::rollout(format, &r)?;
                 }
                 RolloutCommand::Pause { id } => {
-                    let r = admin
-                        .rollouts
-                        .pause_rollout(pb::RolloutRef { id })
+                    let request_id = admin.request_id();
+                    let r = pb::RolloutRef { id, request_id };
+                    let r = {
+                        let client = admin.rollouts.clone();
+                        retried(|| {
+                            let (mut client, request) = (client.clone(), r.clone());
+                            async move { client.pause_rollout(request).await }
+                        })
                         .await?
-                        .into_inner();
+                    };
                     output::rollout(format, &r)?;
                 }
                 RolloutCommand::Resume { id } => {
-                    let r = admin
-                        .rollouts
-                        .resume_rollout(pb::RolloutRef { id })
+                    let request_id = admin.request_id();
+                    let r = pb::RolloutRef { id, request_id };
+                    let r = {
+                        let client = admin.rollouts.clone();
+                        retried(|| {
+                            let (mut client, request) = (client.clone(), r.clone());
+                            async move { client.resume_rollout(request).await }
+                        })
                         .await?
-                        .into_inner();
+                    };
                     output::rollout(format, &r)?;
                 }
                 RolloutCommand::Promote { id, full } => {
-                    let r = admin
-                        .rollouts
-                        .promote_rollout(pb::PromoteRolloutRequest { id, full })
+                    let request_id = admin.request_id();
+                    let r = pb::PromoteRolloutRequest {
+                        id,
+                        full,
+                        request_id,
+                    };
+                    let r = {
+                        let client = admin.rollouts.clone();
+                        retried(|| {
+                            let (mut client, request) = (client.clone(), r.clone());
+                            async move { client.promote_rollout(request).await }
+                        })
                         .await?
-                        .into_inner();
+                    };
                     output::rollout(format, &r)?;
                 }
                 RolloutCommand::Watch { id } => {
                     let mut stream = admin
                         .rollouts
-                        .watch_rollout(pb::RolloutRef { id })
+                        .watch_rollout(pb::RolloutRef {
+                            id,
+                            ..Default::default()
+                        })
                         .await?
                         .into_inner();
                     // On a terminal the line redraws in place; piped, a line per change.
@@ -436,6 +487,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Context { command } => {
+            let path = contexts::path()
+                .context("no config file: set AVIARY_CONFIG, XDG_CONFIG_HOME or HOME")?;
+            contexts::run(command, &path)
+        }
         Command::Completion { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(shell, &mut Cli::command(), "aviary", &mut std::io::stdout());
@@ -446,11 +502,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Config { command } => {
-            let mut admin = connect(&cli.control_plane, &cli.certs, &cli.admin).await?;
+            let mut admin = connect(&target).await?;
             config::run(command, format, &mut admin).await
         }
         Command::Nodes { command } => {
-            let mut admin = connect(&cli.control_plane, &cli.certs, &cli.admin).await?;
+            let mut admin = connect(&target).await?;
             match command {
                 NodesCommand::List { selector, filter } => {
                     output::nodes(format, admin.all_nodes(&selector, &filter).await?)?;
@@ -467,14 +523,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     output::set_weight(format, &module, weight, &reply)?;
                 }
                 NodesCommand::Revoke { id, reason } => {
-                    let reply = admin
-                        .nodes
-                        .revoke_node(pb::RevokeNodeRequest {
-                            node_id: id.clone(),
-                            reason,
-                        })
-                        .await?
-                        .into_inner();
+                    let request = pb::RevokeNodeRequest {
+                        node_id: id.clone(),
+                        reason,
+                        request_id: admin.request_id(),
+                    };
+                    let client = admin.nodes.clone();
+                    let reply = retried(|| {
+                        let (mut client, request) = (client.clone(), request.clone());
+                        async move { client.revoke_node(request).await }
+                    })
+                    .await?;
                     output::revoke(format, &id, &reply)?;
                 }
             }
@@ -486,7 +545,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             actor,
             action,
         } => {
-            let mut admin = connect(&cli.control_plane, &cli.certs, &cli.admin).await?;
+            let mut admin = connect(&target).await?;
             let filter = pb::EventFilter {
                 node_id: node.unwrap_or_default(),
                 actor: actor.unwrap_or_default(),
@@ -514,18 +573,44 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn connect(
-    url: &Option<String>,
-    certs: &Option<PathBuf>,
-    admin: &str,
-) -> anyhow::Result<Admin> {
-    let url = url.as_deref().context(
-        "no control plane: pass --control-plane https://HOST:PORT or set AVIARY_CONTROL_PLANE",
+/// Where a command connects: flags (and their environment variables) first, then the
+/// context.
+struct Target {
+    control_plane: Option<String>,
+    certs: Option<PathBuf>,
+    admin: Option<String>,
+    context: Option<String>,
+    request_id: Option<String>,
+}
+
+async fn connect(target: &Target) -> anyhow::Result<Admin> {
+    let context = match contexts::path() {
+        Some(path) => contexts::Contexts::load(&path)?.pick(target.context.as_deref())?,
+        None if target.context.is_some() => {
+            anyhow::bail!("no config file for --context: set AVIARY_CONFIG or HOME")
+        }
+        None => contexts::Context::default(),
+    };
+    let url = target
+        .control_plane
+        .clone()
+        .or(context.control_plane)
+        .context(
+            "no control plane: pass --control-plane https://HOST:PORT, set AVIARY_CONTROL_PLANE or use a context (aviary context set)",
+        )?;
+    let certs = target.certs.clone().or(context.certs).context(
+        "no certificates: pass --certs DIR, set AVIARY_CERTS or use a context (aviary context set)",
     )?;
-    let certs = certs
-        .as_deref()
-        .context("no certificates: pass --certs DIR or set AVIARY_CERTS")?;
-    Admin::connect(url, certs, admin).await
+    let admin = target
+        .admin
+        .clone()
+        .or(context.admin)
+        .unwrap_or_else(|| "admin".into());
+    let mut client = Admin::connect(&url, &certs, &admin).await?;
+    if let Some(base) = &target.request_id {
+        client.set_request_base(base);
+    }
+    Ok(client)
 }
 
 /// A refusal for people: its code and message, then its `google.rpc` details (the

@@ -8,11 +8,13 @@ use pb::configs_server::Configs;
 use tonic::{Request, Response, Status};
 
 use super::page::Pager;
+use super::requests::{bare, mismatch, Begin, Requests};
 use super::{caller, views};
 use crate::catalog::Catalog;
 use crate::error::bad_field;
 use crate::layers::ConfigLayer;
 use crate::registry::Registry;
+use crate::requests::{Answered, RequestRecord};
 use aviary_proto::manifest::{Manifest, RunSpec};
 
 /// Implements `aviary.v1.Configs`.
@@ -20,6 +22,7 @@ pub(crate) struct ConfigsApi {
     registry: Arc<Registry>,
     catalog: Arc<Catalog>,
     pager: Arc<Pager>,
+    requests: Arc<Requests>,
 }
 
 impl ConfigsApi {
@@ -29,11 +32,13 @@ impl ConfigsApi {
         registry: Arc<Registry>,
         catalog: Arc<Catalog>,
         pager: Arc<Pager>,
+        requests: Arc<Requests>,
     ) -> ConfigsApi {
         ConfigsApi {
             registry,
             catalog,
             pager,
+            requests,
         }
     }
 
@@ -59,6 +64,18 @@ impl ConfigsApi {
     }
 }
 
+/// A config change's answer, replayed for a retried request id.
+fn replayed(r: &RequestRecord) -> Result<Response<pb::SetConfigResponse>, Status> {
+    let Answered::Config { node_ids, version } = &r.answered else {
+        return Err(mismatch(r));
+    };
+    Ok(Response::new(pb::SetConfigResponse {
+        node_ids: node_ids.clone(),
+        version: *version,
+        event_seq: r.event_seq,
+    }))
+}
+
 fn required<'a>(what: &str, s: &'a str) -> Result<&'a str, Status> {
     if s.is_empty() {
         Err(bad_field(what, format!("{what} is required")))
@@ -75,6 +92,14 @@ impl Configs for ConfigsApi {
     ) -> Result<Response<pb::SetConfigResponse>, Status> {
         let actor = caller(&req)?;
         let req = req.into_inner();
+        let body = bare(&req, |r| r.request_id.clear());
+        let begun = self
+            .requests
+            .begin(&actor, &req.request_id, "SetConfig", body)
+            .await?;
+        if let Begin::Replay(r) = &begun {
+            return replayed(r);
+        }
         required("module", &req.module)?;
         let scope = views::scope_from(req.scope)?;
         let overlay = RunOverlay::from_proto(req.overlay.unwrap_or_default())
@@ -82,7 +107,7 @@ impl Configs for ConfigsApi {
         self.check_env(&req.module, &overlay).await?;
         let done = self
             .registry
-            .change_config(&actor, &req.module, scope, Some(overlay))
+            .change_config(&actor, &req.module, scope, Some(overlay), begun.note())
             .await?;
         Ok(Response::new(pb::SetConfigResponse {
             node_ids: done.node_ids,
@@ -97,11 +122,19 @@ impl Configs for ConfigsApi {
     ) -> Result<Response<pb::SetConfigResponse>, Status> {
         let actor = caller(&req)?;
         let req = req.into_inner();
+        let body = bare(&req, |r| r.request_id.clear());
+        let begun = self
+            .requests
+            .begin(&actor, &req.request_id, "DeleteConfig", body)
+            .await?;
+        if let Begin::Replay(r) = &begun {
+            return replayed(r);
+        }
         required("module", &req.module)?;
         let scope = views::scope_from(req.scope)?;
         let done = self
             .registry
-            .change_config(&actor, &req.module, scope, None)
+            .change_config(&actor, &req.module, scope, None, begun.note())
             .await?;
         Ok(Response::new(pb::SetConfigResponse {
             node_ids: done.node_ids,

@@ -6,6 +6,7 @@ mod configs;
 mod nodes;
 mod page;
 mod releases;
+mod requests;
 mod rollouts;
 pub(crate) mod views;
 
@@ -14,6 +15,7 @@ pub(crate) use configs::ConfigsApi;
 pub(crate) use nodes::NodesApi;
 pub(crate) use page::Pager;
 pub(crate) use releases::ReleasesApi;
+pub(crate) use requests::Requests;
 pub(crate) use rollouts::RolloutsApi;
 
 use aviary_certs::Identity;

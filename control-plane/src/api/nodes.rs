@@ -10,11 +10,13 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use super::page::Pager;
+use super::requests::{bare, mismatch, Begin, Requests};
 use super::{caller, views};
 use crate::connections::Connections;
 use crate::error::bad_field;
 use crate::filter::NodeFilter;
 use crate::registry::Registry;
+use crate::requests::Answered;
 use crate::selector::Selector;
 
 /// Implements `aviary.v1.Nodes`.
@@ -22,6 +24,7 @@ pub(crate) struct NodesApi {
     registry: Arc<Registry>,
     connections: Arc<Connections>,
     pager: Arc<Pager>,
+    requests: Arc<Requests>,
     shutdown: CancellationToken,
 }
 
@@ -31,12 +34,14 @@ impl NodesApi {
         registry: Arc<Registry>,
         connections: Arc<Connections>,
         pager: Arc<Pager>,
+        requests: Arc<Requests>,
         shutdown: CancellationToken,
     ) -> NodesApi {
         NodesApi {
             registry,
             connections,
             pager,
+            requests,
             shutdown,
         }
     }
@@ -90,10 +95,24 @@ impl Nodes for NodesApi {
     ) -> Result<Response<pb::SetWeightResponse>, Status> {
         let actor = caller(&req)?;
         let req = req.into_inner();
+        let body = bare(&req, |r| r.request_id.clear());
+        let begun = self
+            .requests
+            .begin(&actor, &req.request_id, "SetWeight", body)
+            .await?;
+        if let Begin::Replay(r) = &begun {
+            let Answered::Weight { node_ids } = &r.answered else {
+                return Err(mismatch(r));
+            };
+            return Ok(Response::new(pb::SetWeightResponse {
+                node_ids: node_ids.clone(),
+                event_seq: r.event_seq,
+            }));
+        }
         let selector = Selector::parse(&req.selector)?;
         let (node_ids, event_seq) = self
             .registry
-            .set_weight(&actor, &req.module, req.weight, selector)
+            .set_weight(&actor, &req.module, req.weight, selector, begun.note())
             .await?;
         Ok(Response::new(pb::SetWeightResponse {
             node_ids,
@@ -110,12 +129,26 @@ impl Nodes for NodesApi {
         if req.node_id.is_empty() {
             return Err(bad_field("node_id", "node_id is required"));
         }
+        let body = bare(&req, |r| r.request_id.clear());
+        let begun = self
+            .requests
+            .begin(&actor, &req.request_id, "RevokeNode", body)
+            .await?;
+        if let Begin::Replay(r) = &begun {
+            let Answered::Revoked { disconnected } = r.answered else {
+                return Err(mismatch(r));
+            };
+            return Ok(Response::new(pb::RevokeNodeResponse { disconnected }));
+        }
         let reason = if req.reason.is_empty() {
             "revoked".to_owned()
         } else {
             req.reason.chars().take(1024).collect()
         };
-        let disconnected = self.registry.revoke(&actor, &req.node_id, &reason).await?;
+        let disconnected = self
+            .registry
+            .revoke(&actor, &req.node_id, &reason, begun.note())
+            .await?;
         // Every connection of the node, not only its fleet stream: an idle one would
         // otherwise stay open on a revoked certificate. A moment later, so the stream's
         // PERMISSION_DENIED reaches the daemon first (its calls are refused from now on).

@@ -8,14 +8,18 @@ use pb::rollouts_server::Rollouts;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use aviary_certs::Identity;
+
 use super::caller;
 use super::page::Pager;
+use super::requests::{bare, mismatch, Begin, Requests};
 use super::views::timestamp;
 use crate::audit::now_ms;
 use crate::catalog::Catalog;
 use crate::error::{bad_field, ControlPlaneError};
 use crate::registry::{NewRollout, Registry};
-use crate::rollout::{Refused, Rollout, RolloutProgress, RolloutState, Step, Transition};
+use crate::requests::Answered;
+use crate::rollout::{Rollout, RolloutProgress, RolloutState, Step, Transition};
 use crate::selector::Selector;
 
 /// The Rollouts service.
@@ -23,6 +27,7 @@ pub(crate) struct RolloutsApi {
     registry: Arc<Registry>,
     catalog: Arc<Catalog>,
     pager: Arc<Pager>,
+    requests: Arc<Requests>,
 }
 
 impl RolloutsApi {
@@ -31,11 +36,13 @@ impl RolloutsApi {
         registry: Arc<Registry>,
         catalog: Arc<Catalog>,
         pager: Arc<Pager>,
+        requests: Arc<Requests>,
     ) -> RolloutsApi {
         RolloutsApi {
             registry,
             catalog,
             pager,
+            requests,
         }
     }
 }
@@ -187,14 +194,28 @@ impl RolloutsApi {
     /// the rollout after it.
     async fn operate(
         &self,
-        actor: &str,
-        id: &str,
-        transition: impl FnOnce(&mut Rollout) -> Result<Transition, Refused>,
+        actor: &Identity,
+        method: &str,
+        (id, request_id, body): (&str, &str, Vec<u8>),
+        transition: impl FnOnce(&mut Rollout, &str, u64) -> Result<Transition, ControlPlaneError>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        self.registry
-            .update_rollout(actor, id, |d, _| Ok(transition(d)?))
-            .await?;
-        let (d, p) = self.registry.rollout(id)?;
+        let begun = self.requests.begin(actor, request_id, method, body).await?;
+        let id = match &begun {
+            Begin::Replay(r) => match &r.answered {
+                Answered::Rollout { id } => id.clone(),
+                _ => return Err(mismatch(r)),
+            },
+            _ => {
+                let name = actor.to_string();
+                self.registry
+                    .update_rollout_with(&name, id, "", begun.note(), |d, seq| {
+                        transition(d, &name, seq)
+                    })
+                    .await?
+                    .id
+            }
+        };
+        let (d, p) = self.registry.rollout(&id)?;
         Ok(Response::new(view(&d, p)))
     }
 }
@@ -207,6 +228,18 @@ impl Rollouts for RolloutsApi {
     ) -> Result<Response<pb::Rollout>, Status> {
         let actor = caller(&request)?;
         let r = request.into_inner();
+        let body = bare(&r, |r| r.request_id.clear());
+        let begun = self
+            .requests
+            .begin(&actor, &r.request_id, "CreateRollout", body)
+            .await?;
+        if let Begin::Replay(rec) = &begun {
+            let Answered::Rollout { id } = &rec.answered else {
+                return Err(mismatch(rec));
+            };
+            let (d, p) = self.registry.rollout(id)?;
+            return Ok(Response::new(view(&d, p)));
+        }
         let steps = steps_of(&r.steps)?;
         aviary_proto::manifest::validate_module_name(&r.module)
             .map_err(|e| bad_field("module", e.to_string()))?;
@@ -235,6 +268,7 @@ impl Rollouts for RolloutsApi {
                     steps,
                     progress_deadline_seconds: r.progress_deadline_seconds,
                 },
+                begun.note(),
             )
             .await?;
         let (d, p) = self.registry.rollout(&d.id)?;
@@ -279,29 +313,49 @@ impl Rollouts for RolloutsApi {
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let actor = caller(&request)?.to_string();
-        let id = request.into_inner().id;
-        self.operate(&actor, &id, |d| d.pause(&actor)).await
+        let actor = caller(&request)?;
+        let r = request.into_inner();
+        let body = bare(&r, |r| r.request_id.clear());
+        self.operate(
+            &actor,
+            "PauseRollout",
+            (&r.id, &r.request_id, body),
+            |d, who, _| Ok(d.pause(who)?),
+        )
+        .await
     }
 
     async fn resume_rollout(
         &self,
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let actor = caller(&request)?.to_string();
-        let id = request.into_inner().id;
-        self.operate(&actor, &id, |d| d.resume(&actor, now_ms()))
-            .await
+        let actor = caller(&request)?;
+        let r = request.into_inner();
+        let body = bare(&r, |r| r.request_id.clear());
+        self.operate(
+            &actor,
+            "ResumeRollout",
+            (&r.id, &r.request_id, body),
+            |d, who, _| Ok(d.resume(who, now_ms())?),
+        )
+        .await
     }
 
     async fn promote_rollout(
         &self,
         request: Request<pb::PromoteRolloutRequest>,
     ) -> Result<Response<pb::Rollout>, Status> {
-        let actor = caller(&request)?.to_string();
+        let actor = caller(&request)?;
         let r = request.into_inner();
-        self.operate(&actor, &r.id, |d| d.promote(&actor, r.full, now_ms()))
-            .await
+        let body = bare(&r, |r| r.request_id.clear());
+        let full = r.full;
+        self.operate(
+            &actor,
+            "PromoteRollout",
+            (&r.id, &r.request_id, body),
+            |d, who, _| Ok(d.promote(who, full, now_ms())?),
+        )
+        .await
     }
 
     async fn abort_rollout(
@@ -309,12 +363,15 @@ impl Rollouts for RolloutsApi {
         request: Request<pb::RolloutRef>,
     ) -> Result<Response<pb::Rollout>, Status> {
         let actor = caller(&request)?;
-        let id = request.into_inner().id;
-        self.registry
-            .abort_rollout(&actor, &id, "aborted by operator")
-            .await?;
-        let (d, p) = self.registry.rollout(&id)?;
-        Ok(Response::new(view(&d, p)))
+        let r = request.into_inner();
+        let body = bare(&r, |r| r.request_id.clear());
+        self.operate(
+            &actor,
+            "AbortRollout",
+            (&r.id, &r.request_id, body),
+            |d, _, seq| Ok(d.abort("aborted: aborted by operator".into(), seq)?),
+        )
+        .await
     }
 
     type WatchRolloutStream = ReceiverStream<Result<pb::Rollout, Status>>;

@@ -95,6 +95,7 @@ impl Registry {
             self.state().dirty.extend(ids);
             return Err(e.into());
         }
+        metrics::counter!("aviary_store_status_writes_total").increment(ids.len() as u64);
         Ok(())
     }
 

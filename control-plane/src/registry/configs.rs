@@ -8,9 +8,10 @@ use aviary_certs::Identity;
 use aviary_proto::overlay::RunOverlay;
 
 use super::Registry;
-use crate::audit::NewEvent;
+use crate::audit::{now_ms, NewEvent};
 use crate::error::ControlPlaneError;
 use crate::layers::{desired_configs, layer_key, sort, ConfigLayer, Encoded, Scope};
+use crate::requests::{Answered, RequestNote};
 use crate::store::Change;
 
 /// What a set or delete did.
@@ -32,6 +33,7 @@ impl Registry {
         module: &str,
         scope: Scope,
         overlay: Option<RunOverlay>,
+        request: Option<RequestNote>,
     ) -> Result<LayerChange, ControlPlaneError> {
         aviary_proto::manifest::validate_module_name(module)
             .map_err(|e| ControlPlaneError::InvalidArgument(e.to_string()))?;
@@ -85,9 +87,14 @@ impl Registry {
             layer.seq
         );
         let (revision, version) = (layer.seq, layer.version);
+        let request = request.map(|n| {
+            let node_ids = covered.clone();
+            n.answered(Answered::Config { node_ids, version }, now_ms())
+        });
         let stored = self
             .commit(Change {
                 configs: vec![layer],
+                request,
                 revision: Some(revision),
                 events: vec![NewEvent::new(
                     actor.to_string(),

@@ -287,7 +287,7 @@ mod tests {
             steps: Vec::new(),
             progress_deadline_seconds: 0,
         };
-        let r = registry.create_rollout(&admin, plan).await?;
+        let r = registry.create_rollout(&admin, plan, None).await?;
         let module = Resource::Module("gateway".into());
         for id in ["gw-1", "gw-2"] {
             registry.record_answer(id, &module, r.seq, &Answer::Ack);
@@ -333,7 +333,7 @@ mod tests {
                 steps: Vec::new(),
                 progress_deadline_seconds: 0,
             };
-            ids.push(registry.create_rollout(&admin, plan).await?);
+            ids.push(registry.create_rollout(&admin, plan, None).await?);
         }
         let page = |before, limit| -> Vec<String> {
             registry

@@ -8,6 +8,7 @@ use super::weights::republish;
 use super::Registry;
 use crate::audit::{now_ms, NewEvent};
 use crate::error::ControlPlaneError;
+use crate::requests::{Answered, RequestNote};
 use crate::rollout::{Refused, Rollout, Step, Transition};
 use crate::selector::Selector;
 use crate::store::Change;
@@ -44,6 +45,7 @@ impl Registry {
         &self,
         actor: &Identity,
         plan: NewRollout,
+        request: Option<RequestNote>,
     ) -> Result<Rollout, ControlPlaneError> {
         let NewRollout {
             module,
@@ -84,9 +86,11 @@ impl Registry {
                 now_ms(),
             )
         };
+        let id = rollout.id.clone();
         // Persisted before any node hears of it.
         self.commit(Change {
             rollouts: vec![rollout.clone()],
+            request: request.map(|n| n.answered(Answered::Rollout { id }, now_ms())),
             revision: Some(rollout.seq),
             events: vec![NewEvent::new(
                 actor.to_string(),
@@ -115,19 +119,6 @@ impl Registry {
         Ok(rollout)
     }
 
-    /// Aborts a rollout in progress: its nodes go back to their previous slot.
-    pub(crate) async fn abort_rollout(
-        &self,
-        actor: &Identity,
-        id: &str,
-        reason: &str,
-    ) -> Result<Rollout, ControlPlaneError> {
-        self.update_rollout(&actor.to_string(), id, |d, seq| {
-            Ok(d.abort(format!("aborted: {reason}"), seq)?)
-        })
-        .await
-    }
-
     /// Moves rollout `id` by one transition: `transition` gets the rollout and the next
     /// revision (which it may take). Persisted, with its audit event, before any node
     /// hears of it.
@@ -149,6 +140,19 @@ impl Registry {
         note: &str,
         transition: impl FnOnce(&mut Rollout, u64) -> Result<Transition, ControlPlaneError>,
     ) -> Result<Rollout, ControlPlaneError> {
+        self.update_rollout_with(actor, id, note, None, transition)
+            .await
+    }
+
+    /// Like `update_rollout_noting`, answering `request` (an admin's request id).
+    pub(crate) async fn update_rollout_with(
+        &self,
+        actor: &str,
+        id: &str,
+        note: &str,
+        request: Option<RequestNote>,
+        transition: impl FnOnce(&mut Rollout, u64) -> Result<Transition, ControlPlaneError>,
+    ) -> Result<Rollout, ControlPlaneError> {
         let _writer = self.writer.lock().await;
         let (mut rollout, next) = {
             let st = self.state();
@@ -166,7 +170,7 @@ impl Registry {
         } else {
             format!("{}; {note}", rollout.message)
         };
-        self.commit_transition(actor, rollout, t, detail, next)
+        self.commit_transition(actor, rollout, t, detail, next, request)
             .await
     }
 
@@ -197,7 +201,7 @@ impl Registry {
         // The canary weight ends with the rollout: back to the rules, at a new revision.
         let t = d.finish(p, next);
         let detail = format!("{} {}: {}", d.module, d.version, d.message);
-        self.commit_transition("control-plane", d, t, detail, next)
+        self.commit_transition("control-plane", d, t, detail, next, None)
             .await
             .map(drop)
     }
@@ -211,10 +215,13 @@ impl Registry {
         t: Transition,
         detail: String,
         next: u64,
+        request: Option<RequestNote>,
     ) -> Result<Rollout, ControlPlaneError> {
         rollout.updated_ms = now_ms();
+        let id = rollout.id.clone();
         self.commit(Change {
             rollouts: vec![rollout.clone()],
+            request: request.map(|n| n.answered(Answered::Rollout { id }, now_ms())),
             revision: t.takes_revision.then_some(next),
             events: vec![NewEvent::new(
                 actor.to_owned(),

@@ -17,6 +17,7 @@ use crate::auth::Revocations;
 use crate::error::ControlPlaneError;
 use crate::layers::{desired_configs, DesiredConfigs, Encoded};
 use crate::node::{desired, DesiredWeights, ModuleRecord, NodeRecord, NodeStatus};
+use crate::requests::{Answered, RequestNote};
 use crate::rollout::{desired_modules, DesiredModules};
 use crate::store::Change;
 
@@ -253,9 +254,10 @@ impl Registry {
         actor: &Identity,
         node_id: &str,
         reason: &str,
+        request: Option<RequestNote>,
     ) -> Result<bool, ControlPlaneError> {
         let _writer = self.writer.lock().await;
-        let record = {
+        let (record, connected) = {
             let st = self.state();
             let entry = st
                 .nodes
@@ -263,10 +265,14 @@ impl Registry {
                 .ok_or_else(|| ControlPlaneError::NotFound(format!("node {node_id}")))?;
             let mut record = entry.record.clone();
             record.revoked = true;
-            record
+            (record, entry.session.is_some())
+        };
+        let answered = Answered::Revoked {
+            disconnected: connected,
         };
         self.commit(Change {
             nodes: vec![record],
+            request: request.map(|n| n.answered(answered, now_ms())),
             events: vec![NewEvent::new(
                 actor.to_string(),
                 "nodes.revoke",

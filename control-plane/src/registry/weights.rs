@@ -10,9 +10,10 @@ use tokio::sync::broadcast;
 
 use super::views::weights_of;
 use super::{NodeWeights, Registry, State};
-use crate::audit::NewEvent;
+use crate::audit::{now_ms, NewEvent};
 use crate::error::ControlPlaneError;
 use crate::node::{desired, DesiredWeights, WeightRule, MAX_WEIGHT};
+use crate::requests::{Answered, RequestNote};
 use crate::rollout::{desired_modules, Step};
 use crate::selector::Selector;
 use crate::store::Change;
@@ -51,6 +52,7 @@ impl Registry {
         module: &str,
         weight: u32,
         selector: Selector,
+        request: Option<RequestNote>,
     ) -> Result<(Vec<String>, u64), ControlPlaneError> {
         aviary_certs::validate_name("module", module).map_err(|e| ControlPlaneError::BadField {
             field: "module".into(),
@@ -111,10 +113,15 @@ impl Registry {
             matched.len(),
             changed.len(),
         );
+        let request = request.map(|n| {
+            let node_ids = matched.clone();
+            n.answered(Answered::Weight { node_ids }, now_ms())
+        });
         // One rule, the counter and the audit event: the same cost for 1 node or 100,000.
         let stored = self
             .commit(Change {
                 rules: vec![rule],
+                request,
                 revision: Some(revision),
                 events: vec![NewEvent::new(
                     actor.to_string(),

@@ -23,6 +23,7 @@ use crate::audit::{Event, EventFilter, NewEvent};
 use crate::layers::ConfigLayer;
 use crate::node::{NodeRecord, NodeStatus, WeightRule};
 use crate::release::ReleaseRecord;
+use crate::requests::RequestRecord;
 use crate::rollout::Rollout;
 
 /// Everything loaded at start-up.
@@ -74,6 +75,8 @@ pub(crate) struct Change {
     pub events: Vec<NewEvent>,
     /// Flush to disk before returning (every acknowledged admin request).
     pub durable: bool,
+    /// The request id this change answers (its `event_seq` is set as it commits).
+    pub request: Option<RequestRecord>,
 }
 
 /// The metadata store behind the registry.
@@ -98,6 +101,10 @@ pub(crate) trait Store: Send + Sync + 'static {
     /// Deletes the oldest audit events: those more than `keep` behind the newest, and
     /// those older than `before_ms` (Unix ms); at most `limit` per call. Returns how many.
     fn prune_events(&self, keep: u64, before_ms: u64, limit: usize) -> Result<usize, StoreError>;
+    /// The request id `key` (`caller\0id`), if a committed mutation carried it.
+    fn request(&self, key: &str) -> Result<Option<RequestRecord>, StoreError>;
+    /// Forgets request ids committed before `before_ms` (Unix ms). Returns how many.
+    fn prune_requests(&self, before_ms: u64) -> Result<usize, StoreError>;
     /// False from an I/O error until a write succeeds again.
     fn healthy(&self) -> bool;
     /// Tries a small durable write (reopening first if needed); `Ok` means writes work.

@@ -17,6 +17,7 @@ use super::{decode, encode, Change, Snapshot, Store, StoreError};
 use crate::audit::{Event, EventFilter};
 use crate::node::NodeStatus;
 use crate::release::{release_key, ReleaseRecord};
+use crate::requests::RequestRecord;
 
 pub(crate) struct SledStore {
     dir: PathBuf,
@@ -194,6 +195,17 @@ impl Store for SledStore {
     fn prune_events(&self, keep: u64, before_ms: u64, limit: usize) -> Result<usize, StoreError> {
         let t = self.trees()?;
         self.guard(t.prune_events(keep, before_ms, limit))
+    }
+
+    fn request(&self, key: &str) -> Result<Option<RequestRecord>, StoreError> {
+        let t = self.trees()?;
+        let row = self.guard(t.requests.get(key.as_bytes()).map_err(StoreError::from))?;
+        row.map(|v| decode(key.as_bytes(), &v)).transpose()
+    }
+
+    fn prune_requests(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let t = self.trees()?;
+        self.guard(t.prune_requests(before_ms))
     }
 
     fn healthy(&self) -> bool {

@@ -15,7 +15,7 @@ use crate::layers::sort;
 use crate::node::NodeStatus;
 use crate::release::ReleaseRecord;
 
-pub(super) const TREES: [&str; 9] = [
+pub(super) const TREES: [&str; 10] = [
     "nodes",
     "statuses",
     "rules",
@@ -24,6 +24,7 @@ pub(super) const TREES: [&str; 9] = [
     "releases",
     "rollouts",
     "configs",
+    "requests",
     "quarantine",
 ];
 
@@ -43,6 +44,8 @@ pub(super) struct Trees {
     pub(super) releases: sled::Tree,
     pub(super) rollouts: sled::Tree,
     pub(super) configs: sled::Tree,
+    /// Request ids of mutations (`crate::requests`), by `caller\0id`.
+    pub(super) requests: sled::Tree,
     /// Unreadable records, keyed `TREE\0KEY`, kept byte for byte for an operator.
     pub(super) quarantine: sled::Tree,
 }
@@ -64,13 +67,14 @@ impl Trees {
             releases: db.open_tree("releases")?,
             rollouts: db.open_tree("rollouts")?,
             configs: db.open_tree("configs")?,
+            requests: db.open_tree("requests")?,
             quarantine: db.open_tree("quarantine")?,
             db,
         })
     }
 
     /// Every tree by name (the names `TREES` lists), for check and backup.
-    pub(super) fn all(&self) -> [(&'static str, &sled::Tree); 9] {
+    pub(super) fn all(&self) -> [(&'static str, &sled::Tree); 10] {
         // In the order of `TREES`.
         let trees = [
             &self.nodes,
@@ -81,6 +85,7 @@ impl Trees {
             &self.releases,
             &self.rollouts,
             &self.configs,
+            &self.requests,
             &self.quarantine,
         ];
         std::array::from_fn(|i| (TREES[i], trees[i]))
@@ -104,6 +109,7 @@ impl Trees {
             "releases" => decode::<ReleaseRecord>(k, v).map(drop),
             "rollouts" => decode::<crate::rollout::Rollout>(k, v).map(drop),
             "configs" => decode::<crate::layers::ConfigLayer>(k, v).map(drop),
+            "requests" => decode::<crate::requests::RequestRecord>(k, v).map(drop),
             _ => Ok(()),
         }
     }
@@ -341,9 +347,10 @@ impl Trees {
             &t.releases,
             &t.rollouts,
             &t.configs,
+            &t.requests,
         );
         let result = trees.transaction(
-            |(nodes, rules, events, meta, releases, rollouts, configs)| {
+            |(nodes, rules, events, meta, releases, rollouts, configs, requests)| {
                 for (k, v) in &config_rows {
                     configs.insert(k.as_bytes(), v.as_slice())?;
                 }
@@ -381,6 +388,13 @@ impl Trees {
                     meta.insert(AUDIT_SEQ, &seq.to_be_bytes())?;
                     // Visible in sled's memory from here on, committed or not.
                     seq_floor.fetch_max(seq, Ordering::AcqRel);
+                }
+                if let Some(request) = &change.request {
+                    let mut request = request.clone();
+                    request.event_seq = stored.first().map_or(0, |e| e.seq);
+                    let row = serde_json::to_vec(&request)
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    requests.insert(request.key.as_bytes(), row)?;
                 }
                 Ok(stored)
             },
@@ -420,6 +434,25 @@ impl Trees {
         }
         if n > 0 {
             self.events.apply_batch(batch)?;
+        }
+        Ok(n)
+    }
+
+    /// See `Store::prune_requests`.
+    pub(super) fn prune_requests(&self, before_ms: u64) -> Result<usize, StoreError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for row in self.requests.iter() {
+            let (k, v) = row?;
+            let old = decode::<crate::requests::RequestRecord>(&k, &v)
+                .map_or(true, |r| r.at_ms < before_ms);
+            if old {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.requests.apply_batch(batch)?;
         }
         Ok(n)
     }

@@ -159,6 +159,7 @@ async fn a_revoked_node_is_cut_off_and_refused_from_then_on() -> anyhow::Result<
         .revoke_node(pb::RevokeNodeRequest {
             node_id: "gw-1".into(),
             reason: "stolen gateway".into(),
+            ..Default::default()
         })
         .await?
         .into_inner();

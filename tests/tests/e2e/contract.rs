@@ -160,3 +160,101 @@ fn completion_scripts_parse_in_their_shells() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn a_retried_mutation_with_its_request_id_lands_once_even_across_a_kill9(
+) -> anyhow::Result<()> {
+    use aviary_proto::v1 as pb;
+    use tonic_types::StatusExt;
+
+    let Fleet { ws, mut cp, .. } = Fleet::start(0).await?;
+    let artifact = ws.path("model.bin");
+    std::fs::write(&artifact, b"model 1")?;
+    for version in ["1.0.0", "1.1.0"] {
+        let args = ws.release_args("upload", "model", version, "x86_64", &artifact);
+        cp.cli(&ws, &args.iter().map(String::as_str).collect::<Vec<_>>())?;
+    }
+    let create = |version: &str| pb::CreateRolloutRequest {
+        module: "model".into(),
+        version: version.into(),
+        steps: vec![pb::Step {
+            kind: Some(pb::step::Kind::Pause(pb::Pause { seconds: 0 })),
+        }],
+        request_id: "create-1".into(),
+        ..Default::default()
+    };
+    let mut admin = ws.admin(&cp).await?;
+    let first = admin
+        .rollouts
+        .create_rollout(create("1.0.0"))
+        .await?
+        .into_inner();
+    let again = admin
+        .rollouts
+        .create_rollout(create("1.0.0"))
+        .await?
+        .into_inner();
+    assert_eq!(
+        again.id, first.id,
+        "the retry is answered with the first rollout"
+    );
+
+    // The same id for another request is refused, naming the field.
+    let refused = admin
+        .rollouts
+        .create_rollout(create("1.1.0"))
+        .await
+        .expect_err("another request under the same id");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    let fields: Vec<String> = refused
+        .get_error_details()
+        .bad_request()
+        .map(|b| b.field_violations.iter().map(|v| v.field.clone()).collect())
+        .unwrap_or_default();
+    assert_eq!(fields, ["request_id"], "{refused:?}");
+
+    // A crash right after: the id was committed with the rollout.
+    cp.kill9().await?;
+    cp.restart().await?;
+    let mut admin = ws.admin(&cp).await?;
+    let after = admin
+        .rollouts
+        .create_rollout(create("1.0.0"))
+        .await?
+        .into_inner();
+    assert_eq!(after.id, first.id);
+    assert_eq!(cp.events(&ws, "rollout.created").await?.len(), 1);
+
+    // The CLI: a command run again with the same --request-id is answered, not redone
+    // (a second abort without one is refused: the rollout is no longer in progress).
+    let abort = [
+        "--request-id",
+        "ops-42",
+        "-o",
+        "json",
+        "rollout",
+        "abort",
+        first.id.as_str(),
+    ];
+    let once: serde_json::Value = serde_json::from_str(&cp.cli(&ws, &abort)?)?;
+    let twice: serde_json::Value = serde_json::from_str(&cp.cli(&ws, &abort)?)?;
+    assert_eq!(once["state"], "ROLLOUT_STATE_ABORTED");
+    assert_eq!(once, twice);
+    assert!(cp
+        .cli(&ws, &["rollout", "abort", first.id.as_str()])
+        .is_err());
+    assert_eq!(cp.events(&ws, "rollout.aborted").await?.len(), 1);
+
+    // SetWeight: the retry gets the first answer, audit number included.
+    let weight = pb::SetWeightRequest {
+        module: "model".into(),
+        weight: 30,
+        request_id: "w-1".into(),
+        ..Default::default()
+    };
+    let w1 = admin.nodes.set_weight(weight.clone()).await?.into_inner();
+    let w2 = admin.nodes.set_weight(weight).await?.into_inner();
+    assert_eq!(w1, w2);
+    assert_eq!(cp.events(&ws, "nodes.set_weight").await?.len(), 1);
+    Ok(())
+}

@@ -168,7 +168,10 @@ async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_
     let before = cp.metric("aviary_transfer_bytes_total").await?;
     admin
         .rollouts
-        .abort_rollout(pb::RolloutRef { id: r2.clone() })
+        .abort_rollout(pb::RolloutRef {
+            id: r2.clone(),
+            ..Default::default()
+        })
         .await?;
     wait_installed(&[&edges[0], &edges[1]], "0.24.1", &v1_bytes).await?;
     assert_eq!(

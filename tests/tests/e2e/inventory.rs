@@ -180,7 +180,10 @@ async fn get_node_shows_what_runs_after_a_rollout_an_abort_a_local_rollback_and_
     }
     admin
         .rollouts
-        .abort_rollout(pb::RolloutRef { id: r4.clone() })
+        .abort_rollout(pb::RolloutRef {
+            id: r4.clone(),
+            ..Default::default()
+        })
         .await?;
     let m = module_when(&ws, &cp, "gw-1", "the abort's rollback to 2.0.0", |m| {
         m.version == "2.0.0" && state(m) == pb::ModuleState::RolledBack

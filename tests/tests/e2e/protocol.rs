@@ -33,6 +33,7 @@ async fn set_weight(ws: &Workspace, cp: &ControlPlane, weight: u32) -> anyhow::R
             module: "gateway".into(),
             weight,
             selector: String::new(),
+            ..Default::default()
         })
         .await?;
     Ok(())
@@ -254,6 +255,7 @@ async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_servi
                 module: "gateway".into(),
                 weight,
                 selector: selector.into(),
+                ..Default::default()
             })
             .await
             .err()
@@ -269,6 +271,7 @@ async fn malformed_and_oversized_messages_are_refused_and_the_server_keeps_servi
             module: "../etc".into(),
             weight: 1,
             selector: String::new(),
+            ..Default::default()
         })
         .await
         .err()
