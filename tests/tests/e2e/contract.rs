@@ -258,3 +258,79 @@ async fn a_retried_mutation_with_its_request_id_lands_once_even_across_a_kill9(
     assert_eq!(cp.events(&ws, "nodes.set_weight").await?.len(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_context_names_the_control_plane_and_the_environment_still_wins() -> anyhow::Result<()> {
+    let Fleet {
+        ws,
+        cp,
+        edges: _edges,
+    } = Fleet::start(1).await?;
+    cp.wait_node(&ws, "gw-00", "registered", |_| true).await?;
+    let config = ws.path("aviary-config.toml");
+    let aviary = |args: &[&str], env: &[(&str, &str)]| -> anyhow::Result<std::process::Output> {
+        let mut cmd = Command::new(bin("aviary")?);
+        for var in [
+            "AVIARY_CONTROL_PLANE",
+            "AVIARY_CERTS",
+            "AVIARY_ADMIN",
+            "AVIARY_CONTEXT",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("AVIARY_CONFIG", &config).envs(env.iter().copied());
+        Ok(cmd.args(args).output()?)
+    };
+    let pki = ws.pki.dir.to_string_lossy().into_owned();
+    let url = cp.url();
+    let set = aviary(
+        &["context", "set", "lab", "--url", &url, "--certs-dir", &pki],
+        &[],
+    )?;
+    assert!(set.status.success(), "{set:?}");
+    // A context nobody can reach, made current: the environment beats it.
+    let dead = aviary(
+        &[
+            "context",
+            "set",
+            "dead",
+            "--url",
+            "https://127.0.0.1:1",
+            "--certs-dir",
+            &pki,
+        ],
+        &[],
+    )?;
+    assert!(dead.status.success(), "{dead:?}");
+    assert!(aviary(&["context", "use", "lab"], &[])?.status.success());
+    let listed = aviary(&["-o", "name", "nodes", "list"], &[])?;
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout),
+        "node/gw-00\n",
+        "{listed:?}"
+    );
+    let table = String::from_utf8(aviary(&["context", "list"], &[])?.stdout)?;
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with('*') && l.contains("lab")),
+        "{table}"
+    );
+
+    assert!(aviary(&["context", "use", "dead"], &[])?.status.success());
+    assert!(
+        !aviary(&["nodes", "list"], &[])?.status.success(),
+        "the dead one is current"
+    );
+    let by_env = aviary(
+        &["-o", "name", "nodes", "list"],
+        &[("AVIARY_CONTROL_PLANE", &url)],
+    )?;
+    assert!(by_env.status.success(), "{by_env:?}");
+    let by_flag = aviary(&["--context", "lab", "-o", "name", "nodes", "list"], &[])?;
+    assert!(by_flag.status.success(), "{by_flag:?}");
+    let unknown = aviary(&["--context", "nope", "nodes", "list"], &[])?;
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("no context \"nope\""));
+    Ok(())
+}
