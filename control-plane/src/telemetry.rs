@@ -36,6 +36,10 @@ fn describe() {
         "Mutations answered from their request id's record instead of being done again."
     );
     describe_counter!(
+        "aviary_heartbeats_total",
+        "Health reports received (each is the node's heartbeat; empty when it runs no module)."
+    );
+    describe_counter!(
         "aviary_store_status_writes_total",
         "Node statuses written to the store (answers, inventory and health-word changes)."
     );

@@ -382,6 +382,7 @@ impl Session {
             }
             // Kept per node; the rollout engine judges windows of them.
             Some(Kind::Health(report)) => {
+                metrics::counter!("aviary_heartbeats_total").increment(1);
                 let records = health_records(report)?;
                 let ignored = self.fleet.registry.record_health(&self.node_id, records);
                 if ignored > 0 {

@@ -1,9 +1,10 @@
 //! `aviary-fleet-bench`: fleet-scale figures for docs/perf.md, on real processes.
 //!
 //! For each N: a release control plane, N simulated nodes (aviary-fleet-sim, split over
-//! processes), then: RSS growth per stream, idle CPU, one SetWeight to all N (commit →
-//! ACK latency), and a reconnect storm after `kill -9` (time until every node holds a
-//! stream again, streams shed, errors). Finally the edge daemon's own footprint.
+//! processes), then: RSS growth per stream, idle CPU and the heartbeat write load, one
+//! SetWeight to all N (commit → ACK latency), and a reconnect storm after `kill -9` (time
+//! until every node holds a stream again, streams shed, errors). Finally the edge
+//! daemon's own footprint.
 //!
 //! Run by hand: `cargo run --release -p aviary-tests --bin aviary-fleet-bench -- --nodes 1000,10000,19000`.
 //! `scripts/test` runs `--smoke` (100 nodes, short windows) to keep it working.
@@ -47,6 +48,10 @@ struct FleetFigures {
     rss_base_mib: f64,
     rss_per_stream_kib: f64,
     idle_cpu_pct: f64,
+    /// Over the idle window: health reports (heartbeats) received, and node statuses
+    /// written to the store, per second.
+    heartbeats_per_s: f64,
+    status_writes_per_s: f64,
     push_p50_ms: f64,
     push_p99_ms: f64,
     push_max_ms: f64,
@@ -136,9 +141,24 @@ async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss1 = rss_kib(pid)?;
     let cpu0 = cpu_time(pid)?;
+    let (beats0, writes0) = (
+        cp.metric("aviary_heartbeats_total").await.unwrap_or(0.0),
+        cp.metric("aviary_store_status_writes_total")
+            .await
+            .unwrap_or(0.0),
+    );
     let idle = Duration::from_secs(args.idle_secs);
     tokio::time::sleep(idle).await;
     let idle_cpu_pct = (cpu_time(pid)? - cpu0).as_secs_f64() / idle.as_secs_f64() * 100.0;
+    let per_s = |v: f64| v / idle.as_secs_f64();
+    let heartbeats_per_s =
+        per_s(cp.metric("aviary_heartbeats_total").await.unwrap_or(0.0) - beats0);
+    let status_writes_per_s = per_s(
+        cp.metric("aviary_store_status_writes_total")
+            .await
+            .unwrap_or(0.0)
+            - writes0,
+    );
 
     // One SetWeight to all N: from just before the call (an upper bound on commit) to
     // each node's ACK as the simulator sends it.
@@ -196,6 +216,8 @@ async fn fleet(args: &Args, nodes: usize) -> anyhow::Result<FleetFigures> {
         rss_base_mib: rss0 as f64 / 1024.0,
         rss_per_stream_kib: rss1.saturating_sub(rss0) as f64 / nodes as f64,
         idle_cpu_pct,
+        heartbeats_per_s,
+        status_writes_per_s,
         push_p50_ms: percentile(&latencies, 50.0),
         push_p99_ms: percentile(&latencies, 99.0),
         push_max_ms: latencies.last().copied().unwrap_or(f64::NAN),
@@ -269,9 +291,17 @@ async fn main() -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut last = None;
     let mut listings = Vec::new();
+    let mut beats = Vec::new();
     for &n in &args.nodes {
         let f = fleet(&args, n).await?;
         let l = &f.listing;
+        beats.push(format!(
+            "| {} | {:.0} | {:.1} | {:.4} |",
+            f.nodes,
+            f.heartbeats_per_s,
+            f.status_writes_per_s,
+            f.status_writes_per_s / f.heartbeats_per_s.max(1.0)
+        ));
         listings.push(format!(
             "| {} | {} | {:.0} KiB | {:.1} / {:.1} ms | {:.0} ms | {:.2} / {:.2} ms |",
             f.nodes,
@@ -299,6 +329,14 @@ async fn main() -> anyhow::Result<()> {
     println!("| N | ListNodes pages (default size) | largest page | ms per page p50 / max | full listing | GetNode p50 / p99 |");
     println!("|---|---|---|---|---|---|");
     for row in &listings {
+        println!("{row}");
+    }
+    println!();
+    println!(
+        "| N connected, idle | heartbeats received/s | node statuses written/s | writes per heartbeat |"
+    );
+    println!("|---|---|---|---|");
+    for row in &beats {
         println!("{row}");
     }
     if let Some(f) = last {

@@ -3,7 +3,9 @@
 //! For each N: a release control plane and N simulated nodes (aviary-fleet-sim: they
 //! receive payloads chunk by chunk, ACK installs and rollbacks, and report health every
 //! second; nodes running the bad version report failing probes). Then:
-//! 1. v1 everywhere at once: time until every node ACKed it.
+//! 1. v1 everywhere at once: time until every node ACKed it; then, every node running
+//!    it and reporting every second, the heartbeats received and statuses written per
+//!    second (the store's heartbeat load).
 //! 2. v2 (good) through `canary 10% → weight 50 → analysis W → canary 50% → 100%`: for
 //!    each step, the time from its start until its last node ACKed.
 //! 3. v3 (bad) through `canary 10% → analysis W`: the analysis fails, the rollout aborts,
@@ -135,6 +137,16 @@ async fn create(
     Ok((r.id, t0))
 }
 
+/// Bytes `pid` has written through system calls (`wchar` of /proc/PID/io): the store's
+/// writes, its log and everything else.
+fn written_bytes(pid: u32) -> anyhow::Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("wchar:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no wchar in /proc/PID/io")
+}
+
 /// One step's figures: what it was, how many nodes it reached, and how long that took.
 struct StepFigures {
     step: String,
@@ -150,6 +162,9 @@ struct Figures {
     analysis_to_rollback_ms: f64,
     abort_to_rollback_ms: f64,
     rollback_target_ms: f64,
+    heartbeats_per_s: f64,
+    status_writes_per_s: f64,
+    written_kib_per_s: f64,
 }
 
 async fn scenario(args: &Args, n: usize) -> anyhow::Result<Figures> {
@@ -190,8 +205,32 @@ async fn scenario(args: &Args, n: usize) -> anyhow::Result<Figures> {
     .await
     .with_context(|| format!("{count} of {n} nodes installed v1"))?;
     let everywhere_ms = ms(t0, last);
-    // Let the engine close the rollout (so v2 does not conflict with it).
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Let the engine close the rollout (so v2 does not conflict with it), and the first
+    // reports after the install settle each node's inventory.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Steady state: every node runs v1 and reports every second. What does that cost
+    // the store?
+    // (An older control plane has neither counter: its bytes written still compare.)
+    let pid = cp.pid().context("cp pid")?;
+    let counters = || async {
+        anyhow::Ok((
+            cp.metric("aviary_heartbeats_total")
+                .await
+                .unwrap_or(f64::NAN),
+            cp.metric("aviary_store_status_writes_total")
+                .await
+                .unwrap_or(f64::NAN),
+            written_bytes(pid)?,
+        ))
+    };
+    let (beats0, writes0, bytes0) = counters().await?;
+    let steady = Duration::from_secs(u64::from(args.window));
+    tokio::time::sleep(steady).await;
+    let (beats1, writes1, bytes1) = counters().await?;
+    let heartbeats_per_s = (beats1 - beats0) / steady.as_secs_f64();
+    let status_writes_per_s = (writes1 - writes0) / steady.as_secs_f64();
+    let written_kib_per_s = (bytes1 - bytes0) as f64 / 1024.0 / steady.as_secs_f64();
 
     // 2. A good canary rollout, step by step.
     let plan = [
@@ -317,6 +356,9 @@ async fn scenario(args: &Args, n: usize) -> anyhow::Result<Figures> {
         analysis_to_rollback_ms: ms(analysis_start, last_back),
         abort_to_rollback_ms: ms(aborted, last_back),
         rollback_target_ms: f64::from(args.window) * 1000.0 + 1000.0,
+        heartbeats_per_s,
+        status_writes_per_s,
+        written_kib_per_s,
     })
 }
 
@@ -346,6 +388,14 @@ async fn main() -> anyhow::Result<()> {
         println!(
             "N = {}: v1 everywhere at once: {:.0} ms to the last ACK",
             f.nodes, f.everywhere_ms
+        );
+        println!(
+            "steady state on v1 over {} s: {:.0} heartbeats/s received, {:.1} node statuses written/s ({:.4} per heartbeat), control plane wrote {:.1} KiB/s",
+            args.window,
+            f.heartbeats_per_s,
+            f.status_writes_per_s,
+            f.status_writes_per_s / f.heartbeats_per_s.max(1.0),
+            f.written_kib_per_s,
         );
         println!("| v2 step | nodes reached | start → last ACK |");
         println!("|---|---|---|");
