@@ -104,6 +104,31 @@ async fn wait_installed(edges: &[&Edge], version: &str, bytes: &[u8]) -> anyhow:
     Ok(())
 }
 
+/// Waits until `node`'s inventory shows esbuild `version` (`sha256`) in `state`.
+async fn runs(
+    ws: &aviary_tests::Workspace,
+    cp: &ControlPlane,
+    node: &str,
+    version: &str,
+    sha256: &str,
+    state: pb::ModuleState,
+) -> anyhow::Result<pb::ModuleStatus> {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{node} to show {version} {state:?}"),
+        || async {
+            let n = cp.node(ws, node).await?;
+            Ok(n.modules.into_iter().find(|m| {
+                m.name == "esbuild"
+                    && m.version == version
+                    && m.sha256 == sha256
+                    && m.state == state as i32
+            }))
+        },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_without_download(
 ) -> anyhow::Result<()> {
@@ -130,6 +155,20 @@ async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_
     // First install: no base on the nodes, so the full payload.
     let r1 = rollout(&mut admin, "0.24.1").await?;
     wait_installed(&edges.iter().collect::<Vec<_>>(), "0.24.1", &v1_bytes).await?;
+    // Every node's inventory says so, with the artifact's sha256.
+    let sha1 = aviary_proto::digest::Sha256::of(&v1_bytes).hex();
+    let sha2 = aviary_proto::digest::Sha256::of(&v2_bytes).hex();
+    for e in &edges {
+        runs(
+            &ws,
+            &cp,
+            &e.node_id,
+            "0.24.1",
+            &sha1,
+            pb::ModuleState::Installed,
+        )
+        .await?;
+    }
     eventually(Duration::from_secs(20), "rollout 1 to succeed", || async {
         let mut admin = ws.admin(&cp).await?;
         Ok(
@@ -174,6 +213,21 @@ async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_
         })
         .await?;
     wait_installed(&[&edges[0], &edges[1]], "0.24.1", &v1_bytes).await?;
+    for e in &edges[..2] {
+        let m = runs(
+            &ws,
+            &cp,
+            &e.node_id,
+            "0.24.1",
+            &sha1,
+            pb::ModuleState::RolledBack,
+        )
+        .await?;
+        assert_eq!(
+            (m.slot.as_str(), m.previous_sha256.as_str()),
+            ("previous", sha2.as_str())
+        );
+    }
     assert_eq!(
         cp.metric("aviary_transfer_bytes_total").await?,
         before,

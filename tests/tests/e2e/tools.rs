@@ -832,11 +832,22 @@ async fn grpcurl_lists_a_fleet_page_by_page_with_none_missing_or_repeated_while_
             seen == n
         }
     };
-    // 1,200 steady nodes (three pages at the default size) and 200 that drop off after
-    // the first page and come back after the second.
-    let mut steady = Sims::start(&ws, &cp, 1200, 600, &[]).await?;
+    // N - 200 steady nodes (AVIARY_LISTING_NODES, default 1,400: three pages at the
+    // default size) and 200 that drop off after the first page and come back after the
+    // second.
+    let total: usize = std::env::var("AVIARY_LISTING_NODES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1400)
+        .max(1001);
+    let steady_n = total - 200;
+    let mut steady = Sims::start(&ws, &cp, steady_n, (steady_n / 4).max(600), &[]).await?;
     steady
-        .until(Duration::from_secs(120), "1,200 nodes up", up(1200))
+        .until(
+            Duration::from_secs(300),
+            &format!("{steady_n} nodes up"),
+            up(steady_n),
+        )
         .await?;
     let churn = |ws, cp| Sims::start(ws, cp, 200, 200, &["--prefix", "churn-"]);
     let mut leaving = Some(churn(&ws, &cp).await?);
@@ -871,7 +882,7 @@ async fn grpcurl_lists_a_fleet_page_by_page_with_none_missing_or_repeated_while_
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), ids.len(), "a node was listed twice");
-    assert_eq!(ids.len(), 1400, "nodes missing from the listing");
+    assert_eq!(ids.len(), total, "nodes missing from the listing");
     assert_eq!(ids, sorted, "not in node-id order");
 
     // A token is the control plane's own: a tampered one is refused.
