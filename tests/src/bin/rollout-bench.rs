@@ -137,14 +137,14 @@ async fn create(
     Ok((r.id, t0))
 }
 
-/// Bytes `pid` has written through system calls (`wchar` of /proc/PID/io): the store's
-/// writes, its log and everything else.
+/// Bytes `pid` has caused to be written to storage (`write_bytes` of /proc/PID/io): the
+/// store's pages and the log, not its sockets.
 fn written_bytes(pid: u32) -> anyhow::Result<u64> {
     let io = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
     io.lines()
-        .find_map(|l| l.strip_prefix("wchar:"))
+        .find_map(|l| l.strip_prefix("write_bytes:"))
         .and_then(|v| v.trim().parse().ok())
-        .context("no wchar in /proc/PID/io")
+        .context("no write_bytes in /proc/PID/io")
 }
 
 /// One step's figures: what it was, how many nodes it reached, and how long that took.
@@ -390,7 +390,7 @@ async fn main() -> anyhow::Result<()> {
             f.nodes, f.everywhere_ms
         );
         println!(
-            "steady state on v1 over {} s: {:.0} heartbeats/s received, {:.1} node statuses written/s ({:.4} per heartbeat), control plane wrote {:.1} KiB/s",
+            "steady state on v1 over {} s: {:.0} heartbeats/s received, {:.1} node statuses written/s ({:.4} per heartbeat), control plane wrote {:.1} KiB/s to storage",
             args.window,
             f.heartbeats_per_s,
             f.status_writes_per_s,
