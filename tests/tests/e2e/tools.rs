@@ -832,13 +832,13 @@ async fn grpcurl_lists_a_fleet_page_by_page_with_none_missing_or_repeated_while_
             seen == n
         }
     };
-    // N - 200 steady nodes (AVIARY_LISTING_NODES, default 1,400: three pages at the
-    // default size) and 200 that drop off after the first page and come back after the
-    // second.
+    // N - 200 steady nodes (N = AVIARY_LISTING_NODES, default the 19,000: 38
+    // pages at the default size) and 200 that drop off after the first page and come
+    // back after the second.
     let total: usize = std::env::var("AVIARY_LISTING_NODES")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(1400)
+        .unwrap_or(19_000)
         .max(1001);
     let steady_n = total - 200;
     let mut steady = Sims::start(&ws, &cp, steady_n, (steady_n / 4).max(600), &[]).await?;
