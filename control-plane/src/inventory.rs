@@ -29,6 +29,13 @@ pub(crate) struct ModuleRecord {
     pub slot: String,
 }
 
+impl ModuleRecord {
+    /// The node says this slot is the one it went back to (`MODULE_STATE_ROLLED_BACK`).
+    pub(crate) fn went_back(&self) -> bool {
+        self.state == 6
+    }
+}
+
 /// One artifact of a module.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Artifact {
@@ -161,15 +168,22 @@ impl Inventory {
                     sha256: p.sha256.clone(),
                 });
             let module = match self.modules.get(&s.name) {
-                Some(known) if known.current == current => InstalledModule {
-                    previous,
-                    ..known.clone()
-                },
+                // Same artifact, and its word on a rollback agrees: what we knew stands.
+                Some(known) if known.current == current && known.on_previous == s.went_back() => {
+                    InstalledModule {
+                        previous,
+                        ..known.clone()
+                    }
+                }
                 _ => InstalledModule {
                     current,
                     previous,
-                    on_previous: false,
-                    state: RunState::Installed,
+                    on_previous: s.went_back(),
+                    state: if s.went_back() {
+                        RunState::RolledBack
+                    } else {
+                        RunState::Installed
+                    },
                     since_ms: now_ms,
                 },
             };
@@ -350,6 +364,23 @@ mod tests {
             inv.get("app").is_none(),
             "a module the node no longer holds is gone"
         );
+    }
+
+    #[test]
+    fn a_hello_says_which_slot_the_node_went_back_to() {
+        // What a control plane that lost its last status flush hears on reconnect.
+        let mut inv = Inventory::default();
+        inv.hello(&[slot("app", "4.0.0", "current")], 0);
+        let mut back = slot("app", "2.0.0", "current");
+        back.state = 6;
+        assert!(inv.hello(&[back, slot("app", "4.0.0", "previous")], 1));
+        let m = inv.get("app").expect("app");
+        assert_eq!(
+            (m.current.version.as_str(), m.state),
+            ("2.0.0", RunState::RolledBack)
+        );
+        assert!(m.on_previous);
+        assert_eq!(m.previous, Some(art("4.0.0")));
     }
 
     #[test]

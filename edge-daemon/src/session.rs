@@ -578,11 +578,16 @@ fn module_report(
             for (name, state) in list {
                 for (slot, which) in [(&state.current, "current"), (&state.previous, "previous")] {
                     if let Some(s) = slot {
+                        let went_back = which == "current" && state.rolled_back;
                         modules.push(pb::ModuleStatus {
                             name: name.clone(),
                             version: s.version.clone(),
                             sha256: s.sha256.clone(),
-                            state: pb::ModuleState::Installed as i32,
+                            state: if went_back {
+                                pb::ModuleState::RolledBack
+                            } else {
+                                pb::ModuleState::Installed
+                            } as i32,
                             slot: which.into(),
                             ..Default::default()
                         });

@@ -290,6 +290,7 @@ impl Installer {
                 current: Some(slot.clone()),
                 previous: state.current.clone(),
                 revision,
+                rolled_back: false,
             },
         )?;
         self.modules.clean(&m.module)?;
@@ -325,6 +326,7 @@ impl Installer {
                 current: Some(previous.clone()),
                 previous: state.current,
                 revision,
+                rolled_back: true,
             },
         )?;
         Ok(previous)

@@ -48,6 +48,10 @@ pub struct ModuleState {
     /// The control plane's module revision that made this state (0: offline bundle).
     #[serde(default)]
     pub revision: u64,
+    /// `current` is the slot this module went back to (a rollback, by the control plane
+    /// or on its own), until the next install: the Hello says so.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolled_back: bool,
 }
 
 /// The merged runtime config layers a module runs with, as the control plane sent them.

@@ -196,20 +196,37 @@ async fn get_node_shows_what_runs_after_a_rollout_an_abort_a_local_rollback_and_
     );
     assert_eq!(m.previous_version, "4.0.0");
 
-    // The control plane dies: what it shows comes back from its store, before the node
-    // reconnects (the node is stopped first) and after.
+    // A restart: what it shows comes back from its store before the node reconnects
+    // (the node is stopped first; a stop flushes the statuses).
     edge.terminate().await?;
-    cp.kill9().await?;
+    cp.terminate().await?;
     cp.restart().await?;
     let n = cp.node(&ws, "gw-1").await?;
     assert!(!n.connected);
     let m = n.modules.first().context("the module after a restart")?;
     assert_eq!(
-        (m.version.as_str(), m.sha256.as_str()),
-        ("2.0.0", sha2.as_str())
+        (m.version.as_str(), m.sha256.as_str(), state(m)),
+        ("2.0.0", sha2.as_str(), pb::ModuleState::RolledBack)
     );
-    assert_eq!(state(m), pb::ModuleState::RolledBack);
     assert_eq!(health(m), pb::Health::Unknown, "disconnected: {m:?}");
     assert!(n.last_heartbeat.is_some());
+
+    // kill -9 may lose the last second of statuses (they are written in batches); the
+    // node's Hello puts back what it runs, including that it went back.
+    edge.restart().await?;
+    cp.wait_node(&ws, "gw-1", "reconnected", |n| n.connected)
+        .await?;
+    cp.kill9().await?;
+    cp.restart().await?;
+    let m = module_when(&ws, &cp, "gw-1", "2.0.0 rolled back after a kill -9", |m| {
+        m.version == "2.0.0" && state(m) == pb::ModuleState::RolledBack
+    })
+    .await
+    .with_context(|| edge.log())?;
+    assert_eq!(
+        (m.sha256.as_str(), m.slot.as_str()),
+        (sha2.as_str(), "previous")
+    );
+    assert_eq!(m.previous_version, "4.0.0");
     Ok(())
 }
