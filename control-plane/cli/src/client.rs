@@ -41,6 +41,20 @@ fn random_base() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// `client.method(request)` through `retried` (the request is cloned for each try):
+/// `call!(admin.rollouts, abort_rollout, request)`.
+macro_rules! call {
+    ($client:expr, $method:ident, $request:expr) => {{
+        let (client, request) = ($client.clone(), $request);
+        $crate::client::retried(|| {
+            let (mut client, request) = (client.clone(), request.clone());
+            async move { client.$method(request).await }
+        })
+        .await
+    }};
+}
+pub(crate) use call;
+
 /// Calls `call` again (at most twice more, 0.5 then 1 s later) while the control plane is
 /// unreachable. Safe for a mutation only with a request id: a try that did land is then
 /// answered, not repeated.
@@ -115,12 +129,7 @@ impl Admin {
             selector: selector.to_owned(),
             request_id: self.request_id(),
         };
-        let client = self.nodes.clone();
-        retried(|| {
-            let (mut client, request) = (client.clone(), request.clone());
-            async move { client.set_weight(request).await }
-        })
-        .await
+        call!(self.nodes, set_weight, request)
     }
 
     /// `Nodes/GetNode`.

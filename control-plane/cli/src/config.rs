@@ -7,7 +7,7 @@ use aviary_proto::overlay::RunOverlay;
 use aviary_proto::v1 as pb;
 use clap::{Args, Subcommand};
 
-use crate::client::retried;
+use crate::client::call;
 use crate::{Admin, Format};
 
 /// Which layer of a module's config.
@@ -98,12 +98,7 @@ pub(crate) async fn run(
                 overlay: Some(overlay.to_proto()),
                 request_id: admin.request_id(),
             };
-            let client = admin.configs.clone();
-            let r = retried(|| {
-                let (mut client, request) = (client.clone(), request.clone());
-                async move { client.set_config(request).await }
-            })
-            .await?;
+            let r = call!(admin.configs, set_config, request)?;
             changed(format, "set", &module, &r)?;
         }
         ConfigCommand::Delete { module, layer } => {
@@ -112,12 +107,7 @@ pub(crate) async fn run(
                 scope: Some(layer.scope()),
                 request_id: admin.request_id(),
             };
-            let client = admin.configs.clone();
-            let r = retried(|| {
-                let (mut client, request) = (client.clone(), request.clone());
-                async move { client.delete_config(request).await }
-            })
-            .await?;
+            let r = call!(admin.configs, delete_config, request)?;
             changed(format, "deleted", &module, &r)?;
         }
         ConfigCommand::Get { module, node } => {

@@ -18,6 +18,7 @@ use anyhow::Context;
 use aviary_proto::v1 as pb;
 use clap::{Parser, Subcommand, ValueEnum};
 
+use client::call;
 pub use client::{retried, Admin};
 
 /// Drives an Aviary control plane.
@@ -383,14 +384,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
                     }
                     request.request_id = admin.request_id();
-                    let r = {
-                        let client = admin.rollouts.clone();
-                        retried(|| {
-                            let (mut client, request) = (client.clone(), request.clone());
-                            async move { client.create_rollout(request).await }
-                        })
-                        .await?
-                    };
+                    let r = call!(admin.rollouts, create_rollout, request)?;
                     output::rollout(format, &r)?;
                 }
                 RolloutCommand::Get { id } => {
@@ -408,40 +402,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 RolloutCommand::Abort { id } => {
                     let request_id = admin.request_id();
                     let r = pb::RolloutRef { id, request_id };
-                    let r = {
-                        let client = admin.rollouts.clone();
-                        retried(|| {
-                            let (mut client, request) = (client.clone(), r.clone());
-                            async move { client.abort_rollout(request).await }
-                        })
-                        .await?
-                    };
+                    let r = call!(admin.rollouts, abort_rollout, r)?;
                     output::rollout(format, &r)?;
                 }
                 RolloutCommand::Pause { id } => {
                     let request_id = admin.request_id();
                     let r = pb::RolloutRef { id, request_id };
-                    let r = {
-                        let client = admin.rollouts.clone();
-                        retried(|| {
-                            let (mut client, request) = (client.clone(), r.clone());
-                            async move { client.pause_rollout(request).await }
-                        })
-                        .await?
-                    };
+                    let r = call!(admin.rollouts, pause_rollout, r)?;
                     output::rollout(format, &r)?;
                 }
                 RolloutCommand::Resume { id } => {
                     let request_id = admin.request_id();
                     let r = pb::RolloutRef { id, request_id };
-                    let r = {
-                        let client = admin.rollouts.clone();
-                        retried(|| {
-                            let (mut client, request) = (client.clone(), r.clone());
-                            async move { client.resume_rollout(request).await }
-                        })
-                        .await?
-                    };
+                    let r = call!(admin.rollouts, resume_rollout, r)?;
                     output::rollout(format, &r)?;
                 }
                 RolloutCommand::Promote { id, full } => {
@@ -451,14 +424,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         full,
                         request_id,
                     };
-                    let r = {
-                        let client = admin.rollouts.clone();
-                        retried(|| {
-                            let (mut client, request) = (client.clone(), r.clone());
-                            async move { client.promote_rollout(request).await }
-                        })
-                        .await?
-                    };
+                    let r = call!(admin.rollouts, promote_rollout, r)?;
                     output::rollout(format, &r)?;
                 }
                 RolloutCommand::Watch { id } => {
@@ -528,12 +494,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         reason,
                         request_id: admin.request_id(),
                     };
-                    let client = admin.nodes.clone();
-                    let reply = retried(|| {
-                        let (mut client, request) = (client.clone(), request.clone());
-                        async move { client.revoke_node(request).await }
-                    })
-                    .await?;
+                    let reply = call!(admin.nodes, revoke_node, request)?;
                     output::revoke(format, &id, &reply)?;
                 }
             }
