@@ -273,8 +273,10 @@ impl Inventory {
         let Some(m) = self.modules.get_mut(module) else {
             return false;
         };
-        let before = m.clone();
+        // Every node's report passes here each second: say what changed, copy nothing.
+        let mut changed = false;
         if !version.is_empty() && version != m.current.version {
+            changed = true;
             if m.previous.as_ref().is_some_and(|p| p.version == version) {
                 // The node went back on its own (or forward again, from a rollback).
                 m.swap(now_ms);
@@ -293,9 +295,9 @@ impl Inventory {
             }
         }
         if let Some(state) = RunState::from_process(process, m.on_previous) {
-            m.set(state, now_ms);
+            changed |= m.set(state, now_ms);
         }
-        *m != before
+        changed
     }
 }
 

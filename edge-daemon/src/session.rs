@@ -528,6 +528,17 @@ async fn refuse(
     revision: u64,
     error: String,
 ) -> Result<(), StreamError> {
+    send_nack(tx, nonce, revision, error, false).await
+}
+
+/// NACKs `nonce`; `rolled_back`: the node installed it and went back on its own.
+async fn send_nack(
+    tx: &mpsc::Sender<pb::EdgeMessage>,
+    nonce: String,
+    revision: u64,
+    error: String,
+    rolled_back: bool,
+) -> Result<(), StreamError> {
     metrics::counter!("aviary_edge_nacks_total").increment(1);
     send(
         tx,
@@ -535,7 +546,7 @@ async fn refuse(
             nonce,
             revision,
             error,
-            rolled_back: false,
+            rolled_back,
         }),
     )
     .await
@@ -549,18 +560,8 @@ async fn nack(
     e: &InstallError,
 ) -> Result<(), StreamError> {
     tracing::warn!(module, revision, error = %e, "module update refused");
-    metrics::counter!("aviary_edge_nacks_total").increment(1);
     let rolled_back = matches!(e, InstallError::RolledBack(_));
-    send(
-        tx,
-        pb::edge_message::Kind::Nack(pb::Nack {
-            nonce,
-            revision,
-            error: e.to_string(),
-            rolled_back,
-        }),
-    )
-    .await
+    send_nack(tx, nonce, revision, e.to_string(), rolled_back).await
 }
 
 /// Installed modules, their applied revisions and partial transfers, for the Hello.
