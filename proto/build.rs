@@ -10,6 +10,7 @@ const FILES: &[&str] = &[
     "aviary/v1/releases.proto",
     "aviary/v1/rollouts.proto",
     "aviary/v1/configs.proto",
+    "aviary/v1/identity.proto",
     "aviary/sensors/v1/sensors.proto",
 ];
 

@@ -49,6 +49,9 @@ pub enum CertsError {
     /// A certificate carries no Aviary identity.
     #[error("certificate has no aviary identity: {0}")]
     NoIdentity(String),
+    /// A certificate signing request is malformed, forged or of a kind not taken.
+    #[error("certificate signing request refused: {0}")]
+    Csr(String),
     /// ring refused to make a key.
     #[error("key generation failed")]
     KeyGen,

@@ -7,7 +7,7 @@ use std::path::Path;
 use crate::CertsError;
 
 /// Writes `bytes` to `path` with `mode` via a temp file, fsync and rename.
-pub(crate) fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertsError> {
+pub fn write_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), CertsError> {
     let tmp = path.with_extension("tmp");
     let mut file = std::fs::OpenOptions::new()
         .write(true)

@@ -7,22 +7,26 @@
 //! trust the `Identity` it returns and nothing else about a peer.
 #![forbid(unsafe_code)]
 
+mod enroll;
 mod error;
 mod files;
+pub use files::write_file;
 mod identity;
 mod link;
 mod pki;
 mod signing;
 mod tls;
 
+pub use enroll::{key_fingerprint, CheckedCsr, Issued, NodeIssuer, NodeKey, MAX_CSR_BYTES};
 pub use error::CertsError;
 pub use identity::{validate_name, Identity};
 pub use link::{Link, LinkError};
-pub use pki::{issue_admin, issue_edge, CertPaths, EdgeMinter, InitOptions, Pki};
+pub use pki::{issue_admin, issue_edge, CertPaths, EdgeMinter, InitOptions, Pki, LONG_LIVED};
 pub use signing::{
     generate_release_key, PublicKey, ReleaseKeyPaths, ReleaseSigner, TrustedKeys,
     UntrustedSignature,
 };
 pub use tls::{
-    ca_roots, client_config, client_config_with, server_config, trust_domain_of, TlsFiles,
+    anonymous_client_config, ca_roots, client_config, client_config_with, server_config,
+    trust_domain_of, TlsFiles,
 };

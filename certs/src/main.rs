@@ -45,6 +45,9 @@ enum Command {
         /// The operator's name.
         #[arg(long)]
         name: String,
+        /// How long the certificate is valid (e.g. `12h`, `90d`).
+        #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
     },
 }
 
@@ -73,7 +76,7 @@ fn main() -> ExitCode {
         }
         Command::Edge { dir, node_id } => aviary_certs::issue_edge(&dir, &node_id)
             .map(|p| println!("wrote {} and {}", p.cert.display(), p.key.display())),
-        Command::Admin { dir, name } => aviary_certs::issue_admin(&dir, &name)
+        Command::Admin { dir, name, ttl } => aviary_certs::issue_admin(&dir, &name, ttl)
             .map(|p| println!("wrote {} and {}", p.cert.display(), p.key.display())),
     };
     match result {

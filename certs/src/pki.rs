@@ -6,6 +6,7 @@
 //! key behind.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -17,9 +18,9 @@ use crate::identity::{spiffe_uris, validate_name};
 use crate::signing::generate_release_key;
 use crate::{CertsError, Identity};
 
-/// Certificates are long-lived on purpose: gateways sit unattended for years; revocation
-/// (RevokeNode) is the control, not expiry.
-const VALIDITY_DAYS: i64 = 3650;
+/// What `init` and the lab path (`aviary-certs edge`) issue for: ten years. Enrolled
+/// nodes get the control plane's `--node-cert-ttl` instead, and renew it on the stream.
+pub const LONG_LIVED: std::time::Duration = std::time::Duration::from_secs(3650 * 86_400);
 
 /// Options of `aviary-certs init`.
 #[derive(Clone, Debug)]
@@ -78,7 +79,7 @@ impl Pki {
         ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         // The CA names its trust domain so `edge`/`admin` can issue without being told it.
         ca.subject_alt_names = vec![SanType::URI(format!("spiffe://{td}").try_into()?)];
-        set_validity(&mut ca);
+        set_validity(&mut ca, LONG_LIVED);
         let ca_cert = ca.self_signed(&ca_key)?;
         write_file(&dir.join("ca.pem"), ca_cert.pem().as_bytes(), 0o644)?;
         write_file(
@@ -191,28 +192,34 @@ impl EdgeMinter {
             &self.trust_domain,
             Vec::new(),
             &[ExtendedKeyUsagePurpose::ClientAuth],
+            LONG_LIVED,
         )?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert.der().to_vec(), key.serialize_der()))
     }
 }
 
-/// `aviary-certs admin`: a client certificate for operator `name`.
-pub fn issue_admin(dir: &Path, name: &str) -> Result<CertPaths, CertsError> {
+/// `aviary-certs admin`: a client certificate for operator `name`, valid for `ttl`.
+pub fn issue_admin(dir: &Path, name: &str, ttl: Duration) -> Result<CertPaths, CertsError> {
     validate_name("admin name", name)?;
     let (issuer, td) = load_issuer(dir)?;
-    issue(
-        dir,
-        &format!("admin-{name}"),
-        &issuer,
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let params = leaf_params(
         &Identity::Admin(name.to_owned()),
         &td,
         Vec::new(),
         &[ExtendedKeyUsagePurpose::ClientAuth],
+        ttl,
+    )?;
+    write_leaf(
+        dir,
+        &format!("admin-{name}"),
+        &params.signed_by(&key, &issuer)?,
+        &key,
     )
 }
 
-fn load_issuer(dir: &Path) -> Result<(Issuer<'static, KeyPair>, String), CertsError> {
+pub(crate) fn load_issuer(dir: &Path) -> Result<(Issuer<'static, KeyPair>, String), CertsError> {
     let ca_pem_path = dir.join("ca.pem");
     let ca_pem = std::fs::read_to_string(&ca_pem_path).map_err(CertsError::io(&ca_pem_path))?;
     let key_path = dir.join("ca.key");
@@ -239,19 +246,30 @@ fn issue(
     usages: &[ExtendedKeyUsagePurpose],
 ) -> Result<CertPaths, CertsError> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let params = leaf_params(identity, trust_domain, sans, usages)?;
-    let cert = params.signed_by(&key, issuer)?;
+    let params = leaf_params(identity, trust_domain, sans, usages, LONG_LIVED)?;
+    write_leaf(dir, stem, &params.signed_by(&key, issuer)?, &key)
+}
+
+fn write_leaf(
+    dir: &Path,
+    stem: &str,
+    cert: &rcgen::Certificate,
+    key: &KeyPair,
+) -> Result<CertPaths, CertsError> {
     let out = paths(dir, stem);
     write_file(&out.cert, cert.pem().as_bytes(), 0o644)?;
     write_file(&out.key, key.serialize_pem().as_bytes(), 0o600)?;
     Ok(out)
 }
 
-fn leaf_params(
+/// The parameters of every leaf certificate: one SPIFFE URI SAN, the given usages,
+/// valid for `ttl` from now.
+pub(crate) fn leaf_params(
     identity: &Identity,
     trust_domain: &str,
     mut sans: Vec<SanType>,
     usages: &[ExtendedKeyUsagePurpose],
+    ttl: Duration,
 ) -> Result<CertificateParams, CertsError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = dn(&identity.to_string());
@@ -260,7 +278,7 @@ fn leaf_params(
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = usages.to_vec();
     params.use_authority_key_identifier_extension = true;
-    set_validity(&mut params);
+    set_validity(&mut params, ttl);
     Ok(params)
 }
 
@@ -271,18 +289,19 @@ fn paths(dir: &Path, stem: &str) -> CertPaths {
     }
 }
 
-fn dn(common_name: &str) -> DistinguishedName {
+pub(crate) fn dn(common_name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Aviary");
     dn.push(DnType::CommonName, common_name);
     dn
 }
 
-fn set_validity(params: &mut CertificateParams) {
+fn set_validity(params: &mut CertificateParams, ttl: Duration) {
     let now = time::OffsetDateTime::now_utc();
-    // An hour of slack for gateways whose clocks run a little behind.
-    params.not_before = now - time::Duration::hours(1);
-    params.not_after = now + time::Duration::days(VALIDITY_DAYS);
+    // Five minutes of slack for gateways whose clocks run a little behind.
+    params.not_before = now - time::Duration::minutes(5);
+    let ttl = time::Duration::try_from(ttl).unwrap_or(time::Duration::days(3650));
+    params.not_after = now + ttl;
 }
 
 fn validate_trust_domain(td: &str) -> Result<(), CertsError> {

@@ -66,10 +66,13 @@ fn roots(ca: &Path) -> Result<RootCertStore, CertsError> {
     Ok(roots)
 }
 
-/// Server side: TLS 1.3, a client certificate from the deployment CA required.
+/// Server side: TLS 1.3; a client certificate, when one is shown, must chain to the
+/// deployment CA. A peer may show none (a gateway that has not enrolled yet): the
+/// server's authorisation layer then lets it enroll and nothing else.
 pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, CertsError> {
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&files.ca)?), provider())
+            .allow_unauthenticated()
             .build()?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -86,6 +89,17 @@ pub fn client_config(files: &TlsFiles) -> Result<ClientConfig, CertsError> {
         load_certs(&files.cert)?,
         load_key(&files.key)?,
     )
+}
+
+/// Client side without a certificate: TLS 1.3, trusts only `roots`. For enrollment, the
+/// one call made before a gateway has a certificate.
+pub fn anonymous_client_config(roots: Arc<RootCertStore>) -> Result<ClientConfig, CertsError> {
+    let mut config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
 }
 
 /// The deployment CA as a root store (load once, share between many client configs).

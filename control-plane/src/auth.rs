@@ -6,8 +6,11 @@
 //! | `/aviary.v1.Fleet/`                           | edge certificates          |
 //! | other `/aviary.v1.*/`                         | admin certificates         |
 //! | health, reflection v1alpha and v1             | any authenticated peer     |
+//! | `/aviary.v1.Enrollment/`                      | anyone, certificate or not |
 //!
-//! Revoked nodes are refused everywhere. Every refusal is PERMISSION_DENIED and audited.
+//! Enrollment is the only call a peer without a client certificate may make (the
+//! gateway has none yet); it is rate-limited where it is served. Revoked nodes are
+//! refused everywhere. Every refusal is PERMISSION_DENIED and audited.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -74,10 +77,13 @@ enum Role {
     Edge,
     Admin,
     Anyone,
+    Unauthenticated,
 }
 
 fn required_role(path: &str) -> Role {
-    if path.starts_with("/aviary.v1.Fleet/") {
+    if path.starts_with("/aviary.v1.Enrollment/") {
+        Role::Unauthenticated
+    } else if path.starts_with("/aviary.v1.Fleet/") {
         Role::Edge
     } else if path.starts_with("/grpc.health.v1.Health/")
         || path.starts_with("/grpc.reflection.v1alpha.ServerReflection/")
@@ -89,21 +95,27 @@ fn required_role(path: &str) -> Role {
     }
 }
 
-/// `Ok` when `identity` may call `path`, else the reason.
+/// `Ok` when `identity` (`None`: no client certificate) may call `path`, else the reason.
 pub(crate) fn authorize(
     path: &str,
-    identity: &Identity,
+    identity: Option<&Identity>,
     revocations: &dyn Revocations,
 ) -> Result<(), String> {
+    let role = required_role(path);
+    let identity = match (identity, &role) {
+        (_, Role::Unauthenticated) => return Ok(()),
+        (None, _) => return Err(format!("{path} needs a client certificate")),
+        (Some(identity), _) => identity,
+    };
     if let Identity::Edge(id) = identity {
         if revocations.is_revoked(id) {
             return Err(format!("node {id} is revoked"));
         }
     }
-    match (required_role(path), identity) {
-        (Role::Anyone, _) | (Role::Edge, Identity::Edge(_)) | (Role::Admin, Identity::Admin(_)) => {
-            Ok(())
-        }
+    match (role, identity) {
+        (Role::Anyone | Role::Unauthenticated, _)
+        | (Role::Edge, Identity::Edge(_))
+        | (Role::Admin, Identity::Admin(_)) => Ok(()),
         (Role::Edge, other) => Err(format!(
             "{other} may not open a fleet stream: edge certificates only"
         )),
@@ -134,8 +146,10 @@ where
         let path = req.uri().path().to_owned();
         let (actor, verdict) = match req.extensions().get::<PeerInfo>() {
             Some(peer) => (
-                peer.identity.to_string(),
-                authorize(&path, &peer.identity, self.revocations.as_ref()),
+                peer.identity
+                    .as_ref()
+                    .map_or_else(|| format!("peer/{}", peer.addr), ToString::to_string),
+                authorize(&path, peer.identity.as_ref(), self.revocations.as_ref()),
             ),
             // Only reachable if a listener without mTLS were ever wired in: refuse.
             None => (

@@ -117,6 +117,13 @@ pub struct Args {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(default, deserialize_with = "aviary_startup::duration::option")]
     pub audit_retention_age: Option<Duration>,
+    /// Lifetime of the node certificates enrollment issues (default 7d; at least 10s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    #[serde(default, deserialize_with = "aviary_startup::duration::option")]
+    pub node_cert_ttl: Option<Duration>,
+    /// Enroll calls taken per second, fleet-wide (default 50; bursts of twice that).
+    #[arg(long)]
+    pub enroll_rate: Option<f64>,
 }
 
 /// How much of the audit log is kept.
@@ -155,6 +162,10 @@ pub struct Config {
     pub max_connections_per_node: usize,
     /// What of the audit log is kept.
     pub audit_retention: AuditRetention,
+    /// Lifetime of enrolled node certificates.
+    pub node_cert_ttl: Duration,
+    /// Enroll calls per second.
+    pub enroll_rate: f64,
 }
 
 impl Args {
@@ -237,7 +248,24 @@ impl Args {
                     .into(),
             ));
         }
+        let node_cert_ttl = self
+            .node_cert_ttl
+            .or(file.node_cert_ttl)
+            .unwrap_or(Duration::from_secs(7 * 86_400));
+        if node_cert_ttl < Duration::from_secs(10) || node_cert_ttl > aviary_certs::LONG_LIVED {
+            return Err(ConfigError(
+                "--node-cert-ttl must be between 10s and 3650d".into(),
+            ));
+        }
+        let enroll_rate = self.enroll_rate.or(file.enroll_rate).unwrap_or(50.0);
+        if !(enroll_rate.is_finite() && enroll_rate > 0.0) {
+            return Err(ConfigError(
+                "--enroll-rate must be a finite number > 0".into(),
+            ));
+        }
         Ok(Config {
+            node_cert_ttl,
+            enroll_rate,
             max_release_bytes,
             deltas,
             max_connections_per_node,

@@ -15,6 +15,7 @@ mod catalog;
 pub mod config;
 mod connections;
 pub mod deltas;
+mod enrollment;
 mod error;
 mod filter;
 mod finite;

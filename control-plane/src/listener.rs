@@ -1,9 +1,12 @@
-//! Accepts TCP, completes the TLS 1.3 handshake with a client certificate, and hands tonic
-//! a connection that carries the peer's verified `Identity`.
+//! Accepts TCP, completes the TLS 1.3 handshake, and hands tonic a connection that
+//! carries the peer's verified `Identity`, or none when it showed no certificate.
 //!
-//! Invariant: every connection tonic sees has passed mTLS against the rollout CA and
-//! names an Aviary identity; handshake failures are counted and audited (rate-limited,
-//! because an unauthenticated peer must not be able to flood the audit log).
+//! Invariant: every connection tonic sees either passed mTLS against the deployment CA
+//! and names an Aviary identity, or presented no certificate at all (a gateway that has
+//! not enrolled yet: `auth.rs` lets it call Enrollment and nothing else). A certificate
+//! that does not verify fails the handshake. Handshake failures are counted and audited
+//! (rate-limited, because an unauthenticated peer must not be able to flood the audit
+//! log).
 
 use std::io;
 use std::net::SocketAddr;
@@ -39,8 +42,8 @@ const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Who is at the other end of a connection, as tonic's `ConnectInfo`.
 #[derive(Clone, Debug)]
 pub(crate) struct PeerInfo {
-    /// The verified identity from the client certificate.
-    pub identity: Identity,
+    /// The verified identity from the client certificate; `None` without one.
+    pub identity: Option<Identity>,
     /// The peer's socket address.
     pub addr: SocketAddr,
 }
@@ -131,26 +134,29 @@ impl AsyncWrite for PeerConn {
 /// never starts a session must not hold a descriptor forever.
 async fn session(
     mut tls: TlsStream<TcpStream>,
-    identity: Identity,
+    identity: Option<Identity>,
     addr: SocketAddr,
     connections: &Arc<Connections>,
 ) -> Result<PeerConn, String> {
-    let registered = connections.register(&identity)?;
+    let registered = connections.register(identity.as_ref())?;
+    let who = identity
+        .as_ref()
+        .map_or_else(|| format!("peer/{addr}"), ToString::to_string);
     let mut preface = [0u8; 24];
     let read = tokio::time::timeout(PREFACE_TIMEOUT, tls.read_exact(&mut preface));
     let closed = registered.closed.clone();
     tokio::select! {
         r = read => match r {
             Ok(Ok(_)) if &preface == PREFACE => {}
-            Ok(Ok(_)) => return Err(format!("{identity}: not an HTTP/2 client")),
-            Ok(Err(e)) => return Err(format!("{identity}: closed before its HTTP/2 session: {e}")),
+            Ok(Ok(_)) => return Err(format!("{who}: not an HTTP/2 client")),
+            Ok(Err(e)) => return Err(format!("{who}: closed before its HTTP/2 session: {e}")),
             Err(_) => {
                 return Err(format!(
-                    "{identity}: no HTTP/2 session within {PREFACE_TIMEOUT:?} of the handshake"
+                    "{who}: no HTTP/2 session within {PREFACE_TIMEOUT:?} of the handshake"
                 ))
             }
         },
-        _ = closed.cancelled() => return Err(format!("{identity}: revoked")),
+        _ = closed.cancelled() => return Err(format!("{who}: revoked")),
     }
     Ok(PeerConn {
         io: tls,
@@ -193,16 +199,19 @@ pub(crate) async fn accept_loop(
                 Err(_) => Err("tls handshake timed out".to_owned()),
                 Ok(Err(e)) => Err(format!("tls handshake failed: {e}")),
                 Ok(Ok(tls)) => {
-                    let identity = tls
+                    // No certificate: a gateway come to enroll. One that verified must
+                    // name an identity.
+                    let identity = match tls
                         .get_ref()
                         .1
                         .peer_certificates()
                         .and_then(|certs| certs.first())
-                        .ok_or_else(|| "no client certificate".to_owned())
-                        .and_then(|cert| {
-                            Identity::from_cert_der(cert.as_ref(), &trust_domain)
-                                .map_err(|e| e.to_string())
-                        });
+                    {
+                        None => Ok(None),
+                        Some(cert) => Identity::from_cert_der(cert.as_ref(), &trust_domain)
+                            .map(Some)
+                            .map_err(|e| e.to_string()),
+                    };
                     match identity {
                         Ok(identity) => match session(tls, identity, addr, &connections).await {
                             Ok(conn) => {

@@ -44,8 +44,15 @@ pub(crate) struct NackRecord {
 pub(crate) struct NodeRecord {
     /// The node id from its certificate.
     pub node_id: String,
-    /// Labels from its last Hello.
+    /// Selector labels: the control plane's (from enrollment or an admin; for a node
+    /// with a certificate made offline, its first Hello's), never the node's own claim.
     pub labels: BTreeMap<String, String>,
+    /// What its last Hello claimed, when that differs from `labels` (ignored).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub claimed_labels: BTreeMap<String, String>,
+    /// How it enrolled, when its certificate came from this control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enrolled: Option<crate::enrollment::Enrolled>,
     /// CPU architecture from its last Hello.
     pub arch: String,
     /// Daemon version from its last Hello.

@@ -206,6 +206,16 @@ pub(crate) fn validate_label(key: &str, value: &str) -> Result<(), ControlPlaneE
     }
 }
 
+/// Checks a node's whole label set: at most 64 labels, each as `validate_label`.
+pub(crate) fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ControlPlaneError> {
+    if labels.len() > 64 {
+        return Err(ControlPlaneError::InvalidArgument(
+            "at most 64 labels per node".into(),
+        ));
+    }
+    labels.iter().try_for_each(|(k, v)| validate_label(k, v))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,7 +11,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
-use crate::api::{AuditApi, ConfigsApi, NodesApi, Pager, ReleasesApi, Requests, RolloutsApi};
+use crate::api::{
+    AuditApi, ConfigsApi, EnrollSettings, EnrollmentApi, IdentitiesApi, NodesApi, Pager,
+    ReleasesApi, Requests, RolloutsApi,
+};
 use crate::auth::AuthLayer;
 use crate::blobs::Blobs;
 use crate::catalog::Catalog;
@@ -29,6 +32,8 @@ use crate::store::{SledStore, Store};
 const MAX_CONNECTIONS_PER_ADMIN: usize = 256;
 /// Admin requests are small; anything bigger is a mistake or an attack.
 const MAX_ADMIN_MESSAGE_BYTES: usize = 1 << 20;
+/// An Enroll request: a node id, a CSR (at most 4 KiB), a token and a few labels.
+const MAX_ENROLL_MESSAGE_BYTES: usize = 16 << 10;
 /// Upload messages carry chunks (the CLI sends 1 MiB) or an attachment (up to 3 MiB).
 const RELEASE_MESSAGE_BYTES: usize = 4 << 20;
 
@@ -147,6 +152,17 @@ pub async fn run(
         config.fleet.clone(),
         shutdown.clone(),
     );
+    let enroll = Arc::new(EnrollSettings {
+        issuer: aviary_certs::NodeIssuer::open(&config.certs)?,
+        ttl: config.node_cert_ttl,
+        ca_bundle_pem: std::fs::read_to_string(&files.ca).map_err(|source| {
+            ControlPlaneError::Io {
+                context: format!("{}", files.ca.display()),
+                source,
+            }
+        })?,
+        rate: config.enroll_rate,
+    });
     let nodes = pb::nodes_server::NodesServer::new(NodesApi::new(
         registry.clone(),
         connections.clone(),
@@ -197,6 +213,17 @@ pub async fn run(
                 requests,
             ))
             .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::enrollment_server::EnrollmentServer::new(EnrollmentApi::new(
+                registry.clone(),
+                enroll,
+            ))
+            .max_decoding_message_size(MAX_ENROLL_MESSAGE_BYTES),
+        )
+        .add_service(
+            pb::identities_server::IdentitiesServer::new(IdentitiesApi::new(registry.clone()))
+                .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
         )
         .add_service(health_service)
         .add_service(reflection_v1alpha)
@@ -261,8 +288,10 @@ async fn prune_audit(
 }
 
 /// Every service health reports on ("" is the server as a whole).
-const SERVICES: [&str; 7] = [
+const SERVICES: [&str; 9] = [
     "aviary.v1.Fleet",
+    "aviary.v1.Enrollment",
+    "aviary.v1.Identities",
     "aviary.v1.Nodes",
     "aviary.v1.Audit",
     "aviary.v1.Releases",

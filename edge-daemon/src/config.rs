@@ -40,6 +40,25 @@ pub enum Command {
         #[arg(long)]
         arch: Option<String>,
     },
+    /// Makes this gateway's key (in `--certs`, 0600), sends a CSR and writes the
+    /// certificate the control plane issues; waits for an admin without a token.
+    Enroll {
+        /// Control plane URL, `https://HOST:PORT`.
+        #[arg(long)]
+        control_plane: String,
+        /// Directory with ca.pem; the key and certificate are written here.
+        #[arg(long)]
+        certs: PathBuf,
+        /// The node id to enroll as.
+        #[arg(long)]
+        node_id: String,
+        /// A bootstrap token (`aviary enroll-token create`).
+        #[arg(long)]
+        enroll_token: Option<String>,
+        /// Label `key=value` to show the approver (repeatable; never applied by itself).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
 }
 
 /// Daemon flags (every flag is also a key of the `--config` file).
@@ -85,6 +104,10 @@ pub struct Args {
     /// CPU architecture reported in the Hello (default: this build's).
     #[arg(long)]
     pub arch: Option<String>,
+    /// Bootstrap token used to enroll when `--certs` has `ca.pem` but no certificate
+    /// of this node (without one, the daemon waits for an admin's accept).
+    #[arg(long)]
+    pub enroll_token: Option<String>,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -117,6 +140,8 @@ pub struct Config {
     pub keepalive: Duration,
     /// Architecture.
     pub arch: String,
+    /// Bootstrap token for a first enrollment.
+    pub enroll_token: Option<String>,
 }
 
 impl Args {
@@ -160,6 +185,7 @@ impl Args {
             log_format: self.log_format.or(file.log_format).unwrap_or_default(),
             keepalive,
             arch,
+            enroll_token: self.enroll_token.or(file.enroll_token),
         })
     }
 }

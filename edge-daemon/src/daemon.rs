@@ -28,6 +28,18 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<Ready>>,
 ) -> Result<(), EdgeError> {
+    if crate::enroll::needs_enrollment(&config.certs, &config.node_id) {
+        let opts = crate::enroll::EnrollOptions {
+            control_plane: config.control_plane.clone(),
+            certs: config.certs.clone(),
+            node_id: config.node_id.clone(),
+            token: config.enroll_token.clone(),
+            labels: config.labels.clone(),
+        };
+        if !crate::enroll::enroll(&opts, &shutdown).await? {
+            return Ok(());
+        }
+    }
     let files = TlsFiles {
         ca: config.certs.join("ca.pem"),
         cert: config.certs.join(format!("edge-{}.pem", config.node_id)),

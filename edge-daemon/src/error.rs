@@ -43,6 +43,9 @@ pub enum EdgeError {
     /// A weight assignment was refused (it is NACKed; the old weights stay).
     #[error("invalid weight assignment: {0}")]
     InvalidAssignment(String),
+    /// The control plane refused to enroll this gateway (rejected, revoked, malformed).
+    #[error("enrollment refused: {0}")]
+    Enrollment(String),
     /// The connection to the control plane failed.
     #[error("connect: {0}")]
     Connect(#[from] tonic::transport::Error),

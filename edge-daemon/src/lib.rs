@@ -5,6 +5,7 @@
 pub mod backoff;
 pub mod config;
 mod daemon;
+pub mod enroll;
 mod error;
 mod local;
 pub mod local_http;

@@ -21,6 +21,22 @@ fn main() -> ExitCode {
     {
         return apply(&state_dir, &certs, &bundle, arch);
     }
+    if let Some(Command::Enroll {
+        control_plane,
+        certs,
+        node_id,
+        enroll_token,
+        labels,
+    }) = cli.command
+    {
+        return enroll(aviary_edge::enroll::EnrollOptions {
+            control_plane,
+            certs,
+            node_id,
+            token: enroll_token,
+            labels: labels.into_iter().collect(),
+        });
+    }
     aviary_startup::run(
         "aviary-edge",
         cli.args.resolve(),
@@ -76,6 +92,50 @@ fn describe_metrics() {
         "aviary_edge_unreadable_modules_total",
         "Modules left out because their state.json could not be read."
     );
+}
+
+/// `aviary-edge enroll`: enrolls, prints where the certificate went, exits.
+fn enroll(opts: aviary_edge::enroll::EnrollOptions) -> ExitCode {
+    if let Err(e) = aviary_certs::validate_name("node id", &opts.node_id) {
+        eprintln!("aviary-edge enroll: --node-id: {e}");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("aviary-edge enroll: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    let result = runtime.block_on(async move {
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            stop.cancel();
+        });
+        aviary_edge::enroll::enroll(&opts, &shutdown)
+            .await
+            .map(|done| (done, opts))
+    });
+    match result {
+        Ok((true, opts)) => {
+            let (key, cert) = aviary_edge::enroll::identity_paths(&opts.certs, &opts.node_id);
+            println!("enrolled: {} (key {})", cert.display(), key.display());
+            ExitCode::SUCCESS
+        }
+        Ok((false, _)) => {
+            eprintln!("aviary-edge enroll: interrupted before a certificate was issued");
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("aviary-edge enroll: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// `aviary-edge apply`: installs an offline bundle with the checks of a fleet update.

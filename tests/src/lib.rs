@@ -205,6 +205,17 @@ impl Workspace {
         self.dir.path().join(name)
     }
 
+    /// A fresh gateway's certs dir, as a factory image ships it: the deployment's
+    /// `ca.pem` and `release-signing.pub`, no key and no certificate of its own.
+    pub fn gateway_certs(&self, node_id: &str) -> anyhow::Result<PathBuf> {
+        let dir = self.path(&format!("gateway-{node_id}-certs"));
+        std::fs::create_dir_all(&dir)?;
+        for f in ["ca.pem", "release-signing.pub"] {
+            std::fs::copy(self.pki.dir.join(f), dir.join(f))?;
+        }
+        Ok(dir)
+    }
+
     /// `release ACTION --module M --version V --target T --file F --sign-key KEY`: how every
     /// signed upload or bundle of the tests starts.
     pub fn release_args(
@@ -712,11 +723,12 @@ impl Edge {
         extra: &[&str],
         program: Vec<String>,
     ) -> anyhow::Result<Edge> {
-        ws.edge_cert(node_id)?;
         let state_dir = ws.path(&format!("edge-{node_id}"));
         let mut args: Vec<String> = vec!["--control-plane".into(), url.to_owned()];
-        // A test may give the daemon its own certs dir (e.g. other trusted release keys).
+        // A test may give the daemon its own certs dir (other trusted release keys, or
+        // none of its own yet: it enrolls).
         if !extra.contains(&"--certs") {
+            ws.edge_cert(node_id)?;
             args.extend(["--certs".into(), ws.pki.dir.display().to_string()]);
         }
         args.extend([

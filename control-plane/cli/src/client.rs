@@ -20,6 +20,8 @@ pub struct Admin {
     pub rollouts: pb::rollouts_client::RolloutsClient<Channel>,
     /// `aviary.v1.Configs`.
     pub configs: pb::configs_client::ConfigsClient<Channel>,
+    /// `aviary.v1.Identities`.
+    pub identities: pb::identities_client::IdentitiesClient<Channel>,
     /// This invocation's request ids start with this (random, or `--request-id`).
     request_base: String,
     /// Mutations sent so far.
@@ -98,7 +100,8 @@ impl Admin {
             audit: pb::audit_client::AuditClient::new(channel.clone()),
             releases: pb::releases_client::ReleasesClient::new(channel.clone()),
             rollouts: pb::rollouts_client::RolloutsClient::new(channel.clone()),
-            configs: pb::configs_client::ConfigsClient::new(channel),
+            configs: pb::configs_client::ConfigsClient::new(channel.clone()),
+            identities: pb::identities_client::IdentitiesClient::new(channel),
             request_base: random_base(),
             calls: 0,
         })

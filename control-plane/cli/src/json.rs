@@ -41,6 +41,12 @@ contract!(
     ListConfigsResponse,
     NodeConfig,
     SetConfigResponse,
+    ListEnrollmentsResponse,
+    EnrollmentRequest,
+    CreateEnrollTokenResponse,
+    ListEnrollTokensResponse,
+    EnrollToken,
+    SetNodeLabelsResponse,
 );
 
 fn pool() -> anyhow::Result<&'static DescriptorPool> {

@@ -5,6 +5,7 @@ mod client;
 mod config;
 pub mod contexts;
 mod demo;
+mod identity;
 mod json;
 mod output;
 pub mod release;
@@ -142,6 +143,12 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         command: config::ConfigCommand,
+    },
+    /// Bootstrap tokens for zero-touch enrollment.
+    EnrollToken {
+        /// What to do.
+        #[command(subcommand)]
+        command: identity::TokenCommand,
     },
 }
 
@@ -332,6 +339,35 @@ pub enum NodesCommand {
         #[arg(long, default_value = "revoked by operator")]
         reason: String,
     },
+    /// Lists enrollment requests: node id, key fingerprint, claimed labels, address, time.
+    Pending,
+    /// Accepts a node's pending enrollment request, with the labels it gets.
+    Accept {
+        /// Node id.
+        id: String,
+        /// Label `k=v` (repeatable, or `k=v,k=v`).
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// The key fingerprint you checked on the gateway: refused if the request is
+        /// now for another key.
+        #[arg(long)]
+        fingerprint: Option<String>,
+    },
+    /// Rejects a node's pending enrollment request: its key is refused from then on.
+    Reject {
+        /// Node id.
+        id: String,
+        /// Why (kept in the audit log).
+        #[arg(long, default_value = "rejected by operator")]
+        reason: String,
+    },
+    /// Sets a node's selector labels (all of them): `aviary nodes label ID k=v ...`.
+    Label {
+        /// Node id.
+        id: String,
+        /// Labels `k=v`.
+        labels: Vec<String>,
+    },
 }
 
 /// Runs one CLI invocation.
@@ -471,6 +507,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut admin = connect(&target).await?;
             config::run(command, format, &mut admin).await
         }
+        Command::EnrollToken { command } => {
+            let mut admin = connect(&target).await?;
+            identity::tokens(command, format, &mut admin).await
+        }
         Command::Nodes { command } => {
             let mut admin = connect(&target).await?;
             match command {
@@ -496,6 +536,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     };
                     let reply = call!(admin.nodes, revoke_node, request)?;
                     output::revoke(format, &id, &reply)?;
+                }
+                NodesCommand::Pending => identity::pending(format, &mut admin).await?,
+                NodesCommand::Accept {
+                    id,
+                    labels,
+                    fingerprint,
+                } => {
+                    let accept = Some((labels, fingerprint));
+                    identity::decide(format, &mut admin, id, accept, String::new()).await?;
+                }
+                NodesCommand::Reject { id, reason } => {
+                    identity::decide(format, &mut admin, id, None, reason).await?;
+                }
+                NodesCommand::Label { id, labels } => {
+                    identity::label(format, &mut admin, id, labels).await?;
                 }
             }
             Ok(())

@@ -3,6 +3,7 @@
 
 mod audit;
 mod configs;
+mod identities;
 mod nodes;
 mod page;
 mod releases;
@@ -12,6 +13,7 @@ pub(crate) mod views;
 
 pub(crate) use audit::AuditApi;
 pub(crate) use configs::ConfigsApi;
+pub(crate) use identities::{EnrollSettings, EnrollmentApi, IdentitiesApi};
 pub(crate) use nodes::NodesApi;
 pub(crate) use page::Pager;
 pub(crate) use releases::ReleasesApi;
@@ -27,6 +29,6 @@ use crate::listener::PeerInfo;
 fn caller<T>(req: &Request<T>) -> Result<Identity, Status> {
     req.extensions()
         .get::<PeerInfo>()
-        .map(|p| p.identity.clone())
+        .and_then(|p| p.identity.clone())
         .ok_or_else(|| Status::unauthenticated("no verified client identity"))
 }

@@ -61,6 +61,8 @@ pub(crate) fn node(v: NodeView) -> pb::Node {
         last_seen: (status.last_seen_ms > 0).then(|| timestamp(status.last_seen_ms)),
         last_heartbeat: (status.last_heartbeat_ms > 0).then(|| timestamp(status.last_heartbeat_ms)),
         revoked: r.revoked,
+        claimed_labels: r.claimed_labels.into_iter().collect(),
+        enrolled_via: r.enrolled.map(|e| e.via.to_string()).unwrap_or_default(),
         module_rollouts: rollouts,
         configs,
     }

@@ -48,7 +48,7 @@ pub(super) async fn open(
         .get::<PeerInfo>()
         .cloned()
         .ok_or_else(|| Status::unauthenticated("no verified client identity"))?;
-    let Identity::Edge(node_id) = peer.identity.clone() else {
+    let Some(Identity::Edge(node_id)) = peer.identity.clone() else {
         return Err(Status::permission_denied("edge certificates only"));
     };
     if !fleet.admission.try_take() {
@@ -78,7 +78,7 @@ pub(super) async fn open(
             hello.node_id
         );
         let event = NewEvent::new(
-            peer.identity.to_string(),
+            format!("edge/{node_id}"),
             "auth.denied",
             format!("node/{node_id}"),
             reason.clone(),

@@ -31,6 +31,8 @@ use crate::store::{Change, Quarantined};
 
 mod answers;
 mod configs;
+mod enroll;
+mod identities;
 mod progress;
 mod rollouts;
 mod sessions;
@@ -38,6 +40,8 @@ mod views;
 mod weights;
 
 pub(crate) use answers::Answer;
+pub(crate) use enroll::{EnrollAttempt, EnrollOutcome};
+pub(crate) use identities::Verdict;
 pub(crate) use rollouts::NewRollout;
 pub(crate) use sessions::{Attachment, HelloInfo};
 pub(crate) use views::{NodeConfigView, NodeView, NodeWeights};
@@ -78,6 +82,8 @@ struct State {
     /// (a fleet reports every second; writing every node's status that often was most of
     /// the store's work).
     health_dirty: HashSet<String>,
+    /// Enrollment requests and bootstrap tokens.
+    enrollment: identities::Enrollments,
 }
 
 /// The fleet registry (see the module docs).
@@ -154,6 +160,14 @@ impl Registry {
                 revision: snap.revision,
                 dirty: pruned,
                 health_dirty: HashSet::new(),
+                enrollment: identities::Enrollments {
+                    requests: snap
+                        .enrollments
+                        .into_iter()
+                        .map(|r| (r.node_id.clone(), r))
+                        .collect(),
+                    tokens: snap.tokens.into_iter().map(|t| (t.id.clone(), t)).collect(),
+                },
             }),
             writer: tokio::sync::Mutex::new(()),
             weights: broadcast::channel(4096).0,

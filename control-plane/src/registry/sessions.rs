@@ -65,7 +65,7 @@ impl Registry {
         let _writer = self.writer.lock().await;
         let applied = hello.applied.clone();
         let applied_weights = applied.get(&Resource::Weights).copied().unwrap_or(0);
-        let (record, is_new, new_revision) = {
+        let (record, is_new, new_revision, claim_changed) = {
             let st = self.state();
             let existing = st.nodes.get(node_id);
             if existing.is_some_and(|e| e.record.revoked) {
@@ -80,8 +80,19 @@ impl Registry {
                     ..Default::default()
                 });
             let before = record.clone();
-            let labels_changed = existing.is_some() && record.labels != hello.labels;
-            record.labels = hello.labels;
+            // Labels are the control plane's. Only a node nobody registered (a
+            // certificate made offline by `aviary-certs edge`, whose maker vouched for
+            // it) is taken with its first Hello's; after that a Hello's labels are a
+            // claim, recorded and reported, never applied.
+            if existing.is_none() {
+                record.labels = hello.labels;
+            } else if record.labels == hello.labels {
+                record.claimed_labels.clear();
+            } else {
+                record.claimed_labels = hello.labels;
+            }
+            let claim_changed =
+                record.claimed_labels != before.claimed_labels && !record.claimed_labels.is_empty();
             record.arch = hello.arch;
             record.daemon_version = hello.daemon_version;
             record.modules = hello.modules;
@@ -99,33 +110,48 @@ impl Registry {
                     applied_weights > would_send
                 };
             let mut new_revision = None;
-            if labels_changed || unknown_history {
+            if unknown_history {
                 let revision = st.revision.max(applied_weights) + 1;
                 record.label_revision = revision;
                 new_revision = Some(revision);
             }
             let changed = existing.is_none() || record != before;
-            (changed.then_some(record), existing.is_none(), new_revision)
+            (
+                changed.then_some(record),
+                existing.is_none(),
+                new_revision,
+                claim_changed,
+            )
         };
         if let Some(record) = &record {
-            let events = if is_new {
-                vec![NewEvent::new(
+            let mut events = Vec::new();
+            if is_new {
+                events.push(NewEvent::new(
                     format!("edge/{node_id}"),
                     "node.registered",
                     format!("node/{node_id}"),
                     format!("labels {:?}", record.labels),
-                )]
-            } else {
-                Vec::new()
-            };
+                ));
+            }
+            if claim_changed {
+                events.push(NewEvent::new(
+                    format!("edge/{node_id}"),
+                    "node.label_claim_ignored",
+                    format!("node/{node_id}"),
+                    format!(
+                        "Hello claims labels {:?}; the node's labels stay {:?}",
+                        record.claimed_labels, record.labels
+                    ),
+                ));
+            }
             // A new revision must be durable before it is sent: a revision number names
             // exactly one weight map, even across a crash. Other registration details
             // (arch, modules) ride on sled's background flush.
             self.commit(Change {
                 nodes: vec![record.clone()],
                 revision: new_revision,
-                events,
                 durable: new_revision.is_some(),
+                events,
                 ..Default::default()
             })
             .await?;
@@ -133,46 +159,23 @@ impl Registry {
 
         let session_id = self.next_session.fetch_add(1, Ordering::Relaxed);
         let (cut_tx, cut_rx) = oneshot::channel();
-        let mut st = self.state();
+        let mut guard = self.state();
+        let st = &mut *guard;
         if let Some(rev) = new_revision {
             st.revision = st.revision.max(rev);
         }
         let ttl = self.ttl_seconds;
-        let rules = std::mem::take(&mut st.rules);
-        let rollouts = std::mem::take(&mut st.rollouts);
-        let config_layers = std::mem::take(&mut st.configs);
-        let entry = st.nodes.entry(node_id.to_owned()).or_insert_with(|| Entry {
-            record: NodeRecord::default(),
-            status: NodeStatus::default(),
-            current: DesiredWeights::default(),
-            desired: watch::Sender::new(Arc::new(Desired::new(
-                &DesiredWeights::default(),
-                ttl,
-                Instant::now(),
-            ))),
-            modules: watch::Sender::new(Arc::new(DesiredModules::new())),
-            configs: watch::Sender::new(Arc::new(DesiredConfigs::new())),
-            history: HashMap::new(),
-            session: None,
-        });
         if let Some(record) = record {
-            let current = desired(&rules, &rollouts, &record);
-            if entry.current != current {
-                entry
-                    .desired
-                    .send_replace(Arc::new(Desired::new(&current, ttl, Instant::now())));
-                entry.current = current;
-            }
-            entry.record = record;
+            st.nodes
+                .entry(node_id.to_owned())
+                .or_insert_with(|| Entry::new(ttl))
+                .record = record;
         }
-        let modules = desired_modules(&rollouts, &entry.record.node_id, &entry.record.labels);
-        if **entry.modules.borrow() != modules {
-            entry.modules.send_replace(Arc::new(modules));
-        }
-        let configs = desired_configs(&config_layers, &entry.record, &mut Encoded::default());
-        if **entry.configs.borrow() != configs {
-            entry.configs.send_replace(Arc::new(configs));
-        }
+        let entry = st
+            .nodes
+            .entry(node_id.to_owned())
+            .or_insert_with(|| Entry::new(ttl));
+        refresh(entry, &st.rules, &st.rollouts, &st.configs, ttl);
         if let Some(old) = entry.session.replace(Session {
             id: session_id,
             cut: cut_tx,
@@ -220,12 +223,9 @@ impl Registry {
             configs: entry.configs.subscribe(),
         };
         let update = weights_of(entry);
-        st.rules = rules;
-        st.rollouts = rollouts;
-        st.configs = config_layers;
         st.dirty.insert(node_id.to_owned());
         metrics::gauge!("aviary_connected_nodes").increment(1.0);
-        drop(st);
+        drop(guard);
         let _ = self.weights.send(update);
         Ok(attachment)
     }
@@ -315,6 +315,52 @@ impl Revocations for Registry {
             .nodes
             .get(node_id)
             .is_some_and(|e| e.record.revoked)
+    }
+}
+
+impl Entry {
+    /// A node the registry has no record of yet.
+    pub(super) fn new(ttl: u32) -> Entry {
+        Entry {
+            record: NodeRecord::default(),
+            status: NodeStatus::default(),
+            current: DesiredWeights::default(),
+            desired: watch::Sender::new(Arc::new(Desired::new(
+                &DesiredWeights::default(),
+                ttl,
+                Instant::now(),
+            ))),
+            modules: watch::Sender::new(Arc::new(DesiredModules::new())),
+            configs: watch::Sender::new(Arc::new(DesiredConfigs::new())),
+            history: HashMap::new(),
+            session: None,
+        }
+    }
+}
+
+/// Recomputes what `entry` should have from its record (after its labels or the node
+/// itself changed) and publishes what moved to its session.
+pub(super) fn refresh(
+    entry: &mut Entry,
+    rules: &[crate::node::WeightRule],
+    rollouts: &[crate::rollout::Rollout],
+    configs: &[crate::layers::ConfigLayer],
+    ttl: u32,
+) {
+    let current = desired(rules, rollouts, &entry.record);
+    if entry.current != current {
+        entry
+            .desired
+            .send_replace(Arc::new(Desired::new(&current, ttl, Instant::now())));
+        entry.current = current;
+    }
+    let modules = desired_modules(rollouts, &entry.record.node_id, &entry.record.labels);
+    if **entry.modules.borrow() != modules {
+        entry.modules.send_replace(Arc::new(modules));
+    }
+    let configs = desired_configs(configs, &entry.record, &mut Encoded::default());
+    if **entry.configs.borrow() != configs {
+        entry.configs.send_replace(Arc::new(configs));
     }
 }
 

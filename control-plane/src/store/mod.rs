@@ -20,6 +20,7 @@ pub(crate) use error::StoreError;
 pub(crate) use sled_store::SledStore;
 
 use crate::audit::{Event, EventFilter, NewEvent};
+use crate::enrollment::{EnrollmentRecord, TokenRecord};
 use crate::layers::ConfigLayer;
 use crate::node::{NodeRecord, NodeStatus, WeightRule};
 use crate::release::ReleaseRecord;
@@ -41,6 +42,10 @@ pub(crate) struct Snapshot {
     pub rollouts: Vec<Rollout>,
     /// Runtime config layers (tombstones included), in merge order.
     pub configs: Vec<ConfigLayer>,
+    /// Enrollment requests, by node id.
+    pub enrollments: Vec<EnrollmentRecord>,
+    /// Bootstrap tokens (hashed).
+    pub tokens: Vec<TokenRecord>,
     /// Records that could not be read and were moved to the quarantine tree.
     pub quarantined: Vec<Quarantined>,
 }
@@ -69,6 +74,12 @@ pub(crate) struct Change {
     pub rollouts: Vec<Rollout>,
     /// Config layers to insert or replace (by key).
     pub configs: Vec<ConfigLayer>,
+    /// Enrollment requests to insert or replace (by node id).
+    pub enrollments: Vec<EnrollmentRecord>,
+    /// Enrollment requests to delete (by node id).
+    pub forget_enrollments: Vec<String>,
+    /// Tokens to insert or replace (by id).
+    pub tokens: Vec<TokenRecord>,
     /// New highest revision, if it moved.
     pub revision: Option<u64>,
     /// Audit events to append.

@@ -15,7 +15,7 @@ use crate::layers::sort;
 use crate::node::NodeStatus;
 use crate::release::ReleaseRecord;
 
-pub(super) const TREES: [&str; 10] = [
+pub(super) const TREES: [&str; 11] = [
     "nodes",
     "statuses",
     "rules",
@@ -25,8 +25,13 @@ pub(super) const TREES: [&str; 10] = [
     "rollouts",
     "configs",
     "requests",
+    "enrollment",
     "quarantine",
 ];
+
+/// Key prefixes of the `enrollment` tree.
+const REQUEST_PREFIX: &str = "request/";
+const TOKEN_PREFIX: &str = "token/";
 
 const REVISION: &[u8] = b"revision";
 pub(super) const AUDIT_SEQ: &[u8] = b"audit_seq";
@@ -46,6 +51,8 @@ pub(super) struct Trees {
     pub(super) configs: sled::Tree,
     /// Request ids of mutations (`crate::requests`), by `caller\0id`.
     pub(super) requests: sled::Tree,
+    /// Enrollment requests (`request/NODE`) and bootstrap tokens (`token/ID`).
+    pub(super) enrollment: sled::Tree,
     /// Unreadable records, keyed `TREE\0KEY`, kept byte for byte for an operator.
     pub(super) quarantine: sled::Tree,
 }
@@ -68,13 +75,14 @@ impl Trees {
             rollouts: db.open_tree("rollouts")?,
             configs: db.open_tree("configs")?,
             requests: db.open_tree("requests")?,
+            enrollment: db.open_tree("enrollment")?,
             quarantine: db.open_tree("quarantine")?,
             db,
         })
     }
 
     /// Every tree by name (the names `TREES` lists), for check and backup.
-    pub(super) fn all(&self) -> [(&'static str, &sled::Tree); 10] {
+    pub(super) fn all(&self) -> [(&'static str, &sled::Tree); 11] {
         // In the order of `TREES`.
         let trees = [
             &self.nodes,
@@ -86,6 +94,7 @@ impl Trees {
             &self.rollouts,
             &self.configs,
             &self.requests,
+            &self.enrollment,
             &self.quarantine,
         ];
         std::array::from_fn(|i| (TREES[i], trees[i]))
@@ -110,6 +119,10 @@ impl Trees {
             "rollouts" => decode::<crate::rollout::Rollout>(k, v).map(drop),
             "configs" => decode::<crate::layers::ConfigLayer>(k, v).map(drop),
             "requests" => decode::<crate::requests::RequestRecord>(k, v).map(drop),
+            "enrollment" if k.starts_with(TOKEN_PREFIX.as_bytes()) => {
+                decode::<crate::enrollment::TokenRecord>(k, v).map(drop)
+            }
+            "enrollment" => decode::<crate::enrollment::EnrollmentRecord>(k, v).map(drop),
             _ => Ok(()),
         }
     }
@@ -297,6 +310,14 @@ impl Trees {
             );
         }
         sort(&mut snap.configs);
+        for (k, v) in rows(&t.enrollment)? {
+            let row = ("enrollment", &k[..], &v[..]);
+            if k.starts_with(TOKEN_PREFIX.as_bytes()) {
+                keep(&mut snap.tokens, decode(&k, &v), row, &mut bad);
+            } else {
+                keep(&mut snap.enrollments, decode(&k, &v), row, &mut bad);
+            }
+        }
         // Releases are read on demand; an unreadable one is set aside now all the same.
         let mut releases: Vec<ReleaseRecord> = Vec::new();
         for (k, v) in rows(&t.releases)? {
@@ -339,6 +360,20 @@ impl Trees {
         for c in &change.configs {
             config_rows.push((c.key(), encode(&c.key(), c)?));
         }
+        let mut enrollment_rows = Vec::new();
+        for r in &change.enrollments {
+            let key = format!("{REQUEST_PREFIX}{}", r.node_id);
+            enrollment_rows.push((encode(&key, r)?, key));
+        }
+        for t in &change.tokens {
+            let key = format!("{TOKEN_PREFIX}{}", t.id);
+            enrollment_rows.push((encode(&key, t)?, key));
+        }
+        let forget: Vec<String> = change
+            .forget_enrollments
+            .iter()
+            .map(|n| format!("{REQUEST_PREFIX}{n}"))
+            .collect();
         let trees = (
             &t.nodes,
             &t.rules,
@@ -348,9 +383,16 @@ impl Trees {
             &t.rollouts,
             &t.configs,
             &t.requests,
+            &t.enrollment,
         );
         let result = trees.transaction(
-            |(nodes, rules, events, meta, releases, rollouts, configs, requests)| {
+            |(nodes, rules, events, meta, releases, rollouts, configs, requests, enrollment)| {
+                for key in &forget {
+                    enrollment.remove(key.as_bytes())?;
+                }
+                for (v, k) in &enrollment_rows {
+                    enrollment.insert(k.as_bytes(), v.as_slice())?;
+                }
                 for (k, v) in &config_rows {
                     configs.insert(k.as_bytes(), v.as_slice())?;
                 }

@@ -10,6 +10,7 @@ mod configs;
 mod contract;
 mod deploy;
 mod durability;
+mod enrollment;
 mod foreign;
 mod inventory;
 mod lifecycle;

@@ -54,7 +54,7 @@ async fn two_regions(ws: &Workspace, cp: &ControlPlane) -> anyhow::Result<[Edge;
 #[tokio::test]
 async fn set_weight_reaches_every_daemon_and_the_audit_log_names_who() -> anyhow::Result<()> {
     let ws = Workspace::new()?;
-    aviary_certs::issue_admin(&ws.pki.dir, "alice")?;
+    aviary_certs::issue_admin(&ws.pki.dir, "alice", aviary_certs::LONG_LIVED)?;
     let cp = ControlPlane::start(&ws, &[]).await?;
     let edges = two_regions(&ws, &cp).await?;
     let mut admin = ws.admin(&cp).await?;
