@@ -14,6 +14,7 @@ pub use files::write_file;
 mod identity;
 mod link;
 mod pki;
+mod reload;
 mod signing;
 mod tls;
 
@@ -22,11 +23,12 @@ pub use error::CertsError;
 pub use identity::{validate_name, Identity};
 pub use link::{Link, LinkError};
 pub use pki::{issue_admin, issue_edge, CertPaths, EdgeMinter, InitOptions, Pki, LONG_LIVED};
+pub use reload::{reloading_client_config, validity_ms, ClientIdentity};
 pub use signing::{
     generate_release_key, PublicKey, ReleaseKeyPaths, ReleaseSigner, TrustedKeys,
     UntrustedSignature,
 };
 pub use tls::{
     anonymous_client_config, ca_roots, client_config, client_config_with, server_config,
-    trust_domain_of, TlsFiles,
+    server_config_refusing, trust_domain_of, Refuse, TlsFiles,
 };

@@ -199,6 +199,35 @@ impl EdgeMinter {
     }
 }
 
+impl EdgeMinter {
+    /// Like `mint`, valid only from `not_before` to `not_after` (Unix seconds): for
+    /// showing that expired and not-yet-valid certificates are refused.
+    pub fn mint_valid(
+        &self,
+        node_id: &str,
+        not_before: i64,
+        not_after: i64,
+    ) -> Result<(Vec<u8>, Vec<u8>), CertsError> {
+        validate_name("node id", node_id)?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = leaf_params(
+            &Identity::Edge(node_id.to_owned()),
+            &self.trust_domain,
+            Vec::new(),
+            &[ExtendedKeyUsagePurpose::ClientAuth],
+            LONG_LIVED,
+        )?;
+        let at = |secs: i64| {
+            time::OffsetDateTime::from_unix_timestamp(secs)
+                .map_err(|e| CertsError::Csr(format!("validity {secs}: {e}")))
+        };
+        params.not_before = at(not_before)?;
+        params.not_after = at(not_after)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.der().to_vec(), key.serialize_der()))
+    }
+}
+
 /// `aviary-certs admin`: a client certificate for operator `name`, valid for `ttl`.
 pub fn issue_admin(dir: &Path, name: &str, ttl: Duration) -> Result<CertPaths, CertsError> {
     validate_name("admin name", name)?;

@@ -66,14 +66,28 @@ fn roots(ca: &Path) -> Result<RootCertStore, CertsError> {
     Ok(roots)
 }
 
+/// Says why a client certificate (DER, already verified against the CA) is refused,
+/// or `None`: the server's own list of who is out (revoked nodes).
+pub type Refuse = Arc<dyn Fn(&[u8]) -> Option<String> + Send + Sync>;
+
 /// Server side: TLS 1.3; a client certificate, when one is shown, must chain to the
 /// deployment CA. A peer may show none (a gateway that has not enrolled yet): the
 /// server's authorisation layer then lets it enroll and nothing else.
 pub fn server_config(files: &TlsFiles) -> Result<ServerConfig, CertsError> {
-    let verifier =
+    server_config_refusing(files, Arc::new(|_: &[u8]| None))
+}
+
+/// Like `server_config`, also failing the handshake of a certificate `refuse` names:
+/// a revoked node never gets as far as HTTP/2.
+pub fn server_config_refusing(
+    files: &TlsFiles,
+    refuse: Refuse,
+) -> Result<ServerConfig, CertsError> {
+    let inner =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots(&files.ca)?), provider())
             .allow_unauthenticated()
             .build()?;
+    let verifier = Arc::new(RefusingVerifier { inner, refuse });
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -131,4 +145,67 @@ pub fn trust_domain_of(ca_pem: &Path) -> Result<String, CertsError> {
             path: ca_pem.to_owned(),
             reason: "CA certificate names no spiffe:// trust domain (made by aviary-certs?)".into(),
         })
+}
+
+/// A client verifier that adds the server's refusals to the CA's verdict.
+struct RefusingVerifier {
+    inner: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    refuse: Refuse,
+}
+
+impl std::fmt::Debug for RefusingVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RefusingVerifier")
+    }
+}
+
+impl rustls::server::danger::ClientCertVerifier for RefusingVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.inner.offer_client_auth()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)?;
+        match (self.refuse)(end_entity.as_ref()) {
+            Some(reason) => Err(rustls::Error::General(reason)),
+            None => Ok(verified),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }

@@ -12,6 +12,19 @@ use std::collections::BTreeMap;
 
 use ring::rand::SecureRandom;
 
+/// What issuing node certificates needs: the CA, the lifetime, the bundle to hand out
+/// and the rate enrollment is served at.
+pub(crate) struct EnrollSettings {
+    /// Signs node certificates.
+    pub issuer: aviary_certs::NodeIssuer,
+    /// Their lifetime (`--node-cert-ttl`).
+    pub ttl: std::time::Duration,
+    /// The trust bundle handed to enrolling gateways.
+    pub ca_bundle_pem: String,
+    /// Enroll calls admitted per second, fleet-wide (`--enroll-rate`).
+    pub rate: f64,
+}
+
 /// Pending requests kept at most: a flood of requests cannot grow the store without bound.
 pub(crate) const MAX_REQUESTS: usize = 10_000;
 /// Tokens kept at most.
@@ -121,8 +134,61 @@ pub(crate) struct Enrolled {
     pub key_fingerprint: String,
     /// Serial of the newest certificate, hex.
     pub serial: String,
+    /// When it was issued (Unix ms).
+    #[serde(default)]
+    pub issued_ms: u64,
     /// Its end of validity (Unix ms).
     pub not_after_ms: u64,
+    /// Older certificates of the node that have not expired yet (a revocation lists
+    /// them too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub previous: Vec<IssuedSerial>,
+}
+
+/// One certificate the control plane issued.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct IssuedSerial {
+    /// Serial, hex.
+    pub serial: String,
+    /// End of validity (Unix ms).
+    pub not_after_ms: u64,
+}
+
+impl Enrolled {
+    /// Takes a renewal: the current certificate joins the older ones, and those
+    /// expired by `now_ms` are forgotten.
+    pub(crate) fn renewed(
+        &mut self,
+        fingerprint: String,
+        serial: String,
+        not_after_ms: u64,
+        now_ms: u64,
+    ) {
+        let old = IssuedSerial {
+            serial: std::mem::replace(&mut self.serial, serial),
+            not_after_ms: std::mem::replace(&mut self.not_after_ms, not_after_ms),
+        };
+        self.previous.push(old);
+        self.previous.retain(|s| s.not_after_ms > now_ms);
+        self.key_fingerprint = fingerprint;
+    }
+
+    /// True before a sixth of the current certificate's lifetime has passed.
+    pub(crate) fn too_early(&self, now_ms: u64) -> bool {
+        let life = self.not_after_ms.saturating_sub(self.issued_ms);
+        now_ms < self.issued_ms.saturating_add(life / 6)
+    }
+
+    /// Every certificate of the node still within its validity at `now_ms`.
+    pub(crate) fn live_serials(&self, now_ms: u64) -> Vec<IssuedSerial> {
+        std::iter::once(IssuedSerial {
+            serial: self.serial.clone(),
+            not_after_ms: self.not_after_ms,
+        })
+        .chain(self.previous.iter().cloned())
+        .filter(|s| s.not_after_ms > now_ms)
+        .collect()
+    }
 }
 
 /// A bootstrap token as given to gateways: `avt1_<id>_<secret>`, both hex.

@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
 use crate::api::{
-    AuditApi, ConfigsApi, EnrollSettings, EnrollmentApi, IdentitiesApi, NodesApi, Pager,
-    ReleasesApi, Requests, RolloutsApi,
+    AuditApi, ConfigsApi, EnrollmentApi, IdentitiesApi, NodesApi, Pager, ReleasesApi, Requests,
+    RolloutsApi,
 };
 use crate::auth::AuthLayer;
 use crate::blobs::Blobs;
@@ -21,6 +21,7 @@ use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::deltas::Deltas;
+use crate::enrollment::EnrollSettings;
 use crate::error::ControlPlaneError;
 use crate::fleet::{Fleet, FleetService};
 use crate::journal::Journal;
@@ -51,7 +52,6 @@ pub async fn run(
         key: config.certs.join("control-plane.key"),
     };
     let trust_domain = aviary_certs::trust_domain_of(&files.ca)?;
-    let tls = aviary_certs::server_config(&files)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ControlPlaneError::Io {
         context: format!("--data-dir {}", config.data_dir.display()),
         source,
@@ -95,6 +95,10 @@ pub async fn run(
     tracing::info!(listen = %local, trust_domain, "control plane serving");
 
     let (conn_tx, conn_rx) = mpsc::channel(1024);
+    let tls = aviary_certs::server_config_refusing(
+        &files,
+        revoked_at_handshake(&registry, &trust_domain),
+    )?;
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let connections = Connections::new(config.max_connections_per_node, MAX_CONNECTIONS_PER_ADMIN);
     let accept = tokio::spawn(accept_loop(
@@ -144,14 +148,6 @@ pub async fn run(
         &config.data_dir.join("payloads"),
         config.deltas.clone(),
     )?);
-    let fleet = Fleet::new(
-        registry.clone(),
-        journal.clone(),
-        catalog.clone(),
-        deltas,
-        config.fleet.clone(),
-        shutdown.clone(),
-    );
     let enroll = Arc::new(EnrollSettings {
         issuer: aviary_certs::NodeIssuer::open(&config.certs)?,
         ttl: config.node_cert_ttl,
@@ -163,6 +159,15 @@ pub async fn run(
         })?,
         rate: config.enroll_rate,
     });
+    let fleet = Fleet::new(
+        registry.clone(),
+        journal.clone(),
+        catalog.clone(),
+        deltas,
+        config.fleet.clone(),
+        enroll.clone(),
+        shutdown.clone(),
+    );
     let nodes = pb::nodes_server::NodesServer::new(NodesApi::new(
         registry.clone(),
         connections.clone(),
@@ -238,6 +243,22 @@ pub async fn run(
     registry.flush_statuses(true).await?;
     tracing::info!("control plane stopped");
     result.map_err(Into::into)
+}
+
+/// Fails the TLS handshake of a revoked node's certificate, whichever serial it is: a
+/// revoked node never reaches HTTP/2 again (the handshake refusal is audited).
+fn revoked_at_handshake(registry: &Arc<Registry>, trust_domain: &str) -> aviary_certs::Refuse {
+    use crate::auth::Revocations;
+    let registry = registry.clone();
+    let trust_domain = trust_domain.to_owned();
+    Arc::new(
+        move |der: &[u8]| match aviary_certs::Identity::from_cert_der(der, &trust_domain) {
+            Ok(aviary_certs::Identity::Edge(id)) if registry.is_revoked(&id) => {
+                Some(format!("node {id} is revoked"))
+            }
+            _ => None,
+        },
+    )
 }
 
 /// Keeps the audit log within its retention, and forgets request ids past theirs: once

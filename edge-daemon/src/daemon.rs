@@ -28,24 +28,31 @@ pub async fn run(
     shutdown: CancellationToken,
     ready: Option<tokio::sync::oneshot::Sender<Ready>>,
 ) -> Result<(), EdgeError> {
-    if crate::enroll::needs_enrollment(&config.certs, &config.node_id) {
-        let opts = crate::enroll::EnrollOptions {
-            control_plane: config.control_plane.clone(),
-            certs: config.certs.clone(),
-            node_id: config.node_id.clone(),
-            token: config.enroll_token.clone(),
-            labels: config.labels.clone(),
-        };
-        if !crate::enroll::enroll(&opts, &shutdown).await? {
-            return Ok(());
-        }
+    let enroll = crate::enroll::EnrollOptions {
+        control_plane: config.control_plane.clone(),
+        certs: config.certs.clone(),
+        node_id: config.node_id.clone(),
+        token: config.enroll_token.clone(),
+        labels: config.labels.clone(),
+    };
+    if crate::enroll::needs_enrollment(&config.certs, &config.node_id)
+        && !crate::enroll::enroll(&enroll, &shutdown).await?
+    {
+        return Ok(());
     }
     let files = TlsFiles {
         ca: config.certs.join("ca.pem"),
         cert: config.certs.join(format!("edge-{}.pem", config.node_id)),
         key: config.certs.join(format!("edge-{}.key", config.node_id)),
     };
-    let link = Link::new(&config.control_plane, &files)?.keepalive(config.keepalive);
+    // Re-read after each renewal: the next handshake presents the new certificate.
+    let client_identity = aviary_certs::ClientIdentity::load(&files.cert, &files.key)?;
+    let tls = aviary_certs::reloading_client_config(
+        aviary_certs::ca_roots(&files.ca)?,
+        client_identity.clone(),
+    )?;
+    let link = Link::with_config(&config.control_plane, tls)?.keepalive(config.keepalive);
+    let renewal = Arc::new(crate::renewal::Renewal::new(client_identity, enroll)?);
     let state_dir = config.state_dir.clone();
     let weights = Arc::new(
         tokio::task::spawn_blocking(move || Weights::load(&state_dir))
@@ -105,6 +112,7 @@ pub async fn run(
         node_id: config.node_id.clone(),
         labels: config.labels.clone(),
         arch: config.arch.clone(),
+        renewal,
     };
     let span = tracing::info_span!("fleet_stream", node_id = %identity.node_id);
     tracing::Instrument::instrument(

@@ -10,6 +10,7 @@ mod error;
 mod local;
 pub mod local_http;
 pub mod modules;
+mod renewal;
 pub mod runtime;
 mod runtime_config;
 mod session;

@@ -33,11 +33,13 @@ const HEARTBEAT_TICKS: u64 = 10;
 const TOUCH_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Who this daemon is, for the Hello.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub(crate) struct Identity {
     pub(crate) node_id: String,
     pub(crate) labels: BTreeMap<String, String>,
     pub(crate) arch: String,
+    /// The node's certificate: renewed on the stream, re-enrolled once expired.
+    pub(crate) renewal: Arc<crate::renewal::Renewal>,
 }
 
 /// Keeps a fleet stream up until `shutdown`.
@@ -50,6 +52,14 @@ pub(crate) async fn run(
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(30));
     loop {
+        // An expired certificate fails every handshake: enroll again first.
+        if identity.renewal.expired() {
+            match identity.renewal.reenroll(&shutdown).await {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(e) => tracing::error!(error = %e, "could not enroll again"),
+            }
+        }
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => break,
             outcome = stream_once(&link, &identity, &weights, &local, &mut backoff) => outcome,
@@ -138,6 +148,8 @@ async fn stream_once(
     touch.tick().await;
     let mut incoming: Option<Incoming> = None;
     let mut health = tokio::time::interval(HEALTH_INTERVAL);
+    let renewal = &identity.renewal;
+    let mut renew_at = tokio::time::Instant::now() + renewal.due_in();
     let mut ticks = 0u64;
     health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
@@ -152,7 +164,18 @@ async fn stream_once(
                     send(&tx, pb::edge_message::Kind::Health(report)).await?;
                 }
             }
+            _ = tokio::time::sleep_until(renew_at) => {
+                send(&tx, pb::edge_message::Kind::Renew(renewal.request()?)).await?;
+                renew_at = tokio::time::Instant::now() + renewal.answer_timeout();
+            }
             msg = inbound.message() => match msg {
+                Ok(Some(pb::ControlMessage { kind: Some(Kind::Certificate(issued)), .. })) => {
+                    match renewal.install(&issued) {
+                        Ok(()) => renew_at = tokio::time::Instant::now() + renewal.due_in(),
+                        // Asked again after the answer timeout, until the certificate ends.
+                        Err(e) => tracing::warn!(error = %e, "renewal failed"),
+                    }
+                }
                 Ok(Some(msg)) => handle(msg, weights, local, &mut incoming, &tx).await?,
                 Ok(None) => break Ok(()),
                 Err(status) => break Err(status.into()),
@@ -355,7 +378,8 @@ async fn handle_message(
             }
             Ok(())
         }
-        None => Ok(()),
+        // Answered in `stream_once`, which holds the renewal.
+        Some(Kind::Certificate(_)) | None => Ok(()),
     }
 }
 

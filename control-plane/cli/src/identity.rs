@@ -241,3 +241,25 @@ pub(crate) async fn label(
     }
     Ok(())
 }
+
+/// `aviary nodes revocations`.
+pub(crate) async fn revocations(format: Format, admin: &mut Admin) -> anyhow::Result<()> {
+    let reply = admin
+        .identities
+        .list_revocations(pb::ListRevocationsRequest {})
+        .await?
+        .into_inner();
+    if structured(format, &reply)? {
+        return Ok(());
+    }
+    println!("{:<20} {:<34} NOT AFTER", "NODE", "SERIAL");
+    for r in &reply.revocations {
+        if r.serials.is_empty() {
+            println!("{:<20} {:<34} -", r.node_id, "(made offline)");
+        }
+        for s in &r.serials {
+            println!("{:<20} {:<34} {}", r.node_id, s.serial, time(&s.not_after));
+        }
+    }
+    Ok(())
+}

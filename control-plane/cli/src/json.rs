@@ -47,6 +47,7 @@ contract!(
     ListEnrollTokensResponse,
     EnrollToken,
     SetNodeLabelsResponse,
+    ListRevocationsResponse,
 );
 
 fn pool() -> anyhow::Result<&'static DescriptorPool> {

@@ -361,6 +361,8 @@ pub enum NodesCommand {
         #[arg(long, default_value = "rejected by operator")]
         reason: String,
     },
+    /// Revoked nodes and the serials of their certificates that have not expired.
+    Revocations,
     /// Sets a node's selector labels (all of them): `aviary nodes label ID k=v ...`.
     Label {
         /// Node id.
@@ -538,6 +540,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     output::revoke(format, &id, &reply)?;
                 }
                 NodesCommand::Pending => identity::pending(format, &mut admin).await?,
+                NodesCommand::Revocations => identity::revocations(format, &mut admin).await?,
                 NodesCommand::Accept {
                     id,
                     labels,

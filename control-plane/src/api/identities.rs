@@ -4,9 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
-use aviary_certs::{CheckedCsr, NodeIssuer};
+use aviary_certs::CheckedCsr;
 use aviary_proto::v1 as pb;
 use pb::enrollment_server::Enrollment;
 use pb::identities_server::Identities;
@@ -16,7 +15,7 @@ use super::caller;
 use super::views::timestamp;
 use crate::admission::TokenBucket;
 use crate::enrollment::{
-    Decision, EnrollmentRecord, TokenRecord, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES,
+    Decision, EnrollSettings, EnrollmentRecord, TokenRecord, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES,
 };
 use crate::error::bad_field;
 use crate::listener::PeerInfo;
@@ -24,18 +23,6 @@ use crate::registry::{EnrollAttempt, EnrollOutcome, Registry, Verdict};
 
 /// How long a pending gateway is told to wait before asking again.
 const RETRY_AFTER_SECONDS: u32 = 5;
-
-/// What enrollment needs besides the registry.
-pub(crate) struct EnrollSettings {
-    /// Signs node certificates.
-    pub issuer: NodeIssuer,
-    /// Their lifetime (`--node-cert-ttl`).
-    pub ttl: Duration,
-    /// The trust bundle handed to enrolling gateways.
-    pub ca_bundle_pem: String,
-    /// Enroll calls admitted per second, fleet-wide (`--enroll-rate`).
-    pub rate: f64,
-}
 
 /// Implements `aviary.v1.Enrollment`.
 pub(crate) struct EnrollmentApi {
@@ -233,6 +220,28 @@ impl Identities for IdentitiesApi {
             labels: labels.into_iter().collect(),
             desired_revision,
         }))
+    }
+
+    async fn list_revocations(
+        &self,
+        _req: Request<pb::ListRevocationsRequest>,
+    ) -> Result<Response<pb::ListRevocationsResponse>, Status> {
+        let revocations = self
+            .registry
+            .revocations()
+            .into_iter()
+            .map(|(node_id, serials)| pb::Revocation {
+                node_id,
+                serials: serials
+                    .into_iter()
+                    .map(|s| pb::RevokedSerial {
+                        serial: s.serial,
+                        not_after: Some(timestamp(s.not_after_ms)),
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ListRevocationsResponse { revocations }))
     }
 }
 

@@ -13,7 +13,7 @@ pub(crate) mod views;
 
 pub(crate) use audit::AuditApi;
 pub(crate) use configs::ConfigsApi;
-pub(crate) use identities::{EnrollSettings, EnrollmentApi, IdentitiesApi};
+pub(crate) use identities::{EnrollmentApi, IdentitiesApi};
 pub(crate) use nodes::NodesApi;
 pub(crate) use page::Pager;
 pub(crate) use releases::ReleasesApi;

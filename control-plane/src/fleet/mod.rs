@@ -2,6 +2,7 @@
 
 mod codec;
 mod hello;
+mod renewal;
 mod service;
 mod session;
 mod tracker;
@@ -49,6 +50,8 @@ pub(crate) struct Fleet {
     deltas: Arc<Deltas>,
     admission: TokenBucket,
     settings: FleetSettings,
+    /// Issues renewed node certificates.
+    identity: Arc<crate::enrollment::EnrollSettings>,
     shutdown: CancellationToken,
 }
 
@@ -60,9 +63,11 @@ impl Fleet {
         catalog: Arc<Catalog>,
         deltas: Arc<Deltas>,
         settings: FleetSettings,
+        identity: Arc<crate::enrollment::EnrollSettings>,
         shutdown: CancellationToken,
     ) -> Arc<Fleet> {
         Arc::new(Fleet {
+            identity,
             admission: TokenBucket::new(settings.admission_rate, settings.admission_burst),
             registry,
             journal,

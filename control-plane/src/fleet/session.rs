@@ -389,6 +389,10 @@ impl Session {
                     metrics::counter!("aviary_health_ignored_total").increment(ignored as u64);
                 }
             }
+            Some(Kind::Renew(req)) => {
+                let frame = super::renewal::answer(&self.fleet, &self.node_id, req).await;
+                let _ = self.send(frame).await;
+            }
             None => return Err(Status::invalid_argument("EdgeMessage without a kind")),
         }
         Ok(())

@@ -125,7 +125,9 @@ impl Registry {
                 via: via.clone(),
                 key_fingerprint: attempt.csr.fingerprint.clone(),
                 serial: issued.serial.clone(),
+                issued_ms: now,
                 not_after_ms: issued.not_after_ms,
+                previous: Vec::new(),
             });
             (record, revision)
         };

@@ -250,4 +250,26 @@ impl Registry {
         all.sort_by(|a, b| (b.created_ms, &b.id).cmp(&(a.created_ms, &a.id)));
         all
     }
+
+    /// Revoked nodes, by id, with their certificates that have not expired.
+    pub(crate) fn revocations(&self) -> Vec<(String, Vec<crate::enrollment::IssuedSerial>)> {
+        let now = now_ms();
+        let mut all: Vec<_> = self
+            .state()
+            .nodes
+            .values()
+            .filter(|e| e.record.revoked)
+            .map(|e| {
+                let serials = e
+                    .record
+                    .enrolled
+                    .as_ref()
+                    .map(|en| en.live_serials(now))
+                    .unwrap_or_default();
+                (e.record.node_id.clone(), serials)
+            })
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
 }

@@ -34,6 +34,7 @@ mod configs;
 mod enroll;
 mod identities;
 mod progress;
+mod renew;
 mod rollouts;
 mod sessions;
 mod views;

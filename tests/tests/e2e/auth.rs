@@ -96,6 +96,35 @@ async fn a_certificate_from_another_ca_is_refused_and_audited() -> anyhow::Resul
     Ok(())
 }
 
+/// An expired or not-yet-valid certificate from the deployment's own CA fails the
+/// handshake, and the refusal is audited with the reason.
+#[tokio::test]
+async fn expired_and_not_yet_valid_certificates_are_refused_at_the_handshake() -> anyhow::Result<()>
+{
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Fleet { ws, cp, .. } = Fleet::start(0).await?;
+    let minter = aviary_certs::EdgeMinter::open(&ws.pki.dir)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs() as i64;
+    for (node, from, until, why) in [
+        ("gw-old", now - 7200, now - 3600, "xpired"),
+        ("gw-new", now + 3600, now + 7200, "valid"),
+    ] {
+        let (cert, key) = minter.mint_valid(node, from, until)?;
+        let config = aviary_certs::client_config_with(
+            aviary_certs::ca_roots(&ws.pki.ca_cert())?,
+            vec![CertificateDer::from(cert)],
+            PrivateKeyDer::Pkcs8(key.into()),
+        )?;
+        let result =
+            RawStream::open(&Link::with_config(&cp.url(), config)?, hello(node, &[], 0)).await;
+        assert!(result.is_err(), "{node}'s certificate opened a stream");
+        audited(&ws, &cp, "auth.handshake_refused", why).await?;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_hello_naming_another_node_is_denied_and_audited() -> anyhow::Result<()> {
     let Fleet { ws, cp, .. } = Fleet::start(0).await?;

@@ -11,7 +11,11 @@ use aviary_tests::{bin, eventually, ControlPlane, Edge, Fleet, Workspace};
 use tonic::Code;
 
 /// The token `aviary enroll-token create` printed alone on its last line.
-fn create_token(cp: &ControlPlane, ws: &Workspace, args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn create_token(
+    cp: &ControlPlane,
+    ws: &Workspace,
+    args: &[&str],
+) -> anyhow::Result<String> {
     let mut all = vec!["enroll-token", "create"];
     all.extend_from_slice(args);
     let out = cp.cli(ws, &all)?;

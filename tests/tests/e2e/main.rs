@@ -17,6 +17,7 @@ mod lifecycle;
 mod packages;
 mod protocol;
 mod releases;
+mod renewal;
 mod runtime;
 mod sandbox;
 mod sensors;

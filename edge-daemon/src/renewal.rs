@@ -1,0 +1,115 @@
+//! The node's certificate over its life: when to ask for the next one (two-thirds of
+//! the way through, with jitter so a fleet enrolled together does not renew together),
+//! what to do with the answer (check it, write it whole, present it at the next
+//! handshake without dropping the stream), and what to do once it has expired (enroll
+//! again, by the policy the node enrolled under).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aviary_certs::{ClientIdentity, NodeKey};
+use aviary_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::enroll::{identity_paths, EnrollOptions};
+use crate::EdgeError;
+
+/// A renewal not answered within this long is asked for again.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The node's certificate and how to renew it.
+pub(crate) struct Renewal {
+    identity: Arc<ClientIdentity>,
+    key: NodeKey,
+    trust_domain: String,
+    enroll: EnrollOptions,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Renewal {
+    /// For the certificate `identity` holds; `enroll` is how to get a new one once it
+    /// has expired.
+    pub(crate) fn new(
+        identity: Arc<ClientIdentity>,
+        enroll: EnrollOptions,
+    ) -> Result<Renewal, EdgeError> {
+        let (key_path, _) = identity_paths(&enroll.certs, &enroll.node_id);
+        let (key, _) = NodeKey::load_or_create(&key_path)?;
+        let trust_domain = aviary_certs::trust_domain_of(&enroll.certs.join("ca.pem"))?;
+        Ok(Renewal {
+            identity,
+            key,
+            trust_domain,
+            enroll,
+        })
+    }
+
+    /// How long until the certificate in use should be renewed: two-thirds of its
+    /// lifetime, ±5 %.
+    pub(crate) fn due_in(&self) -> Duration {
+        let Ok((not_before, not_after)) = self.identity.validity() else {
+            return Duration::ZERO;
+        };
+        let life = not_after.saturating_sub(not_before);
+        let jitter = (fastrand::f64() - 0.5) * 0.1;
+        let at = not_before + ((life as f64) * (2.0 / 3.0 + jitter)) as u64;
+        Duration::from_millis(at.saturating_sub(now_ms()))
+    }
+
+    /// How long to wait for an answer before asking again.
+    pub(crate) fn answer_timeout(&self) -> Duration {
+        ANSWER_TIMEOUT
+    }
+
+    /// True once the certificate in use is past its end.
+    pub(crate) fn expired(&self) -> bool {
+        self.identity
+            .validity()
+            .is_ok_and(|(_, not_after)| now_ms() >= not_after)
+    }
+
+    /// The renewal request: a CSR for the key the node holds.
+    pub(crate) fn request(&self) -> Result<pb::CertificateRequest, EdgeError> {
+        Ok(pb::CertificateRequest {
+            csr: self.key.csr(&self.enroll.node_id, &self.trust_domain)?,
+        })
+    }
+
+    /// Checks and installs an issued certificate: written whole, then presented from
+    /// the next handshake on.
+    pub(crate) fn install(&self, issued: &pb::IssuedCertificate) -> Result<(), EdgeError> {
+        if !issued.refused.is_empty() {
+            return Err(EdgeError::Enrollment(format!(
+                "renewal refused: {}",
+                issued.refused
+            )));
+        }
+        self.key.check_certificate(
+            &issued.certificate_pem,
+            &self.enroll.node_id,
+            &self.trust_domain,
+        )?;
+        let (_, cert_path) = identity_paths(&self.enroll.certs, &self.enroll.node_id);
+        aviary_certs::write_file(&cert_path, issued.certificate_pem.as_bytes(), 0o644)?;
+        self.identity.reload()?;
+        metrics::counter!("aviary_edge_renewals_total").increment(1);
+        tracing::info!(cert = %cert_path.display(), "certificate renewed");
+        Ok(())
+    }
+
+    /// The certificate expired (the daemon was off, or cut off, past its end): enroll
+    /// again with the same key, and present the new certificate. False on shutdown.
+    pub(crate) async fn reenroll(&self, shutdown: &CancellationToken) -> Result<bool, EdgeError> {
+        tracing::warn!("certificate expired; enrolling again");
+        if !crate::enroll::enroll(&self.enroll, shutdown).await? {
+            return Ok(false);
+        }
+        self.identity.reload()?;
+        Ok(true)
+    }
+}
