@@ -17,9 +17,10 @@ use rcgen::{
 };
 use rustls::pki_types::CertificateSigningRequestDer;
 
+use crate::ca::hex;
 use crate::files::write_file;
 use crate::identity::validate_name;
-use crate::pki::{leaf_params, load_issuer};
+use crate::pki::leaf_params;
 use crate::{CertsError, Identity};
 
 /// A CSR larger than this is not one of ours (a P-256 CSR is about 300 bytes).
@@ -30,10 +31,6 @@ pub const MAX_CSR_BYTES: usize = 4096;
 pub fn key_fingerprint(public_key_raw: &[u8]) -> String {
     let digest = ring::digest::digest(&ring::digest::SHA256, public_key_raw);
     format!("sha256:{}", hex(digest.as_ref()))
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A gateway's own private key.
@@ -151,6 +148,8 @@ pub struct Issued {
     pub serial: String,
     /// End of validity (Unix ms).
     pub not_after_ms: u64,
+    /// `ca_fingerprint` of the CA that signed it.
+    pub ca: String,
 }
 
 /// Signs node certificates with the deployment CA (held by the control plane, which
@@ -158,16 +157,23 @@ pub struct Issued {
 pub struct NodeIssuer {
     issuer: Issuer<'static, KeyPair>,
     trust_domain: String,
+    fingerprint: String,
 }
 
 impl NodeIssuer {
     /// Loads `ca.pem` and `ca.key` from `dir`.
     pub fn open(dir: &Path) -> Result<NodeIssuer, CertsError> {
-        let (issuer, trust_domain) = load_issuer(dir)?;
+        let (issuer, fingerprint, trust_domain) = crate::ca::issuing(dir)?;
         Ok(NodeIssuer {
             issuer,
             trust_domain,
+            fingerprint,
         })
+    }
+
+    /// `ca_fingerprint` of the CA it issues from.
+    pub fn ca_fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// The trust domain it issues in.
@@ -206,6 +212,7 @@ impl NodeIssuer {
             pem: cert.pem(),
             serial: hex(&serial),
             not_after_ms,
+            ca: self.fingerprint.clone(),
         })
     }
 }

@@ -7,6 +7,7 @@
 //! trust the `Identity` it returns and nothing else about a peer.
 #![forbid(unsafe_code)]
 
+pub mod ca;
 mod enroll;
 mod error;
 mod files;
@@ -18,11 +19,14 @@ mod reload;
 mod signing;
 mod tls;
 
+pub use ca::{ca_fingerprint, SignedBundle};
 pub use enroll::{key_fingerprint, CheckedCsr, Issued, NodeIssuer, NodeKey, MAX_CSR_BYTES};
 pub use error::CertsError;
 pub use identity::{validate_name, Identity};
 pub use link::{Link, LinkError};
-pub use pki::{issue_admin, issue_edge, CertPaths, EdgeMinter, InitOptions, Pki, LONG_LIVED};
+pub use pki::{
+    issue_admin, issue_edge, reissue_server, CertPaths, EdgeMinter, InitOptions, Pki, LONG_LIVED,
+};
 pub use reload::{reloading_client_config, validity_ms, ClientIdentity};
 pub use signing::{
     generate_release_key, PublicKey, ReleaseKeyPaths, ReleaseSigner, TrustedKeys,

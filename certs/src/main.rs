@@ -37,6 +37,12 @@ enum Command {
         #[arg(long)]
         node_id: String,
     },
+    /// CA rotation, one step at a time (a running control plane picks each up).
+    Ca {
+        /// The step.
+        #[command(subcommand)]
+        step: CaStep,
+    },
     /// Issues `admin-NAME.pem` / `admin-NAME.key` for one operator.
     Admin {
         /// Directory holding ca.pem and ca.key.
@@ -48,6 +54,30 @@ enum Command {
         /// How long the certificate is valid (e.g. `12h`, `90d`).
         #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
         ttl: std::time::Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaStep {
+    /// 1. A new CA joins ca.pem and issues from now on; the old key stays as
+    ///    ca-previous.key until `retire`.
+    Rotate {
+        /// The CA directory (the control plane's --certs).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// 2. The control plane's certificate, issued again by the new CA.
+    Server {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// 3. Every CA but the issuing one leaves ca.pem (after `aviary ca status` shows no
+    ///    node on an old one).
+    Retire {
+        /// The CA directory.
+        #[arg(long)]
+        dir: PathBuf,
     },
 }
 
@@ -76,6 +106,20 @@ fn main() -> ExitCode {
         }
         Command::Edge { dir, node_id } => aviary_certs::issue_edge(&dir, &node_id)
             .map(|p| println!("wrote {} and {}", p.cert.display(), p.key.display())),
+        Command::Ca {
+            step: CaStep::Rotate { dir },
+        } => aviary_certs::ca::rotate(&dir).map(|fp| println!("new issuing CA {fp}")),
+        Command::Ca {
+            step: CaStep::Server { dir },
+        } => aviary_certs::reissue_server(&dir)
+            .map(|p| println!("wrote {} and {}", p.cert.display(), p.key.display())),
+        Command::Ca {
+            step: CaStep::Retire { dir },
+        } => aviary_certs::ca::retire(&dir).map(|gone| {
+            for fp in gone {
+                println!("retired CA {fp}");
+            }
+        }),
         Command::Admin { dir, name, ttl } => aviary_certs::issue_admin(&dir, &name, ttl)
             .map(|p| println!("wrote {} and {}", p.cert.display(), p.key.display())),
     };

@@ -249,20 +249,51 @@ pub fn issue_admin(dir: &Path, name: &str, ttl: Duration) -> Result<CertPaths, C
 }
 
 pub(crate) fn load_issuer(dir: &Path) -> Result<(Issuer<'static, KeyPair>, String), CertsError> {
-    let ca_pem_path = dir.join("ca.pem");
-    let ca_pem = std::fs::read_to_string(&ca_pem_path).map_err(CertsError::io(&ca_pem_path))?;
-    let key_path = dir.join("ca.key");
-    let key_pem = std::fs::read_to_string(&key_path).map_err(CertsError::io(&key_path))?;
-    let key = KeyPair::from_pem(&key_pem).map_err(|e| CertsError::Pem {
-        path: key_path,
-        reason: e.to_string(),
-    })?;
-    let td = crate::tls::trust_domain_of(&ca_pem_path)?;
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(|e| CertsError::Pem {
-        path: ca_pem_path,
-        reason: e.to_string(),
-    })?;
+    let (issuer, _, td) = crate::ca::issuing(dir)?;
     Ok((issuer, td))
+}
+
+/// `aviary-certs ca server`: the control plane's certificate issued again by the
+/// issuing CA, with the DNS names and addresses of the one it replaces.
+pub fn reissue_server(dir: &Path) -> Result<CertPaths, CertsError> {
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::FromDer;
+    let old = paths(dir, "control-plane");
+    let pem_text = std::fs::read_to_string(&old.cert).map_err(CertsError::io(&old.cert))?;
+    let der = pem::parse(&pem_text).map_err(|e| CertsError::Pem {
+        path: old.cert.clone(),
+        reason: e.to_string(),
+    })?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der.contents())
+        .map_err(|e| CertsError::NoIdentity(format!("unparsable certificate: {e}")))?;
+    let mut sans = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            match name {
+                GeneralName::DNSName(d) => sans.push(SanType::DnsName((*d).try_into()?)),
+                GeneralName::IPAddress(b) => match b.len() {
+                    4 => sans.push(SanType::IpAddress(std::net::IpAddr::from(
+                        <[u8; 4]>::try_from(*b).unwrap_or_default(),
+                    ))),
+                    16 => sans.push(SanType::IpAddress(std::net::IpAddr::from(
+                        <[u8; 16]>::try_from(*b).unwrap_or_default(),
+                    ))),
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+    let (issuer, td) = load_issuer(dir)?;
+    issue(
+        dir,
+        "control-plane",
+        &issuer,
+        &Identity::ControlPlane,
+        &td,
+        sans,
+        &[ExtendedKeyUsagePurpose::ServerAuth],
+    )
 }
 
 fn issue(

@@ -12,19 +12,6 @@ use std::collections::BTreeMap;
 
 use ring::rand::SecureRandom;
 
-/// What issuing node certificates needs: the CA, the lifetime, the bundle to hand out
-/// and the rate enrollment is served at.
-pub(crate) struct EnrollSettings {
-    /// Signs node certificates.
-    pub issuer: aviary_certs::NodeIssuer,
-    /// Their lifetime (`--node-cert-ttl`).
-    pub ttl: std::time::Duration,
-    /// The trust bundle handed to enrolling gateways.
-    pub ca_bundle_pem: String,
-    /// Enroll calls admitted per second, fleet-wide (`--enroll-rate`).
-    pub rate: f64,
-}
-
 /// Pending requests kept at most: a flood of requests cannot grow the store without bound.
 pub(crate) const MAX_REQUESTS: usize = 10_000;
 /// Tokens kept at most.
@@ -134,6 +121,9 @@ pub(crate) struct Enrolled {
     pub key_fingerprint: String,
     /// Serial of the newest certificate, hex.
     pub serial: String,
+    /// `ca_fingerprint` of the CA that issued it.
+    #[serde(default)]
+    pub ca: String,
     /// When it was issued (Unix ms).
     #[serde(default)]
     pub issued_ms: u64,
@@ -160,10 +150,12 @@ impl Enrolled {
     pub(crate) fn renewed(
         &mut self,
         fingerprint: String,
-        serial: String,
-        not_after_ms: u64,
+        issued: &aviary_certs::Issued,
         now_ms: u64,
     ) {
+        let (serial, not_after_ms) = (issued.serial.clone(), issued.not_after_ms);
+        self.ca = issued.ca.clone();
+        self.issued_ms = now_ms;
         let old = IssuedSerial {
             serial: std::mem::replace(&mut self.serial, serial),
             not_after_ms: std::mem::replace(&mut self.not_after_ms, not_after_ms),

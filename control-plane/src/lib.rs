@@ -10,6 +10,7 @@ mod api;
 mod arbitrary;
 mod audit;
 mod auth;
+mod authority;
 mod blobs;
 mod catalog;
 pub mod config;

@@ -22,7 +22,6 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::transport::server::Connected;
@@ -171,7 +170,7 @@ async fn session(
 /// Accepts connections until `shutdown`; authenticated ones go to `out`.
 pub(crate) async fn accept_loop(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    authority: Arc<crate::authority::Authority>,
     trust_domain: String,
     journal: Arc<Journal>,
     connections: Arc<Connections>,
@@ -182,7 +181,8 @@ pub(crate) async fn accept_loop(
     // At most 5 refused handshakes a second reach the audit log; all are counted.
     let audit_budget = Arc::new(TokenBucket::new(5.0, 20.0));
     while let Some((tcp, addr)) = aviary_startup::accept(&listener, &shutdown).await {
-        let acceptor = acceptor.clone();
+        // The certificates in force when the connection arrived (they reload).
+        let acceptor = authority.current().acceptor.clone();
         let out = out.clone();
         let trust_domain = trust_domain.clone();
         let journal = journal.clone();

@@ -16,12 +16,13 @@ use crate::api::{
     RolloutsApi,
 };
 use crate::auth::AuthLayer;
+use crate::authority::Authority;
+use crate::authority::EnrollSettings;
 use crate::blobs::Blobs;
 use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::connections::Connections;
 use crate::deltas::Deltas;
-use crate::enrollment::EnrollSettings;
 use crate::error::ControlPlaneError;
 use crate::fleet::{Fleet, FleetService};
 use crate::journal::Journal;
@@ -95,15 +96,18 @@ pub async fn run(
     tracing::info!(listen = %local, trust_domain, "control plane serving");
 
     let (conn_tx, conn_rx) = mpsc::channel(1024);
-    let tls = aviary_certs::server_config_refusing(
-        &files,
+    let authority = Authority::open(
+        &config.certs,
         revoked_at_handshake(&registry, &trust_domain),
     )?;
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let reloader = tokio::spawn(tracing::Instrument::instrument(
+        crate::authority::watch_files(authority.clone(), journal.clone(), shutdown.clone()),
+        tracing::info_span!("cert_reload"),
+    ));
     let connections = Connections::new(config.max_connections_per_node, MAX_CONNECTIONS_PER_ADMIN);
     let accept = tokio::spawn(accept_loop(
         listener,
-        acceptor,
+        authority.clone(),
         trust_domain,
         journal.clone(),
         connections.clone(),
@@ -149,14 +153,8 @@ pub async fn run(
         config.deltas.clone(),
     )?);
     let enroll = Arc::new(EnrollSettings {
-        issuer: aviary_certs::NodeIssuer::open(&config.certs)?,
+        authority: authority.clone(),
         ttl: config.node_cert_ttl,
-        ca_bundle_pem: std::fs::read_to_string(&files.ca).map_err(|source| {
-            ControlPlaneError::Io {
-                context: format!("{}", files.ca.display()),
-                source,
-            }
-        })?,
         rate: config.enroll_rate,
     });
     let fleet = Fleet::new(
@@ -227,8 +225,11 @@ pub async fn run(
             .max_decoding_message_size(MAX_ENROLL_MESSAGE_BYTES),
         )
         .add_service(
-            pb::identities_server::IdentitiesServer::new(IdentitiesApi::new(registry.clone()))
-                .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
+            pb::identities_server::IdentitiesServer::new(IdentitiesApi::new(
+                registry.clone(),
+                authority.clone(),
+            ))
+            .max_decoding_message_size(MAX_ADMIN_MESSAGE_BYTES),
         )
         .add_service(health_service)
         .add_service(reflection_v1alpha)
@@ -240,6 +241,7 @@ pub async fn run(
     let _ = engine.await;
     let _ = store_watch.await;
     let _ = pruner.await;
+    let _ = reloader.await;
     registry.flush_statuses(true).await?;
     tracing::info!("control plane stopped");
     result.map_err(Into::into)

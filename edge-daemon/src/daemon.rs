@@ -13,7 +13,6 @@ use crate::modules::{Installer, Modules};
 use crate::runtime::{Host, Runtime};
 use crate::weights::Weights;
 use crate::{local_http, session, EdgeError};
-use aviary_certs::Link;
 
 /// What a started daemon tells its caller.
 #[derive(Clone, Debug)]
@@ -47,12 +46,13 @@ pub async fn run(
     };
     // Re-read after each renewal: the next handshake presents the new certificate.
     let client_identity = aviary_certs::ClientIdentity::load(&files.cert, &files.key)?;
-    let tls = aviary_certs::reloading_client_config(
-        aviary_certs::ca_roots(&files.ca)?,
-        client_identity.clone(),
-    )?;
-    let link = Link::with_config(&config.control_plane, tls)?.keepalive(config.keepalive);
-    let renewal = Arc::new(crate::renewal::Renewal::new(client_identity, enroll)?);
+    let renewal = Arc::new(crate::renewal::Renewal::new(
+        client_identity,
+        enroll,
+        config.keepalive,
+    )?);
+    // Checked once up front: a bad URL or CA is a configuration error, not a retry.
+    renewal.link()?;
     let state_dir = config.state_dir.clone();
     let weights = Arc::new(
         tokio::task::spawn_blocking(move || Weights::load(&state_dir))
@@ -116,7 +116,7 @@ pub async fn run(
     };
     let span = tracing::info_span!("fleet_stream", node_id = %identity.node_id);
     tracing::Instrument::instrument(
-        session::run(link, identity, weights, local, shutdown.clone()),
+        session::run(identity, weights, local, shutdown.clone()),
         span,
     )
     .await;

@@ -23,6 +23,7 @@ pub(crate) struct Renewal {
     key: NodeKey,
     trust_domain: String,
     enroll: EnrollOptions,
+    keepalive: Duration,
 }
 
 fn now_ms() -> u64 {
@@ -37,6 +38,7 @@ impl Renewal {
     pub(crate) fn new(
         identity: Arc<ClientIdentity>,
         enroll: EnrollOptions,
+        keepalive: Duration,
     ) -> Result<Renewal, EdgeError> {
         let (key_path, _) = identity_paths(&enroll.certs, &enroll.node_id);
         let (key, _) = NodeKey::load_or_create(&key_path)?;
@@ -46,7 +48,41 @@ impl Renewal {
             key,
             trust_domain,
             enroll,
+            keepalive,
         })
+    }
+
+    /// How to reach the control plane now: the trust bundle as `ca.pem` holds it, and
+    /// whatever certificate is current at each handshake.
+    pub(crate) fn link(&self) -> Result<aviary_certs::Link, EdgeError> {
+        let roots = aviary_certs::ca_roots(&self.enroll.certs.join("ca.pem"))?;
+        let tls = aviary_certs::reloading_client_config(roots, self.identity.clone())?;
+        Ok(
+            aviary_certs::Link::with_config(&self.enroll.control_plane, tls)?
+                .keepalive(self.keepalive),
+        )
+    }
+
+    /// Takes a trust bundle sent on the stream: written to `ca.pem` (for the next
+    /// handshake) if it is new and signed by a CA this node trusts now. True if taken.
+    pub(crate) fn take_bundle(&self, bundle: &pb::TrustBundle) -> Result<bool, EdgeError> {
+        let path = self.enroll.certs.join("ca.pem");
+        let current = std::fs::read_to_string(&path).map_err(|source| EdgeError::State {
+            path: path.clone(),
+            source,
+        })?;
+        if current == bundle.bundle_pem {
+            return Ok(false);
+        }
+        let signed = aviary_certs::SignedBundle {
+            pem: bundle.bundle_pem.clone(),
+            signatures: bundle.signatures.clone(),
+        };
+        let cas = signed.verify(&current, &self.trust_domain)?;
+        aviary_certs::write_file(&path, signed.pem.as_bytes(), 0o644)?;
+        tracing::info!(?cas, "trust bundle updated");
+        metrics::counter!("aviary_edge_trust_bundles_total").increment(1);
+        Ok(true)
     }
 
     /// How long until the certificate in use should be renewed: two-thirds of its

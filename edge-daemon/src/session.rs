@@ -44,7 +44,6 @@ pub(crate) struct Identity {
 
 /// Keeps a fleet stream up until `shutdown`.
 pub(crate) async fn run(
-    link: Link,
     identity: Identity,
     weights: Arc<Weights>,
     local: Arc<Local>,
@@ -60,6 +59,18 @@ pub(crate) async fn run(
                 Err(e) => tracing::error!(error = %e, "could not enroll again"),
             }
         }
+        // Built for each connection: the trust bundle may have changed on the last one.
+        let link = match identity.renewal.link() {
+            Ok(link) => link,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot build the link; keeping the daemon up");
+                metrics::counter!("aviary_edge_reconnects_total").increment(1);
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(backoff.next_delay()) => continue,
+                }
+            }
+        };
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => break,
             outcome = stream_once(&link, &identity, &weights, &local, &mut backoff) => outcome,
@@ -174,6 +185,11 @@ async fn stream_once(
                         Ok(()) => renew_at = tokio::time::Instant::now() + renewal.due_in(),
                         // Asked again after the answer timeout, until the certificate ends.
                         Err(e) => tracing::warn!(error = %e, "renewal failed"),
+                    }
+                }
+                Ok(Some(pb::ControlMessage { kind: Some(Kind::TrustBundle(bundle)), .. })) => {
+                    if let Err(e) = renewal.take_bundle(&bundle) {
+                        tracing::warn!(error = %e, "trust bundle refused");
                     }
                 }
                 Ok(Some(msg)) => handle(msg, weights, local, &mut incoming, &tx).await?,
@@ -379,7 +395,7 @@ async fn handle_message(
             Ok(())
         }
         // Answered in `stream_once`, which holds the renewal.
-        Some(Kind::Certificate(_)) | None => Ok(()),
+        Some(Kind::Certificate(_) | Kind::TrustBundle(_)) | None => Ok(()),
     }
 }
 

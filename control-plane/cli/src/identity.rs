@@ -11,6 +11,14 @@ use clap::Subcommand;
 use crate::output::structured;
 use crate::{Admin, Format};
 
+/// `aviary ca ...`
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// The issuing CA, the trusted ones, and how many nodes still hold a certificate
+    /// from an older CA (retire it with `aviary-certs ca retire` only at 0).
+    Status,
+}
+
 /// `aviary enroll-token ...`
 #[derive(Subcommand, Debug)]
 pub enum TokenCommand {
@@ -260,6 +268,29 @@ pub(crate) async fn revocations(format: Format, admin: &mut Admin) -> anyhow::Re
         for s in &r.serials {
             println!("{:<20} {:<34} {}", r.node_id, s.serial, time(&s.not_after));
         }
+    }
+    Ok(())
+}
+
+/// `aviary ca status`.
+pub(crate) async fn ca_status(format: Format, admin: &mut Admin) -> anyhow::Result<()> {
+    let s = admin
+        .identities
+        .get_ca_status(pb::GetCaStatusRequest {})
+        .await?
+        .into_inner();
+    if structured(format, &s)? {
+        return Ok(());
+    }
+    println!("issuing CA    {}", s.issuing_ca);
+    for ca in &s.trusted_cas {
+        println!("trusted CA    {ca}");
+    }
+    println!("nodes on the issuing CA   {}", s.nodes_on_issuing_ca);
+    println!("nodes on an older CA      {}", s.nodes_on_older_ca);
+    println!("nodes made offline        {}", s.nodes_made_offline);
+    if !s.older_ca_nodes.is_empty() {
+        println!("older-CA nodes: {}", s.older_ca_nodes.join(", "));
     }
     Ok(())
 }

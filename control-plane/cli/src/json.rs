@@ -48,6 +48,7 @@ contract!(
     EnrollToken,
     SetNodeLabelsResponse,
     ListRevocationsResponse,
+    CaStatus,
 );
 
 fn pool() -> anyhow::Result<&'static DescriptorPool> {

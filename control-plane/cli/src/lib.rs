@@ -144,6 +144,12 @@ pub enum Command {
         #[command(subcommand)]
         command: config::ConfigCommand,
     },
+    /// The deployment CA: where a rotation stands.
+    Ca {
+        /// What to do.
+        #[command(subcommand)]
+        command: identity::CaCommand,
+    },
     /// Bootstrap tokens for zero-touch enrollment.
     EnrollToken {
         /// What to do.
@@ -508,6 +514,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Config { command } => {
             let mut admin = connect(&target).await?;
             config::run(command, format, &mut admin).await
+        }
+        Command::Ca {
+            command: identity::CaCommand::Status,
+        } => {
+            let mut admin = connect(&target).await?;
+            identity::ca_status(format, &mut admin).await
         }
         Command::EnrollToken { command } => {
             let mut admin = connect(&target).await?;

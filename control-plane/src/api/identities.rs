@@ -14,8 +14,9 @@ use tonic::{Request, Response, Status};
 use super::caller;
 use super::views::timestamp;
 use crate::admission::TokenBucket;
+use crate::authority::EnrollSettings;
 use crate::enrollment::{
-    Decision, EnrollSettings, EnrollmentRecord, TokenRecord, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES,
+    Decision, EnrollmentRecord, TokenRecord, MAX_TOKEN_TTL_MS, MAX_TOKEN_USES,
 };
 use crate::error::bad_field;
 use crate::listener::PeerInfo;
@@ -77,9 +78,10 @@ impl Enrollment for EnrollmentApi {
             claimed,
             address,
         };
+        let authority = self.settings.authority.current();
         let outcome = self
             .registry
-            .enroll(attempt, &self.settings.issuer, self.settings.ttl)
+            .enroll(attempt, &authority.issuer, self.settings.ttl)
             .await?;
         Ok(Response::new(match outcome {
             EnrollOutcome::Pending => pb::EnrollResponse {
@@ -90,7 +92,7 @@ impl Enrollment for EnrollmentApi {
             EnrollOutcome::Issued(issued) => pb::EnrollResponse {
                 state: pb::EnrollState::Issued as i32,
                 certificate_pem: issued.pem,
-                ca_bundle_pem: self.settings.ca_bundle_pem.clone(),
+                ca_bundle_pem: authority.bundle.pem.clone(),
                 retry_after_seconds: 0,
             },
         }))
@@ -100,12 +102,19 @@ impl Enrollment for EnrollmentApi {
 /// Implements `aviary.v1.Identities`.
 pub(crate) struct IdentitiesApi {
     registry: Arc<Registry>,
+    authority: Arc<crate::authority::Authority>,
 }
 
 impl IdentitiesApi {
-    /// Serves the identities of `registry`.
-    pub(crate) fn new(registry: Arc<Registry>) -> IdentitiesApi {
-        IdentitiesApi { registry }
+    /// Serves the identities of `registry` and the CA status of `authority`.
+    pub(crate) fn new(
+        registry: Arc<Registry>,
+        authority: Arc<crate::authority::Authority>,
+    ) -> IdentitiesApi {
+        IdentitiesApi {
+            registry,
+            authority,
+        }
     }
 }
 
@@ -242,6 +251,24 @@ impl Identities for IdentitiesApi {
             })
             .collect();
         Ok(Response::new(pb::ListRevocationsResponse { revocations }))
+    }
+
+    async fn get_ca_status(
+        &self,
+        _req: Request<pb::GetCaStatusRequest>,
+    ) -> Result<Response<pb::CaStatus>, Status> {
+        let authority = self.authority.current();
+        let issuing = authority.issuer.ca_fingerprint().to_owned();
+        let (current, older, offline) = self.registry.ca_census(&issuing);
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::CaStatus {
+            issuing_ca: issuing,
+            trusted_cas: authority.cas.clone(),
+            nodes_on_issuing_ca: count(current),
+            nodes_on_older_ca: count(older.len()),
+            nodes_made_offline: count(offline),
+            older_ca_nodes: older.into_iter().take(100).collect(),
+        }))
     }
 }
 

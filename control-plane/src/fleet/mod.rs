@@ -51,7 +51,7 @@ pub(crate) struct Fleet {
     admission: TokenBucket,
     settings: FleetSettings,
     /// Issues renewed node certificates.
-    identity: Arc<crate::enrollment::EnrollSettings>,
+    identity: Arc<crate::authority::EnrollSettings>,
     shutdown: CancellationToken,
 }
 
@@ -63,7 +63,7 @@ impl Fleet {
         catalog: Arc<Catalog>,
         deltas: Arc<Deltas>,
         settings: FleetSettings,
-        identity: Arc<crate::enrollment::EnrollSettings>,
+        identity: Arc<crate::authority::EnrollSettings>,
         shutdown: CancellationToken,
     ) -> Arc<Fleet> {
         Arc::new(Fleet {
@@ -95,4 +95,9 @@ impl Fleet {
             tracing::warn!(error = %e, "could not audit nack");
         }
     }
+}
+
+/// ±10% around `age`, so streams opened together do not all end together.
+pub(super) fn jittered(age: Duration) -> Duration {
+    age.mul_f64(0.9 + 0.2 * fastrand::f64())
 }

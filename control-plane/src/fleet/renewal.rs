@@ -15,10 +15,10 @@ pub(super) async fn answer(
 ) -> ControlFrame {
     let result = match CheckedCsr::parse(&req.csr) {
         Ok(csr) => {
-            let settings = &fleet.identity;
+            let authority = fleet.identity.authority.current();
             fleet
                 .registry
-                .renew(node_id, &csr, &settings.issuer, settings.ttl)
+                .renew(node_id, &csr, &authority.issuer, fleet.identity.ttl)
                 .await
                 .map_err(|e| e.to_string())
         }
@@ -27,7 +27,7 @@ pub(super) async fn answer(
     let issued = match result {
         Ok(issued) => pb::IssuedCertificate {
             certificate_pem: issued.pem,
-            ca_bundle_pem: fleet.identity.ca_bundle_pem.clone(),
+            ca_bundle_pem: fleet.identity.authority.current().bundle.pem.clone(),
             refused: String::new(),
         },
         Err(why) => {
@@ -41,6 +41,21 @@ pub(super) async fn answer(
     let msg = pb::ControlMessage {
         nonce: String::new(),
         kind: Some(pb::control_message::Kind::Certificate(issued)),
+    };
+    ControlFrame {
+        nonce: String::new(),
+        body: prost::Message::encode_to_vec(&msg).into(),
+    }
+}
+
+/// The trust bundle for the node to hold, signed by every CA key the control plane has.
+pub(super) fn bundle_frame(bundle: &aviary_certs::SignedBundle) -> ControlFrame {
+    let msg = pb::ControlMessage {
+        nonce: String::new(),
+        kind: Some(pb::control_message::Kind::TrustBundle(pb::TrustBundle {
+            bundle_pem: bundle.pem.clone(),
+            signatures: bundle.signatures.clone(),
+        })),
     };
     ControlFrame {
         nonce: String::new(),

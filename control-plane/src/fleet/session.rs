@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use aviary_certs::Identity;
 use aviary_proto::v1 as pb;
@@ -473,11 +473,6 @@ impl Session {
     }
 }
 
-/// ±10% around `age`, so streams opened together do not all end together.
-fn jittered(age: Duration) -> Duration {
-    age.mul_f64(0.9 + 0.2 * fastrand::f64())
-}
-
 async fn run(
     fleet: Arc<Fleet>,
     node_id: String,
@@ -496,7 +491,9 @@ async fn run(
         mut configs,
     } = attachment;
     let shutdown = fleet.shutdown.clone();
-    let max_age = tokio::time::sleep(jittered(fleet.settings.max_stream_age));
+    let mut bundle = fleet.identity.authority.subscribe_bundle();
+    bundle.mark_changed();
+    let max_age = tokio::time::sleep(super::jittered(fleet.settings.max_stream_age));
     tokio::pin!(max_age);
     let (planned_tx, mut planned_rx) = mpsc::channel(1);
     let mut session = Session {
@@ -537,6 +534,10 @@ async fn run(
             _ = &mut max_age => {
                 tracing::debug!("max stream age reached");
                 ended = true;
+            }
+            Ok(()) = bundle.changed() => {
+                let frame = super::renewal::bundle_frame(&bundle.borrow_and_update());
+                ended = session.send(frame).await.is_err();
             }
             changed = desired.changed() => {
                 if changed.is_err() {

@@ -125,6 +125,7 @@ impl Registry {
                 via: via.clone(),
                 key_fingerprint: attempt.csr.fingerprint.clone(),
                 serial: issued.serial.clone(),
+                ca: issued.ca.clone(),
                 issued_ms: now,
                 not_after_ms: issued.not_after_ms,
                 previous: Vec::new(),

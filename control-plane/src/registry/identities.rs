@@ -272,4 +272,19 @@ impl Registry {
         all.sort_by(|a, b| a.0.cmp(&b.0));
         all
     }
+
+    /// Nodes (not revoked) by the CA of their certificate: on `issuing`, on an older
+    /// one (their ids), and with certificates made offline.
+    pub(crate) fn ca_census(&self, issuing: &str) -> (usize, Vec<String>, usize) {
+        let (mut current, mut older, mut offline) = (0, Vec::new(), 0);
+        for e in self.state().nodes.values().filter(|e| !e.record.revoked) {
+            match &e.record.enrolled {
+                Some(en) if en.ca == issuing => current += 1,
+                Some(_) => older.push(e.record.node_id.clone()),
+                None => offline += 1,
+            }
+        }
+        older.sort();
+        (current, older, offline)
+    }
 }

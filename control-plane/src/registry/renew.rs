@@ -54,12 +54,7 @@ impl Registry {
             .as_ref()
             .is_some_and(|e| e.key_fingerprint != csr.fingerprint);
         if let Some(e) = record.enrolled.as_mut() {
-            e.renewed(
-                csr.fingerprint.clone(),
-                issued.serial.clone(),
-                issued.not_after_ms,
-                now,
-            );
+            e.renewed(csr.fingerprint.clone(), &issued, now);
         }
         let detail = format!(
             "serial {}, valid until {} (Unix ms){}",

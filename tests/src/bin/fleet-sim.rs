@@ -348,7 +348,7 @@ async fn serve(
                 Ok(())
             }
             // The simulator's certificates are minted in memory and never renewed.
-            Some(Kind::Certificate(_)) | None => Ok(()),
+            Some(Kind::Certificate(_) | Kind::TrustBundle(_)) | None => Ok(()),
         };
         if sent.is_err() {
             return tonic::Code::Cancelled;

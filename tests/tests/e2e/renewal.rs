@@ -195,3 +195,130 @@ async fn a_revoked_node_is_refused_at_the_handshake_and_cannot_enroll_again() ->
         .is_empty());
     Ok(())
 }
+
+/// `aviary-certs ARGS...`, which must succeed; its stdout.
+fn certs_tool(args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(aviary_tests::bin("aviary-certs")?)
+        .args(args)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "aviary-certs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn cas_in(certs: &Path) -> usize {
+    std::fs::read_to_string(certs.join("ca.pem"))
+        .unwrap_or_default()
+        .matches("BEGIN CERTIFICATE")
+        .count()
+}
+
+/// A CA rotation over 20 connected daemons with 30-second certificates: the new CA
+/// joins the bundle every gateway is sent, renewals move every node onto it, the old CA
+/// is retired, and no stream is dropped on the way; the end state takes new handshakes.
+#[tokio::test]
+async fn a_ca_rotation_over_twenty_daemons_moves_every_node_to_the_new_ca() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let mut cp = ControlPlane::start(&ws, &["--node-cert-ttl", "30s"]).await?;
+    let token = create_token(&cp, &ws, &["--uses", "20", "--ttl", "1h"])?;
+    let mut edges = Vec::new();
+    for i in 0..20 {
+        edges.push(enrolled_edge(&ws, &cp, &format!("gw-{i:02}"), &token).await?);
+    }
+    for (e, _) in &edges {
+        e.wait_connected().await?;
+    }
+    let pki = ws.pki.dir.display().to_string();
+    let out = certs_tool(&["ca", "rotate", "--dir", &pki])?;
+    let new_ca = out.trim().rsplit(' ').next().unwrap_or_default().to_owned();
+    eventually(
+        Duration::from_secs(60),
+        "every gateway to trust both CAs",
+        || async { Ok(edges.iter().all(|(_, c)| cas_in(c) == 2).then_some(())) },
+    )
+    .await?;
+    certs_tool(&["ca", "server", "--dir", &pki])?;
+    // The default admin certificate is the old CA's: one from the new CA for afterwards.
+    certs_tool(&["admin", "--dir", &pki, "--name", "ops"])?;
+    let status = |cp: &ControlPlane| -> anyhow::Result<serde_json::Value> {
+        let out = cp.cli(&ws, &["--admin", "ops", "-o", "json", "ca", "status"])?;
+        Ok(serde_json::from_str(&out)?)
+    };
+    eventually(
+        Duration::from_secs(90),
+        "every node on the new CA",
+        || async {
+            let s = status(&cp)?;
+            Ok((s["issuingCa"] == new_ca.as_str()
+                && s["nodesOnIssuingCa"] == 20
+                && s["nodesOnOlderCa"].is_null())
+            .then_some(()))
+        },
+    )
+    .await?;
+    certs_tool(&["ca", "retire", "--dir", &pki])?;
+    eventually(
+        Duration::from_secs(60),
+        "every gateway to drop the old CA",
+        || async { Ok(edges.iter().all(|(_, c)| cas_in(c) == 1).then_some(())) },
+    )
+    .await?;
+    let s = status(&cp)?;
+    assert_eq!(s["trustedCas"], serde_json::json!([new_ca]));
+    // Not one stream was dropped by the rotation.
+    assert_eq!(cp.metric("aviary_streams_admitted_total").await?, 20.0);
+    // Each step was a reload, audited.
+    let events = cp.cli(
+        &ws,
+        &[
+            "--admin",
+            "ops",
+            "-o",
+            "json",
+            "events",
+            "--action",
+            "ca.reloaded",
+        ],
+    )?;
+    assert!(events.matches("ca.reloaded").count() >= 3, "{events}");
+    // New handshakes work on the new CA alone.
+    cp.restart().await?;
+    eventually(Duration::from_secs(60), "every node back", || async {
+        let out = cp.cli(&ws, &["--admin", "ops", "-o", "json", "nodes", "list"])?;
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let connected = v["nodes"]
+            .as_array()
+            .map_or(0, |n| n.iter().filter(|n| n["connected"] == true).count());
+        Ok((connected == 20).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// SIGHUP reloads the certificates too (and a reload is audited with its cause).
+#[tokio::test]
+async fn sighup_reloads_the_certificates() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &[]).await?;
+    let pid = cp.pid().ok_or_else(|| anyhow::anyhow!("not running"))?;
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()?;
+    assert!(status.success());
+    eventually(
+        Duration::from_secs(30),
+        "a ca.reloaded event for SIGHUP",
+        || async {
+            Ok(cp
+                .events(&ws, "ca.reloaded")
+                .await?
+                .iter()
+                .any(|e| e.detail.starts_with("SIGHUP"))
+                .then_some(()))
+        },
+    )
+    .await
+}
