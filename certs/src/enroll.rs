@@ -62,6 +62,18 @@ impl NodeKey {
         }
     }
 
+    /// A key in memory only: for simulators and benchmarks of many gateways.
+    pub fn generate() -> Result<NodeKey, CertsError> {
+        Ok(NodeKey {
+            key: KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?,
+        })
+    }
+
+    /// The key for a TLS client configuration of this process (it never leaves it).
+    pub fn tls_key(&self) -> rustls::pki_types::PrivateKeyDer<'static> {
+        rustls::pki_types::PrivateKeyDer::Pkcs8(self.key.serialize_der().into())
+    }
+
     /// The fingerprint of this key's public half (`key_fingerprint`).
     pub fn fingerprint(&self) -> String {
         key_fingerprint(self.key.public_key_raw())

@@ -108,6 +108,11 @@ pub struct Args {
     /// of this node (without one, the daemon waits for an admin's accept).
     #[arg(long)]
     pub enroll_token: Option<String>,
+    /// Make a new key for every certificate renewal (the old one is deleted once the
+    /// new certificate is written).
+    #[arg(long)]
+    #[serde(default)]
+    pub rotate_key: bool,
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {
@@ -142,6 +147,8 @@ pub struct Config {
     pub arch: String,
     /// Bootstrap token for a first enrollment.
     pub enroll_token: Option<String>,
+    /// A new key at each renewal.
+    pub rotate_key: bool,
 }
 
 impl Args {
@@ -186,6 +193,7 @@ impl Args {
             keepalive,
             arch,
             enroll_token: self.enroll_token.or(file.enroll_token),
+            rotate_key: self.rotate_key || file.rotate_key,
         })
     }
 }

@@ -44,12 +44,14 @@ pub async fn run(
         cert: config.certs.join(format!("edge-{}.pem", config.node_id)),
         key: config.certs.join(format!("edge-{}.key", config.node_id)),
     };
+    crate::renewal::finish_rotation(&files.cert, &files.key)?;
     // Re-read after each renewal: the next handshake presents the new certificate.
     let client_identity = aviary_certs::ClientIdentity::load(&files.cert, &files.key)?;
     let renewal = Arc::new(crate::renewal::Renewal::new(
         client_identity,
         enroll,
         config.keepalive,
+        config.rotate_key,
     )?);
     // Checked once up front: a bad URL or CA is a configuration error, not a retry.
     renewal.link()?;

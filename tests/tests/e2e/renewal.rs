@@ -322,3 +322,49 @@ async fn sighup_reloads_the_certificates() -> anyhow::Result<()> {
     )
     .await
 }
+
+/// With `--rotate-key`, each renewal is for a new key: the key file changes, the old key
+/// is gone, and the stream stays up.
+#[tokio::test]
+async fn a_daemon_asked_to_rotate_its_key_renews_onto_a_new_one() -> anyhow::Result<()> {
+    let ws = Workspace::new()?;
+    let cp = ControlPlane::start(&ws, &["--node-cert-ttl", "12s"]).await?;
+    let token = create_token(&cp, &ws, &["--uses", "1", "--ttl", "1h"])?;
+    let certs = ws.gateway_certs("gw-k")?;
+    let arg = certs.display().to_string();
+    let edge = Edge::start(
+        &ws,
+        &cp,
+        "gw-k",
+        &[],
+        &["--certs", &arg, "--enroll-token", &token, "--rotate-key"],
+    )
+    .await?;
+    edge.wait_connected().await?;
+    let key_path = certs.join("edge-gw-k.key");
+    let (first, _) = aviary_certs::NodeKey::load_or_create(&key_path)?;
+    eventually(
+        Duration::from_secs(60),
+        "a renewal onto a new key",
+        || async {
+            Ok(node_events(&cp, &ws, "gw-k", "cert.renewed")
+                .await?
+                .iter()
+                .any(|e| e.detail.contains("new key"))
+                .then_some(()))
+        },
+    )
+    .await?;
+    let (now, _) = aviary_certs::NodeKey::load_or_create(&key_path)?;
+    assert_ne!(now.fingerprint(), first.fingerprint());
+    // The old key is gone from the gateway's dir.
+    for entry in std::fs::read_dir(&certs)? {
+        let path = entry?.path();
+        if path.to_string_lossy().contains(".key") {
+            let (k, _) = aviary_certs::NodeKey::load_or_create(&path)?;
+            assert_ne!(k.fingerprint(), first.fingerprint(), "{}", path.display());
+        }
+    }
+    assert_eq!(cp.metric("aviary_streams_admitted_total").await?, 1.0);
+    Ok(())
+}
