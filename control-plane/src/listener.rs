@@ -35,6 +35,9 @@ use crate::journal::Journal;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An authenticated client must start its HTTP/2 session this soon after the handshake.
 const PREFACE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A peer without a certificate may only enroll, which takes one call: its connection
+/// is closed after this long, so idle ones cannot hold the few slots they share.
+const ANONYMOUS_MAX_AGE: Duration = Duration::from_secs(60);
 /// What every HTTP/2 client sends first (RFC 9113, 3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -64,7 +67,7 @@ impl PeerConn {
         match self.closed.as_mut().poll(cx) {
             Poll::Ready(()) => Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
-                "connection closed: its identity was revoked",
+                "connection closed by the control plane (revoked, or past its age)",
             )),
             Poll::Pending => Ok(()),
         }
@@ -138,6 +141,15 @@ async fn session(
     connections: &Arc<Connections>,
 ) -> Result<PeerConn, String> {
     let registered = connections.register(identity.as_ref())?;
+    if identity.is_none() {
+        let close = registered.closed.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(ANONYMOUS_MAX_AGE) => close.cancel(),
+                _ = close.cancelled() => {}
+            }
+        });
+    }
     let who = identity
         .as_ref()
         .map_or_else(|| format!("peer/{addr}"), ToString::to_string);

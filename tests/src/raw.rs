@@ -65,9 +65,11 @@ impl RawStream {
         Ok(RawStream { tx, inbound })
     }
 
-    /// The next control message, `None` if none arrives within `wait`.
+    /// The next control message, `None` if none arrives within `wait`. Trust bundles
+    /// (every stream starts with one) are skipped: the scenarios here are about desired
+    /// state.
     pub async fn next(&mut self, wait: Duration) -> anyhow::Result<Option<pb::ControlMessage>> {
-        match tokio::time::timeout(wait, self.inbound.message()).await {
+        match tokio::time::timeout(wait, self.recv()).await {
             Err(_) => Ok(None),
             Ok(Ok(Some(msg))) => Ok(Some(msg)),
             Ok(Ok(None)) => bail!("stream ended"),
@@ -75,9 +77,18 @@ impl RawStream {
         }
     }
 
-    /// The next control message, waiting as long as it takes; `None` when the stream ends.
+    /// The next control message but a trust bundle, waiting as long as it takes; `None`
+    /// when the stream ends.
     pub async fn recv(&mut self) -> Result<Option<pb::ControlMessage>, tonic::Status> {
-        self.inbound.message().await
+        loop {
+            match self.inbound.message().await? {
+                Some(pb::ControlMessage {
+                    kind: Some(Kind::TrustBundle(_)),
+                    ..
+                }) => continue,
+                other => return Ok(other),
+            }
+        }
     }
 
     /// The next weight assignment and its nonce.

@@ -314,8 +314,11 @@ async fn admission_control_sheds_excess_streams_with_unavailable() -> anyhow::Re
     Ok(())
 }
 
+/// Labels are the control plane's: a Hello claiming others changes nothing the node
+/// receives (the claim is recorded), and an admin's relabel sends a newer revision with
+/// the weights of the new labels on the live stream.
 #[tokio::test]
-async fn a_node_whose_labels_change_gets_a_new_revision_with_the_weights_of_its_new_labels(
+async fn a_relabelled_node_gets_a_new_revision_and_a_hello_claim_changes_nothing(
 ) -> anyhow::Result<()> {
     let Fleet { ws, cp, .. } = Fleet::start(0).await?;
     let link = ws.edge_link(&cp, "gw-1")?;
@@ -329,17 +332,30 @@ async fn a_node_whose_labels_change_gets_a_new_revision_with_the_weights_of_its_
     stream.ack(&nonce, eu.revision).await?;
     drop(stream);
 
-    // Same labels again: nothing to send. Moved to another region: a newer revision.
+    // Claiming another region: nothing to send, the claim recorded.
     let sent = cp.metric("aviary_weight_assignments_sent_total").await?;
-    let stream = RawStream::open(&link, hello("gw-1", &[("region", "eu")], eu.revision)).await?;
+    let mut stream =
+        RawStream::open(&link, hello("gw-1", &[("region", "us")], eu.revision)).await?;
     processed_after(&cp, &stream).await?;
     assert_eq!(
         cp.metric("aviary_weight_assignments_sent_total").await?,
         sent
     );
-    drop(stream);
-    let mut stream =
-        RawStream::open(&link, hello("gw-1", &[("region", "us")], eu.revision)).await?;
+    let node = cp.node(&ws, "gw-1").await?;
+    assert_eq!(node.labels.get("region").map(String::as_str), Some("eu"));
+    assert_eq!(
+        node.claimed_labels.get("region").map(String::as_str),
+        Some("us")
+    );
+
+    // Moved by an admin: a newer revision, on the stream that is open.
+    admin
+        .identities
+        .set_node_labels(pb::SetNodeLabelsRequest {
+            node_id: "gw-1".into(),
+            labels: [("region".to_owned(), "us".to_owned())].into(),
+        })
+        .await?;
     let (_, us) = stream.next_weights(Duration::from_secs(5)).await?;
     assert_eq!(us.weights.get("gateway"), Some(&20));
     assert!(
