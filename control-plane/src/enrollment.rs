@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 
 use ring::rand::SecureRandom;
 
+use crate::hex::{decode as unhex, encode as hex};
+
 /// Pending requests kept at most: a flood of requests cannot grow the store without bound.
 pub(crate) const MAX_REQUESTS: usize = 10_000;
 /// Tokens kept at most.
@@ -266,20 +268,6 @@ pub(crate) fn check_token(
         ));
     }
     Ok(())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ mod fleet;
 #[doc(hidden)]
 pub mod fuzzing;
 mod health;
+mod hex;
 mod inventory;
 mod journal;
 mod layers;

@@ -176,19 +176,24 @@ async fn stream_once(
                 }
             }
             _ = tokio::time::sleep_until(renew_at) => {
-                send(&tx, pb::edge_message::Kind::Renew(renewal.request()?)).await?;
+                // A rotating request writes its new key: off this single-threaded runtime.
+                let r = renewal.clone();
+                let request = blocking(move || r.request()).await?;
+                send(&tx, pb::edge_message::Kind::Renew(request)).await?;
                 renew_at = tokio::time::Instant::now() + renewal.answer_timeout();
             }
             msg = inbound.message() => match msg {
                 Ok(Some(pb::ControlMessage { kind: Some(Kind::Certificate(issued)), .. })) => {
-                    match renewal.install(&issued) {
+                    let r = renewal.clone();
+                    match blocking(move || r.install(&issued)).await {
                         Ok(()) => renew_at = tokio::time::Instant::now() + renewal.due_in(),
                         // Asked again after the answer timeout, until the certificate ends.
                         Err(e) => tracing::warn!(error = %e, "renewal failed"),
                     }
                 }
                 Ok(Some(pb::ControlMessage { kind: Some(Kind::TrustBundle(bundle)), .. })) => {
-                    if let Err(e) = renewal.take_bundle(&bundle) {
+                    let r = renewal.clone();
+                    if let Err(e) = blocking(move || r.take_bundle(&bundle)).await {
                         tracing::warn!(error = %e, "trust bundle refused");
                     }
                 }

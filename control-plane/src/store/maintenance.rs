@@ -15,6 +15,7 @@ use aviary_proto::digest::hash_reader;
 use super::trees::{Trees, TREES};
 use super::watermark::{self, Watermark};
 use super::{decode, StoreError};
+use crate::hex::{decode as unhex, encode as hex};
 use crate::release::ReleaseRecord;
 
 /// Format name in a backup's header.
@@ -175,26 +176,6 @@ struct Row {
 struct Trailer {
     rows: u64,
     sha256: String,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// Writes a backup of the (stopped) control plane's data dir `dir` into the new
