@@ -77,6 +77,11 @@ impl Blobs {
         self.root.join("sha256").join(sha256.hex())
     }
 
+    /// The size of blob `sha256`, 0 when it does not exist.
+    pub(crate) fn size(&self, sha256: &Sha256) -> u64 {
+        std::fs::metadata(self.path(sha256)).map_or(0, |m| m.len())
+    }
+
     /// Starts writing a blob of `expected_size` bytes with digest `expected`.
     pub(crate) fn writer(
         &self,

@@ -107,6 +107,10 @@ pub struct Args {
     #[arg(long, value_parser = humantime::parse_duration)]
     #[serde(default, deserialize_with = "aviary_startup::duration::option")]
     pub delta_timeout: Option<Duration>,
+    /// Bytes of built payloads (deltas and full) kept on disk under `payloads/`; the
+    /// least recently used are deleted first (default 1 GiB).
+    #[arg(long)]
+    pub delta_cache_bytes: Option<u64>,
     /// Open connections one edge certificate may hold at once (default 8).
     #[arg(long)]
     pub max_connections_per_node: Option<usize>,
@@ -221,6 +225,10 @@ impl Args {
                 .delta_timeout
                 .or(file.delta_timeout)
                 .unwrap_or(defaults.timeout),
+            cache_bytes: self
+                .delta_cache_bytes
+                .or(file.delta_cache_bytes)
+                .unwrap_or(defaults.cache_bytes),
             ..defaults
         };
         let max_connections_per_node = self

@@ -127,6 +127,19 @@ fn describe() {
         "Payloads served from the on-disk cache, by kind."
     );
     describe_counter!(
+        "aviary_delta_builds_joined_total",
+        "Payload requests that waited on a build already in flight instead of starting one."
+    );
+    describe_counter!(
+        "aviary_delta_cache_evictions_total",
+        "Cached payloads deleted to keep the cache within --delta-cache-bytes."
+    );
+    describe_gauge!(
+        "aviary_delta_cache_bytes",
+        Unit::Bytes,
+        "Bytes of built payloads in the on-disk cache."
+    );
+    describe_counter!(
         "aviary_rollout_transitions_total",
         "Rollout state changes, by the state entered."
     );

@@ -299,7 +299,7 @@ async fn handle_message(
                 }
                 Ok(Started::Receiving(checked, receiving)) => {
                     let progress = progress_of(&receiving);
-                    tracing::info!(%module, revision, offset = receiving.len(), size = receiving.info.size, "receiving module payload");
+                    tracing::info!(%module, revision, offset = receiving.len(), size = receiving.info.size, payload = %receiving.info.sha256, "receiving module payload");
                     *incoming = Some(Incoming {
                         nonce,
                         revision,

@@ -284,6 +284,91 @@ async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_
     Ok(())
 }
 
+/// `log` without its terminal colour escapes (`ESC [ ... m`).
+fn plain(log: &str) -> String {
+    let mut out = String::with_capacity(log.len());
+    let mut rest = log;
+    while let Some(i) = rest.find('\x1b') {
+        out.push_str(&rest[..i]);
+        rest = rest[i..].find('m').map_or("", |m| &rest[i + m + 1..]);
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Twenty nodes ask for the same delta at once: one build runs, the other requests wait
+/// on it, and every node receives the same payload bytes.
+#[tokio::test]
+async fn twenty_nodes_asking_at_once_share_one_delta_build() -> anyhow::Result<()> {
+    let (v1, v2) = pair()?;
+    let v2_bytes = std::fs::read(&v2)?;
+    let fleet = Fleet::start(20).await?;
+    let (ws, cp) = (&fleet.ws, &fleet.cp);
+    let mut admin = ws.admin(cp).await?;
+    upload(ws, cp, "0.24.1", &v1)?;
+    upload(ws, cp, "0.24.2", &v2)?;
+    let r1 = rollout(&mut admin, "0.24.1").await?;
+    cp.wait_rollout_end(ws, &r1).await?;
+    assert_eq!(cp.metric("aviary_delta_build_seconds_count").await?, 0.0);
+
+    let r2 = rollout(&mut admin, "0.24.2").await?;
+    let edges: Vec<&Edge> = fleet.edges.iter().collect();
+    wait_installed(&edges, "0.24.2", &v2_bytes).await?;
+    let done = cp.wait_rollout_end(ws, &r2).await?;
+    assert_eq!(done.state, pb::RolloutState::Succeeded as i32, "{done:?}");
+    assert_eq!(
+        cp.metric("aviary_delta_build_seconds_count").await?,
+        1.0,
+        "one build for one (from, to) pair:\n{}",
+        cp.log()
+    );
+    assert!(
+        cp.metric("aviary_delta_builds_joined_total").await?
+            + cp.metric("aviary_delta_cache_hits_total{encoding=\"delta\"}")
+                .await?
+            >= 19.0,
+        "the other nineteen requests waited on the build or found it cached"
+    );
+    // The last payload each daemon was offered (0.24.2's), from its log: the one delta.
+    let offered: Vec<String> = fleet
+        .edges
+        .iter()
+        .map(|e| {
+            plain(&e.log())
+                .lines()
+                .rev()
+                .filter(|l| l.contains("receiving module payload"))
+                .filter_map(|l| l.split("payload=").nth(1))
+                .filter_map(|rest| rest.split_whitespace().next())
+                .map(str::to_owned)
+                .next()
+                .unwrap_or_default()
+        })
+        .collect();
+    let cached = std::fs::read_dir(cp.data_dir.join("payloads"))?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("delta-"))
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".zst"))
+        .map(|e| std::fs::read(e.path()))
+        .collect::<Result<Vec<_>, _>>()?;
+    assert_eq!(cached.len(), 1, "one delta on disk");
+    let sha = Sha256::of(&cached[0]).hex();
+    assert!(
+        offered.iter().all(|o| *o == sha),
+        "every node was offered delta {sha}: {offered:?}"
+    );
+    let sent = cp
+        .metric("aviary_transfer_bytes_total{encoding=\"bsdiff_zstd\"}")
+        .await?;
+    // Wire bytes: the payload plus each chunk's framing (transfer id, offset).
+    let once = 20.0 * cached[0].len() as f64;
+    assert!(
+        (once..once * 1.01).contains(&sent),
+        "{sent} delta bytes on the wire; each of 20 nodes once is {once}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_weight_overtakes_a_transfer_and_a_cut_transfer_resumes_where_it_stopped(
 ) -> anyhow::Result<()> {
