@@ -74,7 +74,7 @@ pub fn overlay(data: &[u8]) {
 pub fn delta_and_bundle(data: &[u8]) {
     let base: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
     let target = Sha256::of(b"target");
-    if let Ok((_, out)) = delta::apply_delta(&base, data, &target, 6) {
+    if let Ok((_, out)) = delta::apply_delta(base.as_slice(), data, &target, 6, Vec::new()) {
         assert_eq!(out, b"target");
     }
     if let Ok(out) = delta::apply_full(data, &target, 6, Vec::new()) {

@@ -235,12 +235,21 @@ pub async fn run(
                     what.file.display()
                 );
             }
-            let full = aviary_proto::delta::write_full(artifact.as_slice(), 19, Vec::new())?;
+            let full = aviary_proto::delta::write_full(
+                artifact.as_slice(),
+                aviary_proto::delta::LEVEL,
+                Vec::new(),
+            )?;
             let mut payload = (Encoding::FullZstd, None, full);
             if let Some(base) = base {
                 let old =
                     std::fs::read(&base).with_context(|| format!("--base {}", base.display()))?;
-                let delta = aviary_proto::delta::write_delta(&old, &artifact, 19, Vec::new())?;
+                let delta = aviary_proto::delta::write_delta(
+                    &old,
+                    &artifact,
+                    aviary_proto::delta::LEVEL,
+                    Vec::new(),
+                )?;
                 if delta.len() < payload.2.len() {
                     payload = (
                         Encoding::BsdiffZstd,

@@ -29,8 +29,9 @@ use crate::blobs::Blobs;
 use crate::error::ControlPlaneError;
 use cache::{Cache, Lookup};
 
-/// zstd level for payloads: good ratio, fast enough to build on demand.
-const LEVEL: i32 = 9;
+/// zstd level of payloads, the same as in bundles: each is built once and sent to many
+/// nodes.
+const LEVEL: i32 = delta::LEVEL;
 
 /// A payload on disk, ready to be streamed. While any clone lives the cache keeps its
 /// file.
@@ -125,9 +126,11 @@ fn unavailable(e: impl std::fmt::Display) -> ControlPlaneError {
     ControlPlaneError::Unavailable(e.to_string())
 }
 
-/// Memory a bsdiff build of `old` → `new` needs, in bytes.
+/// Memory a delta build of `old` → `new` needs, in bytes: both inputs, the 32-bit
+/// suffix array with its recursion (≤ 6 bytes per old byte), and the raw streams (at
+/// most about `new`); the compressors run after the suffix array is freed.
 fn build_cost(old: u64, new: u64) -> u64 {
-    old.saturating_mul(9).saturating_add(new.saturating_mul(2))
+    old.saturating_mul(7).saturating_add(new.saturating_mul(2))
 }
 
 impl Deltas {

@@ -1,4 +1,5 @@
 //! Single flight, the cache and its restart, on real files.
+
 use super::*;
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
@@ -63,7 +64,13 @@ async fn deltas_are_built_once_cached_and_fall_back_to_full() -> TestResult {
     assert_eq!(p.info.encoding, Encoding::BsdiffZstd);
     let bytes = std::fs::read(&p.path)?;
     assert_eq!(Sha256::of(&bytes).hex(), p.info.sha256);
-    let (_, out) = delta::apply_delta(&s.v1, bytes.as_slice(), &s.b, s.v2.len() as u64)?;
+    let (_, out) = delta::apply_delta(
+        s.v1.as_slice(),
+        bytes.as_slice(),
+        &s.b,
+        s.v2.len() as u64,
+        Vec::new(),
+    )?;
     assert_eq!(out, s.v2);
     let again = deltas.payload(Some(s.a), s.b).await?;
     assert_eq!(again.info, p.info);

@@ -231,14 +231,17 @@ impl Installer {
                     .filter(|c| c.sha256 == base)
                     .ok_or_else(|| InstallError::BaseMissing { base: base.clone() })?;
                 let old_path = self.modules.artifact(&m.module, current);
-                // About old + new bytes of memory: the base in full, the patch streamed.
-                let old = std::fs::read(&old_path).map_err(io(&old_path))?;
-                let input = BufReader::new(File::open(payload).map_err(io(payload))?);
-                let (_, new) = delta::apply_delta(&old, input, &m.digest(), m.size)
-                    .map_err(|e| InstallError::from_delta(&artifact, e))?;
-                drop(old);
-                let mut file = File::create(&artifact).map_err(io(&artifact))?;
-                file.write_all(&new).map_err(io(&artifact))?;
+                // Constant memory: the base is read at offsets, the patch streamed and
+                // the result written as it is made (hashed on the way, checked at the end).
+                let old = File::open(&old_path).map_err(io(&old_path))?;
+                let input = File::open(payload).map_err(io(payload))?;
+                let out = File::create(&artifact).map_err(io(&artifact))?;
+                let (_, out) =
+                    delta::apply_delta(&old, &input, &m.digest(), m.size, BufWriter::new(out))
+                        .map_err(|e| InstallError::from_delta(&artifact, e))?;
+                let file = out
+                    .into_inner()
+                    .map_err(|e| InstallError::from_io(&artifact, e.into_error()))?;
                 file.sync_all().map_err(io(&artifact))?;
             }
         }

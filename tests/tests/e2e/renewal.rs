@@ -347,16 +347,17 @@ async fn a_daemon_asked_to_rotate_its_key_renews_onto_a_new_one() -> anyhow::Res
         Duration::from_secs(60),
         "a renewal onto a new key",
         || async {
-            Ok(node_events(&cp, &ws, "gw-k", "cert.renewed")
+            // The control plane records the renewal before the daemon has the
+            // certificate and moves the key into place: wait for both.
+            let renewed = node_events(&cp, &ws, "gw-k", "cert.renewed")
                 .await?
                 .iter()
-                .any(|e| e.detail.contains("new key"))
-                .then_some(()))
+                .any(|e| e.detail.contains("new key"));
+            let (now, _) = aviary_certs::NodeKey::load_or_create(&key_path)?;
+            Ok((renewed && now.fingerprint() != first.fingerprint()).then_some(()))
         },
     )
     .await?;
-    let (now, _) = aviary_certs::NodeKey::load_or_create(&key_path)?;
-    assert_ne!(now.fingerprint(), first.fingerprint());
     // The old key is gone from the gateway's dir.
     for entry in std::fs::read_dir(&certs)? {
         let path = entry?.path();
