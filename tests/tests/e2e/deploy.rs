@@ -10,7 +10,8 @@ use anyhow::{bail, Context};
 use aviary_proto::digest::Sha256;
 use aviary_proto::v1 as pb;
 use aviary_tests::{
-    bin, eventually, tools_dir, Admin, ControlPlane, Daemon, Edge, Fleet, Workspace,
+    bin, eventually, peak_rss_kib, rss_kib, tools_dir, Admin, ControlPlane, Daemon, Edge, Fleet,
+    Workspace,
 };
 
 fn pair() -> anyhow::Result<(PathBuf, PathBuf)> {
@@ -129,6 +130,32 @@ async fn runs(
     .await
 }
 
+/// Each daemon's RSS now, with its peak RSS reset to it (`clear_refs` 5).
+fn reset_peaks(edges: &[Edge]) -> anyhow::Result<Vec<u64>> {
+    edges
+        .iter()
+        .map(|e| {
+            let pid = e.pid().context("edge not running")?;
+            std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
+            rss_kib(pid)
+        })
+        .collect()
+}
+
+/// Installing a 10 MB binary, full or delta, took each daemon at most 16 MiB above what
+/// it held before: payloads are streamed to disk and the new artifact written as made.
+fn assert_memory_flat(edges: &[Edge], idle: &[u64]) -> anyhow::Result<()> {
+    for (e, idle) in edges.iter().zip(idle) {
+        let peak = peak_rss_kib(e.pid().context("edge not running")?)?;
+        assert!(
+            peak.saturating_sub(*idle) <= 16 * 1024,
+            "{}: peak RSS {peak} KiB during the install, {idle} KiB before",
+            e.node_id
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_without_download(
 ) -> anyhow::Result<()> {
@@ -153,8 +180,10 @@ async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_
     upload(&ws, &cp, "0.24.2", &v2)?;
 
     // First install: no base on the nodes, so the full payload.
+    let idle = reset_peaks(&edges)?;
     let r1 = rollout(&mut admin, "0.24.1").await?;
     wait_installed(&edges.iter().collect::<Vec<_>>(), "0.24.1", &v1_bytes).await?;
+    assert_memory_flat(&edges, &idle)?;
     // Every node's inventory says so, with the artifact's sha256.
     let sha1 = aviary_proto::digest::Sha256::of(&v1_bytes).hex();
     let sha2 = aviary_proto::digest::Sha256::of(&v2_bytes).hex();
@@ -184,8 +213,10 @@ async fn a_real_release_reaches_three_daemons_as_a_delta_and_an_abort_goes_back_
 
     // One node goes offline; the others get 0.24.2 as a delta.
     edges[2].kill9().await?;
+    let idle = reset_peaks(&edges[..2])?;
     let r2 = rollout(&mut admin, "0.24.2").await?;
     wait_installed(&[&edges[0], &edges[1]], "0.24.2", &v2_bytes).await?;
+    assert_memory_flat(&edges[..2], &idle)?;
     let delta_bytes = cp
         .metric("aviary_transfer_bytes_total{encoding=\"bsdiff_zstd\"}")
         .await?;
