@@ -638,6 +638,11 @@ mod tests {
         let other_base = binary(5, 100_000);
         let (wrong_base_info, wrong_base) = patch(&other_base, &v2)?;
         let (impostor_info, impostor) = full(&binary(11, 1000))?;
+        // A well-formed delta from the right base to bytes of the signed size that are
+        // not the signed artifact: found only at the end of the streamed write.
+        let mut forged_target = v2.clone();
+        forged_target[v2.len() / 3] ^= 0x40;
+        let (forged_info, forged) = patch(&v1, &forged_target)?;
         let evil = br#"{"module":"../evil","version":"9.0.0","target":"x86_64","sha256":"0000000000000000000000000000000000000000000000000000000000000000","size":1}"#;
         let mut longer = delta.clone();
         longer.extend_from_slice(b"trailing");
@@ -713,6 +718,14 @@ mod tests {
                 f.signer.sign(&m2),
                 &impostor_info,
                 &impostor,
+                "result",
+            ),
+            (
+                "delta to other bytes of the signed size",
+                m2.clone(),
+                f.signer.sign(&m2),
+                &forged_info,
+                &forged,
                 "result",
             ),
             (
