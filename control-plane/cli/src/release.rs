@@ -241,21 +241,19 @@ pub async fn run(
                 Vec::new(),
             )?;
             let mut payload = (Encoding::FullZstd, None, full);
+            let artifact_len = artifact.len();
             if let Some(base) = base {
                 let old =
                     std::fs::read(&base).with_context(|| format!("--base {}", base.display()))?;
-                let delta = aviary_proto::delta::write_delta(
-                    &old,
-                    &artifact,
+                let base_sha = aviary_proto::digest::Sha256::of(&old);
+                let delta = aviary_proto::delta::write_delta_owned(
+                    old,
+                    artifact,
                     aviary_proto::delta::LEVEL,
                     Vec::new(),
                 )?;
                 if delta.len() < payload.2.len() {
-                    payload = (
-                        Encoding::BsdiffZstd,
-                        Some(aviary_proto::digest::Sha256::of(&old)),
-                        delta,
-                    );
+                    payload = (Encoding::BsdiffZstd, Some(base_sha), delta);
                 }
             }
             let (encoding, base_sha, bytes) = payload;
@@ -283,7 +281,7 @@ pub async fn run(
                 parsed.target,
                 encoding,
                 bytes.len(),
-                artifact.len()
+                artifact_len
             );
             Ok(())
         }

@@ -366,10 +366,11 @@ impl Deltas {
                 let built = blocking(move || {
                     let old = std::fs::read(&old_path).map_err(io(&old_path))?;
                     let new = std::fs::read(&new_path).map_err(io(&new_path))?;
-                    let bytes = delta::write_delta(&old, &new, LEVEL, Vec::new())
+                    let new_len = new.len() as u64;
+                    let bytes = delta::write_delta_owned(old, new, LEVEL, Vec::new())
                         .map_err(|e| unavailable(format!("delta {from} -> {to}: {e}")))?;
                     let info = PayloadInfo::of(Encoding::BsdiffZstd, Some(from), &bytes);
-                    let saved = (new.len() as u64).saturating_sub(info.size);
+                    let saved = new_len.saturating_sub(info.size);
                     store(&data, &info_path, &info, &bytes).map(|p| (p, saved))
                 })
                 .await;

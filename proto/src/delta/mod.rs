@@ -6,9 +6,12 @@
 //!
 //! ```text
 //! "AVDELTA2" | base sha256 (32) | target sha256 (32) | target size (u64 LE) | streams
+//! "AVDELTA3" | base sha256 (32) | target sha256 (32) | target size (u64 LE) | filter | streams
 //! ```
 //!
-//!   `AVDELTA2` splits the patch into five zstd streams (`streams`); the older
+//!   `AVDELTA2` splits the patch into five zstd streams (`streams`). `AVDELTA3` is the
+//!   same patch between two ELF executables whose calls were rewritten as offsets into
+//!   `.text` before diffing (`filter`: the architecture and both `.text` regions); the older
 //!   `AVDELTA1` (one zstd stream of bsdiff's interleaved blocks) is still applied, so
 //!   bundles made before stay installable.
 //!
@@ -20,6 +23,7 @@
 //! declared size (a zstd bomb or a hostile patch cannot make work or output past it),
 //! zstd windows are capped, and the result is checked against size and sha256.
 
+mod filter;
 mod patch;
 mod scan;
 mod streams;
@@ -30,8 +34,11 @@ use std::io::{self, Read, Write};
 use crate::digest::{Hasher, HashingWriter, Sha256};
 pub use patch::Positioned;
 
-/// First bytes of the deltas this version makes.
+/// First bytes of the deltas this version makes between files that are not executables
+/// it knows.
 pub const MAGIC: &[u8; 8] = b"AVDELTA2";
+/// First bytes of the deltas this version makes between x86-64 or aarch64 ELF executables.
+pub const MAGIC_CODE: &[u8; 8] = b"AVDELTA3";
 /// First bytes of the single-stream deltas of earlier versions (still applied).
 pub const MAGIC_V1: &[u8; 8] = b"AVDELTA1";
 /// Length of the delta header.
@@ -103,7 +110,8 @@ pub struct DeltaHeader {
     pub target: Sha256,
     /// Size of the produced artifact.
     pub target_size: u64,
-    /// Format version: 1 (one stream) or 2 (five streams).
+    /// Format version: 1 (one stream), 2 (five streams) or 3 (five streams, calls
+    /// rewritten).
     pub version: u8,
 }
 
@@ -111,7 +119,11 @@ impl DeltaHeader {
     /// The 80 header bytes.
     pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut out = [0u8; HEADER_LEN];
-        out[..8].copy_from_slice(if self.version == 1 { MAGIC_V1 } else { MAGIC });
+        out[..8].copy_from_slice(match self.version {
+            1 => MAGIC_V1,
+            3 => MAGIC_CODE,
+            _ => MAGIC,
+        });
         out[8..40].copy_from_slice(&self.base.0);
         out[40..72].copy_from_slice(&self.target.0);
         out[72..].copy_from_slice(&self.target_size.to_le_bytes());
@@ -127,6 +139,7 @@ impl DeltaHeader {
         })?;
         let version = match &buf[..8] {
             m if m == MAGIC => 2,
+            m if m == MAGIC_CODE => 3,
             m if m == MAGIC_V1 => 1,
             _ => return Err(DeltaError::BadHeader),
         };
@@ -146,25 +159,58 @@ impl DeltaHeader {
 }
 
 /// Writes the delta turning `old` into `new` to `out`, its streams compressed at
-/// `level`. Memory: both inputs, the suffix array (4 bytes per old byte) and the raw
-/// streams (at most about `new`), then one stream's compressor at a time.
-pub fn write_delta<W: Write>(
-    old: &[u8],
-    new: &[u8],
+/// `level`. Memory: both inputs (copied once more for executables, whose calls are
+/// rewritten; `write_delta_owned` rewrites in place), the suffix array (4 bytes per old
+/// byte) and the raw streams (at most about `new`), then one stream's compressor at a
+/// time.
+pub fn write_delta<W: Write>(old: &[u8], new: &[u8], level: i32, out: W) -> Result<W, DeltaError> {
+    if filter::Filter::detect(old, new).is_some() {
+        return write_delta_owned(old.to_vec(), new.to_vec(), level, out);
+    }
+    encode(old, new, header(old, new, 2), None, level, out)
+}
+
+/// `write_delta` for inputs the caller hands over, rewritten in place.
+pub fn write_delta_owned<W: Write>(
+    mut old: Vec<u8>,
+    mut new: Vec<u8>,
     level: i32,
-    mut out: W,
+    out: W,
 ) -> Result<W, DeltaError> {
-    let header = DeltaHeader {
+    let Some(code) = filter::Filter::detect(&old, &new) else {
+        return encode(&old, &new, header(&old, &new, 2), None, level, out);
+    };
+    let header = header(&old, &new, 3);
+    filter::forward(code.arch, code.old, &mut old);
+    filter::forward(code.arch, code.new, &mut new);
+    encode(&old, &new, header, Some(code), level, out)
+}
+
+fn header(old: &[u8], new: &[u8], version: u8) -> DeltaHeader {
+    DeltaHeader {
         base: Sha256::of(old),
         target: Sha256::of(new),
         target_size: new.len() as u64,
-        version: 2,
-    };
+        version,
+    }
+}
+
+fn encode<W: Write>(
+    old: &[u8],
+    new: &[u8],
+    header: DeltaHeader,
+    code: Option<filter::Filter>,
+    level: i32,
+    mut out: W,
+) -> Result<W, DeltaError> {
     let mut encoder = streams::Encoder::default();
     if !scan::diff(old, new, &mut encoder) {
         return Err(DeltaError::BaseTooLarge(old.len() as u64));
     }
     out.write_all(&header.encode())?;
+    if let Some(code) = code {
+        out.write_all(&code.encode())?;
+    }
     Ok(encoder.finish(level, out)?)
 }
 
@@ -223,9 +269,22 @@ where
             };
             patch::apply(&mut patch::Interleaved(stream), old, size, &mut writer)
         }
-        _ => {
+        2 => {
             let mut streams = streams::Streams::open(payload, start, limit)?;
             patch::apply(&mut streams, old, size, &mut writer)
+        }
+        _ => {
+            let mut record = [0u8; filter::RECORD_LEN];
+            patch::read_exact_at(payload, &mut record, start)
+                .map_err(|_| DeltaError::Corrupt("truncated filter record".into()))?;
+            let code = filter::Filter::decode(&record)
+                .ok_or_else(|| DeltaError::Corrupt("unknown architecture in filter".into()))?;
+            let start = start + filter::RECORD_LEN as u64;
+            let mut streams = streams::Streams::open(payload, start, limit)?;
+            let old = filter::Rewritten::new(old, code.arch, code.old);
+            let mut restore = filter::Restore::new(&mut writer, code.arch, code.new);
+            patch::apply(&mut streams, &old, size, &mut restore)
+                .and_then(|n| restore.finish().map(|_| n).map_err(patch::Fault::Output))
         }
     };
     applied.map_err(|fault| match fault {

@@ -365,3 +365,137 @@ fn lying_streams_are_refused() -> Result<(), DeltaError> {
     }
     Ok(())
 }
+
+/// A minimal ELF64 executable for `machine` whose `.text` is `code`.
+fn elf(machine: u16, code: &[u8]) -> Vec<u8> {
+    let names = b"\0.text\0.shstrtab\0";
+    let text_at = 0x40;
+    let names_at = text_at + code.len();
+    let headers_at = names_at + names.len();
+    let mut out = vec![0u8; 0x40];
+    out[..6].copy_from_slice(b"\x7fELF\x02\x01");
+    out[0x12..0x14].copy_from_slice(&machine.to_le_bytes());
+    out[0x28..0x30].copy_from_slice(&(headers_at as u64).to_le_bytes());
+    out[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+    out[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+    out[0x3e..0x40].copy_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(code);
+    out.extend_from_slice(names);
+    let section = |name: u32, kind: u32, at: usize, len: usize| {
+        let mut h = [0u8; 64];
+        h[..4].copy_from_slice(&name.to_le_bytes());
+        h[4..8].copy_from_slice(&kind.to_le_bytes());
+        h[0x18..0x20].copy_from_slice(&(at as u64).to_le_bytes());
+        h[0x20..0x28].copy_from_slice(&(len as u64).to_le_bytes());
+        h
+    };
+    out.extend_from_slice(&[0u8; 64]);
+    out.extend_from_slice(&section(1, 1, text_at, code.len()));
+    out.extend_from_slice(&section(7, 3, names_at, names.len()));
+    out
+}
+
+/// x86-64 code: `functions` functions of filler, each calling a few of the first ten;
+/// `grow` extra bytes in the tenth function move everything after it.
+fn x86_code(functions: usize, grow: usize) -> Vec<u8> {
+    let mut rng = fastrand::Rng::with_seed(9);
+    let mut starts = Vec::new();
+    let mut code = Vec::new();
+    let mut calls = Vec::new();
+    for f in 0..functions {
+        starts.push(code.len());
+        let body = 200 + if f == 10 { grow } else { 0 };
+        for k in 0..body {
+            if k % 40 == 0 {
+                calls.push((code.len(), rng.usize(..10)));
+                code.extend_from_slice(&[0xe8, 0, 0, 0, 0]);
+            } else {
+                code.push([0x48, 0x89, 0xc7, 0x90][k % 4]);
+            }
+        }
+    }
+    for (at, callee) in calls {
+        let rel = starts[callee] as i64 - (at as i64 + 5);
+        code[at + 1..at + 5].copy_from_slice(&(rel as i32).to_le_bytes());
+    }
+    code
+}
+
+/// Executables get calls rewritten (`AVDELTA3`): the payload is smaller than the same
+/// patch without, and applies back to the exact bytes.
+#[test]
+fn calls_in_executables_are_rewritten_and_restored_exactly() -> Result<(), DeltaError> {
+    let old = elf(0x3e, &x86_code(2000, 0));
+    let new = elf(0x3e, &x86_code(2000, 37));
+    let payload = write_delta(&old, &new, 19, Vec::new())?;
+    assert_eq!(&payload[..8], MAGIC_CODE);
+    let plain = encode(&old, &new, header(&old, &new, 2), None, 19, Vec::new())?;
+    assert!(
+        payload.len() * 2 < plain.len(),
+        "rewritten {} bytes, plain {}",
+        payload.len(),
+        plain.len()
+    );
+    let (h, out) = apply_delta(
+        old.as_slice(),
+        payload.as_slice(),
+        &Sha256::of(&new),
+        new.len() as u64,
+        Vec::new(),
+    )?;
+    assert_eq!(h.version, 3);
+    assert!(out == new);
+    // write_delta_owned makes the same bytes.
+    assert!(write_delta_owned(old.clone(), new.clone(), 19, Vec::new())? == payload);
+    // A file that is not ELF, or two architectures, get no rewrite.
+    let mut arm = new.clone();
+    arm[0x12] = 0xb7;
+    assert_eq!(&write_delta(&old, &arm, 3, Vec::new())?[..8], MAGIC);
+    Ok(())
+}
+
+/// A filter record naming another architecture, an unknown one or other regions is
+/// refused by the result's hash or as corrupt, never a panic (a region that only grew
+/// over bytes without calls may still give the signed result, which is then fine).
+#[test]
+fn a_lying_filter_record_is_refused() -> Result<(), DeltaError> {
+    let old = elf(0x3e, &x86_code(300, 0));
+    let new = elf(0x3e, &x86_code(300, 5));
+    let payload = write_delta(&old, &new, 3, Vec::new())?;
+    let apply = |p: &[u8]| {
+        apply_delta(
+            old.as_slice(),
+            p,
+            &Sha256::of(&new),
+            new.len() as u64,
+            Vec::new(),
+        )
+        .map(|_| ())
+    };
+    let at = HEADER_LEN;
+    let mut cases = Vec::new();
+    for (offset, bytes) in [
+        (0, vec![2u8]),
+        (0, vec![9u8]),
+        (1, u64::MAX.to_le_bytes().to_vec()),
+        (9, u64::MAX.to_le_bytes().to_vec()),
+        (17, 1u64.to_le_bytes().to_vec()),
+        (25, 7u64.to_le_bytes().to_vec()),
+    ] {
+        let mut p = payload.clone();
+        p[at + offset..at + offset + bytes.len()].copy_from_slice(&bytes);
+        cases.push(p);
+    }
+    cases.push(payload[..HEADER_LEN + 10].to_vec());
+    for (i, p) in cases.iter().enumerate() {
+        let err = apply(p);
+        assert!(
+            matches!(
+                err,
+                Err(DeltaError::Corrupt(_)) | Err(DeltaError::ResultMismatch { .. })
+            ) || (i == 3 && err.is_ok()),
+            "case {i}: {err:?}"
+        );
+    }
+    apply(&payload)
+}

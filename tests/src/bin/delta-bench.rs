@@ -291,7 +291,7 @@ fn child(build: Child) -> anyhow::Result<()> {
     let Child::Build { old, new, out } = build;
     let old = std::fs::read(&old).with_context(|| old.display().to_string())?;
     let new = std::fs::read(&new).with_context(|| new.display().to_string())?;
-    let bytes = delta::write_delta(&old, &new, delta::LEVEL, Vec::new())?;
+    let bytes = delta::write_delta_owned(old, new, delta::LEVEL, Vec::new())?;
     std::fs::write(&out, bytes).with_context(|| out.display().to_string())?;
     Ok(())
 }
