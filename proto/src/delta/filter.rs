@@ -278,6 +278,9 @@ pub(crate) fn forward(arch: Arch, region: Region, data: &mut [u8]) {
     }
 }
 
+/// A block of the old artifact, rewritten: its index and bytes.
+type Cached = Option<(u64, Vec<u8>)>;
+
 /// The old artifact as the encoder saw it: reads inside the region come back rewritten,
 /// from a few cached blocks.
 pub(crate) struct Rewritten<'a, P: ?Sized> {
@@ -285,7 +288,7 @@ pub(crate) struct Rewritten<'a, P: ?Sized> {
     arch: Arch,
     region: Region,
     /// Per slot, the block index cached and its rewritten bytes.
-    cache: RefCell<Vec<Option<(u64, Vec<u8>)>>>,
+    cache: RefCell<Vec<Cached>>,
 }
 
 impl<'a, P: Positioned + ?Sized> Rewritten<'a, P> {
