@@ -248,6 +248,30 @@ impl Workspace {
         .collect()
     }
 
+    /// `aviary release bundle` of `file` as `module` `version` for x86_64 (a delta from
+    /// `base` if given, when smaller), written to `out`.
+    pub fn bundle(
+        &self,
+        module: &str,
+        version: &str,
+        file: &Path,
+        base: Option<&Path>,
+        out: &Path,
+    ) -> anyhow::Result<()> {
+        let mut cmd = std::process::Command::new(bin("aviary")?);
+        cmd.args(self.release_args("bundle", module, version, "x86_64", file))
+            .arg("--out")
+            .arg(out);
+        if let Some(base) = base {
+            cmd.arg("--base").arg(base);
+        }
+        let o = cmd.output()?;
+        if !o.status.success() {
+            bail!("bundle: {}", String::from_utf8_lossy(&o.stderr).trim());
+        }
+        Ok(())
+    }
+
     /// The certificate files of edge `node_id`.
     pub fn edge_files(&self, node_id: &str) -> aviary_certs::TlsFiles {
         let paths = self.pki.edge(node_id);

@@ -29,10 +29,6 @@ use crate::blobs::Blobs;
 use crate::error::ControlPlaneError;
 use cache::{Cache, Lookup};
 
-/// zstd level of payloads, the same as in bundles: each is built once and sent to many
-/// nodes.
-const LEVEL: i32 = delta::LEVEL;
-
 /// A payload on disk, ready to be streamed. While any clone lives the cache keeps its
 /// file.
 #[derive(Clone, Debug)]
@@ -339,8 +335,9 @@ impl Deltas {
                 let src = self.blobs.path(&to);
                 blocking(move || {
                     let file = std::fs::File::open(&src).map_err(io(&src))?;
-                    let bytes = delta::write_full(std::io::BufReader::new(file), LEVEL, Vec::new())
-                        .map_err(|e| unavailable(format!("compress {}: {e}", src.display())))?;
+                    let bytes =
+                        delta::write_full(std::io::BufReader::new(file), delta::LEVEL, Vec::new())
+                            .map_err(|e| unavailable(format!("compress {}: {e}", src.display())))?;
                     let info = PayloadInfo::of(Encoding::FullZstd, None, &bytes);
                     store(&data, &info_path, &info, &bytes)
                 })
@@ -367,7 +364,7 @@ impl Deltas {
                     let old = std::fs::read(&old_path).map_err(io(&old_path))?;
                     let new = std::fs::read(&new_path).map_err(io(&new_path))?;
                     let new_len = new.len() as u64;
-                    let bytes = delta::write_delta_owned(old, new, LEVEL, Vec::new())
+                    let bytes = delta::write_delta_owned(old, new, delta::LEVEL, Vec::new())
                         .map_err(|e| unavailable(format!("delta {from} -> {to}: {e}")))?;
                     let info = PayloadInfo::of(Encoding::BsdiffZstd, Some(from), &bytes);
                     let saved = new_len.saturating_sub(info.size);

@@ -287,26 +287,28 @@ pub(crate) struct Rewritten<'a, P: ?Sized> {
     src: &'a P,
     arch: Arch,
     region: Region,
+    /// Length of `src`, asked once: a file's costs a syscall, and reads are many.
+    len: u64,
     /// Per slot, the block index cached and its rewritten bytes.
     cache: RefCell<Vec<Cached>>,
 }
 
 impl<'a, P: Positioned + ?Sized> Rewritten<'a, P> {
     /// `src` with `region` rewritten for `arch`.
-    pub(crate) fn new(src: &'a P, arch: Arch, region: Region) -> Self {
-        Rewritten {
+    pub(crate) fn new(src: &'a P, arch: Arch, region: Region) -> io::Result<Self> {
+        Ok(Rewritten {
             src,
             arch,
             region,
+            len: src.len()?,
             cache: RefCell::new(vec![None; SLOTS]),
-        }
+        })
     }
 }
 
 impl<P: Positioned + ?Sized> Positioned for Rewritten<'_, P> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
-        let len = self.src.len()?;
-        let end = self.region.end().min(len);
+        let end = self.region.end().min(self.len);
         if offset < self.region.start || offset >= end {
             // Outside the region: as stored, up to where the region starts.
             let max = if offset < self.region.start {
@@ -349,7 +351,7 @@ impl<P: Positioned + ?Sized> Positioned for Rewritten<'_, P> {
     }
 
     fn len(&self) -> io::Result<u64> {
-        self.src.len()
+        Ok(self.len)
     }
 }
 
@@ -479,7 +481,7 @@ mod tests {
                 let mut whole = data.clone();
                 forward(arch, region, &mut whole);
                 assert!(whole != data, "{arch:?} {region:?}: nothing rewritten");
-                let reader = Rewritten::new(data.as_slice(), arch, region);
+                let reader = Rewritten::new(data.as_slice(), arch, region)?;
                 let mut rng = fastrand::Rng::with_seed(3);
                 for _ in 0..300 {
                     let at = rng.usize(..data.len());

@@ -281,7 +281,7 @@ where
                 .ok_or_else(|| DeltaError::Corrupt("unknown architecture in filter".into()))?;
             let start = start + filter::RECORD_LEN as u64;
             let mut streams = streams::Streams::open(payload, start, limit)?;
-            let old = filter::Rewritten::new(old, code.arch, code.old);
+            let old = filter::Rewritten::new(old, code.arch, code.old)?;
             let mut restore = filter::Restore::new(&mut writer, code.arch, code.new);
             patch::apply(&mut streams, &old, size, &mut restore)
                 .and_then(|n| restore.finish().map(|_| n).map_err(patch::Fault::Output))

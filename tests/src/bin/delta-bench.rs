@@ -176,17 +176,7 @@ fn measure(ws: &Workspace, pair: &Pair, anchors: &Path) -> anyhow::Result<Figure
 
     let bundle = |version: &str, file: &Path, base: Option<&Path>| -> anyhow::Result<PathBuf> {
         let path = out(&format!("{version}.bundle"));
-        let mut cmd = Command::new(bin("aviary")?);
-        cmd.args(ws.release_args("bundle", &pair.name, version, "x86_64", file))
-            .arg("--out")
-            .arg(&path);
-        if let Some(base) = base {
-            cmd.arg("--base").arg(base);
-        }
-        let o = cmd.output()?;
-        if !o.status.success() {
-            bail!("bundle: {}", String::from_utf8_lossy(&o.stderr).trim());
-        }
+        ws.bundle(&pair.name, version, file, base, &path)?;
         Ok(path)
     };
     let base_bundle = bundle("1.0.0", &pair.old, None)?;

@@ -28,17 +28,7 @@ fn bundle(
     base: Option<&Path>,
 ) -> anyhow::Result<PathBuf> {
     let out = ws.path(&format!("esbuild-{version}.bundle"));
-    let mut cmd = Command::new(bin("aviary")?);
-    cmd.args(ws.release_args("bundle", "esbuild", version, "x86_64", file))
-        .arg("--out")
-        .arg(&out);
-    if let Some(base) = base {
-        cmd.arg("--base").arg(base);
-    }
-    let o = cmd.output()?;
-    if !o.status.success() {
-        bail!("bundle: {}", String::from_utf8_lossy(&o.stderr));
-    }
+    ws.bundle("esbuild", version, file, base, &out)?;
     Ok(out)
 }
 
