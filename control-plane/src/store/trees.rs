@@ -60,11 +60,25 @@ pub(super) struct Trees {
 impl Trees {
     /// Opens (or creates) the sled database in `dir`.
     pub(super) fn open(dir: &Path) -> Result<Trees, StoreError> {
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir.join("meta.sled"))
             // Small: the working set lives in the registry, sled is the log of record.
-            .cache_capacity(64 << 20)
-            .open()?;
+            .cache_capacity(64 << 20);
+        // sled's background threads keep the file lock a moment after the last handle
+        // of this process is dropped (a reopen after an I/O error, a restore): wait for
+        // it, boundedly. Another process holding it still fails, a second later.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                other => break other?,
+            }
+        };
         Ok(Trees {
             nodes: db.open_tree("nodes")?,
             statuses: db.open_tree("statuses")?,
